@@ -1,0 +1,138 @@
+"""Builds the embedded model's tokenizer, processor and config, and writes checkpoints in
+the public llava-hf key layout (``vision_tower.vision_model.*``, ``language_model.*``,
+``multi_modal_projector.*``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from vllm_vtprune.data import shapes_vqa as sv
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_TOKEN_ID = range(5)
+
+# The LLaVA-1.5 conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>".
+# vLLM puts "<image>" in front of the text for string-format templates, so the template
+# prints the content as is.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}<image>\n{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# Words beyond ShapesVQA's own, so that ordinary LLaVA prompts (and their answer-format
+# instructions) tokenize without unknowns.
+EXTRA_WORDS = (
+    "user assistant system answer question using single word or phrase with one . , : ; ! "
+    "please describe image picture photo this that in of to is are what which where color "
+    "colour shape object objects any there and the an a it its how many number count "
+    "left right top bottom side above below near yes no do does see you can me tell"
+)
+
+VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+              num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64)
+TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=8,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+            rms_norm_eps=1e-5, rope_theta=10000.0)
+
+
+def vocabulary() -> list[str]:
+    words: list[str] = list(SPECIAL_TOKENS)
+    pieces = [" ".join(sv.SHAPES), " ".join(sv.SHAPES).replace(" ", "s ") + "s",
+              " ".join(sv.COLORS), " ".join(sv.NUMBERS), EXTRA_WORDS,
+              "is there a what color is the how many are there on the left or the right "
+              "at the top or the bottom ?"]
+    for piece in pieces:
+        for w in piece.split():
+            if w not in words:
+                words.append(w)
+    return words
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        chat_template=CHAT_TEMPLATE, model_max_length=2048)
+
+
+def build_processor():
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711])
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+                          patch_size=14, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def build_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vocab_size = len(vocabulary())
+    text = LlamaConfig(vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                       pad_token_id=PAD_ID, tie_word_embeddings=False, **TEXT)
+    return LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text,
+                       image_token_index=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       pad_token_id=PAD_ID, tie_word_embeddings=False)
+
+
+def to_llava_hf_key(key: str) -> str:
+    """Map a transformers-5 ``LlavaForConditionalGeneration`` key to the llava-hf layout."""
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model."):]
+    if key.startswith("model.vision_tower."):
+        rest = key[len("model.vision_tower."):]
+        return "vision_tower." + (rest if rest.startswith("vision_model.") else "vision_model." + rest)
+    if key.startswith("model.multi_modal_projector."):
+        return key[len("model."):]
+    raise KeyError(f"unexpected LLaVA parameter name {key!r}")
+
+
+def save_checkpoint(model, out_dir: str | Path, dtype=torch.float16) -> Path:
+    """Write config, tokenizer, processor and fp16 weights under llava-hf key names."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {to_llava_hf_key(k): v.detach().to(dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = build_config()
+    config.torch_dtype = dtype
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(out)
+    build_processor().save_pretrained(out)
+    _write_generation_config(out)
+    return out
+
+
+def _write_generation_config(out: Path) -> None:
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+         "do_sample": False}, indent=2))

@@ -1,0 +1,98 @@
+"""Train the embedded ShapesVQA LLaVA-1.5 from a seed and write it in llava-hf layout.
+
+    python -m vllm_vtprune.embedded.train --steps 3000 --out vllm_vtprune/embedded/shapes-llava
+
+Every image carries all of its questions as one multi-turn conversation, so one vision
+and prefill pass supervises several answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+
+import torch
+
+from vllm_vtprune.data import shapes_vqa as sv
+from vllm_vtprune.embedded import MODEL_DIR
+from vllm_vtprune.embedded.build import build_config, build_tokenizer, save_checkpoint
+from vllm_vtprune.embedded.conversation import collate
+from vllm_vtprune.embedded.evaluate import evaluate, random_keep
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build_model(seed: int):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(build_config())
+
+
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    model = build_model(args.seed).train()
+    tok = build_tokenizer()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
+                            weight_decay=0.05)
+    rng = random.Random(args.seed)
+    t0 = time.time()
+    ema = None
+    for step in range(args.steps):
+        samples = [sv.make_sample(sv.TRAIN_SEED, step * args.batch + i, questions_per_type=2)
+                   for i in range(args.batch)]
+        batch = collate(tok, samples, rng)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            el = time.time() - t0
+            print(f"step {step} loss {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{el / (step + 1) / args.batch * 1000:.0f} ms/sample {el / 60:.1f} min",
+                  flush=True)
+        if args.save_every and step and step % args.save_every == 0:
+            save_checkpoint(model, args.out)
+    save_checkpoint(model, args.out)
+    report = {"parameters": n_params, "steps": args.steps, "batch": args.batch,
+              "seed": args.seed, "train_minutes": (time.time() - t0) / 60}
+    model.eval()
+    report["heldout"] = evaluate(model, tok, args.eval_num)
+    report["heldout_random64"] = evaluate(model, tok, args.eval_num, keep=random_keep(64))
+    print(json.dumps(report, indent=2), flush=True)
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--eval-num", type=int, default=400)
+    p.add_argument("--out", type=Path, default=MODEL_DIR)
+    train(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
