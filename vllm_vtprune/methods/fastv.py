@@ -1,0 +1,50 @@
+"""FastV baseline: attention-based visual token pruning inside the LLM.
+
+Selection rule as FastV's code does it (Chen et al., ECCV 2024; ``PRIOR_ART.md``): at
+decoder layer K (2 or 3), take the previous layer's softmax attention, average it over
+heads, take the row of the last prompt token restricted to the image-token columns,
+and keep the top-k image tokens.  Kept indices are returned ascending so that the
+original position ids can be kept; ties go to the lowest index.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._common import check_budget, check_finite, check_vector, stable_topk
+
+__all__ = ["last_token_image_attention", "select"]
+
+
+def last_token_image_attention(attn: Tensor, image_start: int, image_end: int) -> Tensor:
+    """Head-averaged attention of the last query to image keys ``[image_start, image_end)``.
+
+    ``attn``: softmax attention weights [H, Q, K] (or [Q, K], already head-averaged).
+    """
+    a = check_finite(attn, "attn")
+    if a.dim() == 2:
+        a = a.unsqueeze(0)
+    if a.dim() != 3:
+        raise ValueError(f"attn must be [H, Q, K] or [Q, K], got shape {tuple(attn.shape)}")
+    if not 0 <= image_start < image_end <= a.shape[-1]:
+        raise ValueError(
+            f"image span [{image_start}, {image_end}) outside key length {a.shape[-1]}"
+        )
+    return a[:, -1, image_start:image_end].mean(dim=0)
+
+
+def select(attn_to_image: Tensor, budget: int) -> Tensor:
+    """Indices (int64, ascending) of the ``min(budget, N)`` most-attended image tokens.
+
+    ``attn_to_image``: [N] head-averaged attention of the last prompt token to the N
+    image tokens (see :func:`last_token_image_attention`), or [H, N] per head
+    (averaged here).
+    """
+    if attn_to_image.dim() == 2:
+        scores = check_finite(attn_to_image, "attn_to_image").mean(dim=0)
+        if scores.numel() == 0:
+            raise ValueError("attn_to_image is empty")
+    else:
+        scores = check_vector(attn_to_image, name="attn_to_image")
+    k = min(check_budget(budget), scores.shape[0])
+    return stable_topk(scores, k).to(attn_to_image.device)

@@ -1,0 +1,197 @@
+"""Pruning specifications: the ``METHOD:BUDGET[,key=value...]`` strings users pass.
+
+Grammar::
+
+    spec    := METHOD ":" BUDGET ("," KEY "=" VALUE)*
+    BUDGET  := integer >= 1 (a token count)  |  decimal in (0, 1] with a "." (a ratio)
+
+Examples: ``resprune:128``, ``resprune:0.25,alpha=0.75,seed=cls``, ``dcp:16,delta=0.1``,
+``fastv:192,layer=2``, ``visionzip:64,contextual=10``, ``rcp:64,ckpt=/path,layers=2-14-26``.
+
+``None``, ``""`` and ``"none"`` (any case) mean "no pruning": :func:`parse` returns None.
+Values of list-like options (``layers``) are written with ``-`` between the items since
+``,`` separates options; they are kept as strings and interpreted by the method.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["PruneSpec", "parse", "METHODS", "OPTIONS"]
+
+Value = str | int | float
+
+
+def _to_float(v: str, requirement: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(f"must be {requirement}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"must be {requirement}")
+    return f
+
+
+def _float_ge0(v: str) -> float:
+    f = _to_float(v, "a finite float >= 0")
+    if f < 0:
+        raise ValueError("must be a finite float >= 0")
+    return f
+
+
+def _float_pos(v: str) -> float:
+    f = _to_float(v, "a finite float > 0")
+    if f <= 0:
+        raise ValueError("must be a finite float > 0")
+    return f
+
+
+def _int_ge(lo: int) -> Callable[[str], int]:
+    def conv(v: str) -> int:
+        if not re.fullmatch(r"[+]?\d+", v):
+            raise ValueError(f"must be an integer >= {lo}")
+        i = int(v)
+        if i < lo:
+            raise ValueError(f"must be an integer >= {lo}")
+        return i
+
+    return conv
+
+
+def _choice(*names: str) -> Callable[[str], str]:
+    def conv(v: str) -> str:
+        if v not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
+        return v
+
+    return conv
+
+
+def _layers(v: str) -> str:
+    if not re.fullmatch(r"\d+(-\d+)*", v):
+        raise ValueError("must be layer numbers joined by '-', e.g. 2-14-26")
+    return v
+
+
+def _path(v: str) -> str:
+    if not v:
+        raise ValueError("must be a non-empty path")
+    return v
+
+
+#: Accepted option keys per method, with the converter that validates each value.
+OPTIONS: dict[str, dict[str, Callable[[str], Value]]] = {
+    "dcp": {"delta": _float_ge0, "kn": _int_ge(1), "tau": _float_pos},
+    "divprune": {},
+    "fastv": {"layer": _int_ge(0)},
+    "polymorphic": {"knn": _int_ge(1), "layers": _layers},
+    "rcp": {"ckpt": _path, "layers": _layers},
+    "resprune": {"alpha": _float_ge0, "seed": _choice("cls", "norm")},
+    "visionzip": {"contextual": _int_ge(0)},
+}
+METHODS = tuple(sorted(OPTIONS))
+
+_INT_BUDGET = re.compile(r"[1-9]\d*")
+_RATIO_BUDGET = re.compile(r"(?:0?\.\d+|1\.0*|0\.\d*|1\.)")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """A parsed pruning spec; ``str(spec)`` gives back the canonical spec string."""
+
+    method: str
+    budget: int | float
+    options: tuple[tuple[str, Value], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in OPTIONS:
+            raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
+        b = self.budget
+        ok_int = isinstance(b, int) and not isinstance(b, bool) and b >= 1
+        ok_ratio = isinstance(b, float) and 0 < b <= 1
+        if not (ok_int or ok_ratio):
+            raise ValueError(
+                f"bad budget {b!r}; accepted: an integer >= 1 or a float ratio in (0, 1]"
+            )
+
+    def option(self, name: str, default: Value | None = None) -> Value | None:
+        """The value of option ``name``, or ``default`` when the spec does not set it."""
+        for key, value in self.options:
+            if key == name:
+                return value
+        return default
+
+    def tokens_for(self, n: int) -> int:
+        """Tokens to keep out of ``n``: min(budget, n) or max(1, round(ratio * n)).
+
+        ``round`` is Python's (half to even), so ``0.5`` of 5 tokens keeps 2.
+        """
+        if n < 1:
+            raise ValueError(f"number of tokens must be >= 1, got {n}")
+        if isinstance(self.budget, int):
+            return min(self.budget, n)
+        return min(n, max(1, round(self.budget * n)))
+
+    def __str__(self) -> str:
+        budget = str(self.budget) if isinstance(self.budget, int) else repr(float(self.budget))
+        parts = [f"{self.method}:{budget}"]
+        parts += [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options]
+        return ",".join(parts)
+
+
+def _fail(spec: str, what: str, accepted: str) -> ValueError:
+    return ValueError(f"{what} in vtprune spec {spec!r}; accepted: {accepted}")
+
+
+def _parse_budget(spec: str, text: str) -> int | float:
+    accepted = "an integer token count >= 1 or a ratio in (0, 1] with a decimal point"
+    if _INT_BUDGET.fullmatch(text):
+        return int(text)
+    if _RATIO_BUDGET.fullmatch(text):
+        ratio = float(text)
+        if 0 < ratio <= 1:
+            return ratio
+    raise _fail(spec, f"bad budget {text!r}", accepted)
+
+
+def parse(spec: str | None) -> PruneSpec | None:
+    """Parse ``METHOD:BUDGET[,key=value...]``; None/""/"none" give None (no pruning).
+
+    Raises ValueError naming the bad part and listing what is accepted.  Options are
+    stored sorted by key, so equivalent specs compare equal and print identically.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        raise ValueError(f"vtprune spec must be a string, got {type(spec).__name__}")
+    text = spec.strip()
+    if text == "" or text.lower() == "none":
+        return None
+    head, _, rest = text.partition(",")
+    method, colon, budget_text = head.partition(":")
+    method = method.strip().lower()
+    if method not in OPTIONS:
+        raise _fail(spec, f"unknown method {method!r}", ", ".join(METHODS))
+    if not colon:
+        raise _fail(spec, f"missing budget after method {method!r}", "METHOD:BUDGET[,key=value...]")
+    budget = _parse_budget(spec, budget_text.strip())
+    allowed = OPTIONS[method]
+    accepted_keys = ", ".join(sorted(allowed)) or f"no options for {method}"
+    options: dict[str, Value] = {}
+    for item in rest.split(",") if rest else []:
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not key or not value:
+            raise _fail(spec, f"bad option {item.strip()!r} (expected key=value)", accepted_keys)
+        if key not in allowed:
+            raise _fail(spec, f"unknown option {key!r} for method {method!r}", accepted_keys)
+        if key in options:
+            raise _fail(spec, f"duplicate option {key!r}", accepted_keys)
+        try:
+            options[key] = allowed[key](value)
+        except ValueError as err:
+            raise ValueError(
+                f"bad value {value!r} for option {key!r} in vtprune spec {spec!r}: {err}"
+            ) from None
+    return PruneSpec(method, budget, tuple(sorted(options.items())))
