@@ -1,0 +1,417 @@
+"""DCP-Prune: Anchor-Context Graph Recovery (ACGR) + Text-Aware Token Cluster Selection.
+
+Implements Xue et al., "DCP-Prune: Ultra-Low Token Pruning with Distribution Consistency
+Preservation" (papers/dcp-prune.md):
+
+* :func:`kappa` -- distribution-consistency metric, Eq. 1 / Eq. 24;
+* :func:`cls_score`, :func:`cosine_score`, :func:`variation_score`, :func:`ablation_score`
+  -- the four ACGR importance terms, Eqs. 10-11, 12-13, 14-17, 22-23; their sum, Eq. 2/9,
+  is :func:`importance_scores`;
+* :func:`edge_weights` / :func:`graph_update` -- context-to-anchor graph, Eqs. 3-4;
+* :func:`greedy_representative_init`, :func:`text_aware_similarity`,
+  :func:`tatcs_select` -- TATCS, Eqs. 5-8 plus cluster reselection;
+* :func:`acgr_stage` (one progressive stage), :func:`final_stage` (ACGR, then TATCS when
+  kappa > delta) and :func:`schedule` (per-stage target counts, Sec. 4.1).
+
+Choices where the text is silent or ambiguous (each repeated where it applies):
+
+* variances in kappa are population variances (a single kept token has Tr(Sigma) = 0);
+* Eq. 4's normalised weights drop edges with e_ij <= 0 (negative cosine): normalising
+  signed weights by a sum that can be ~0 makes the update explode; an anchor whose
+  neighbours are all non-positive is left unchanged;
+* Eq. 5's max over an empty selected set is 0; its "normalised CLS attention"
+  a_hat is Eq. 11's sum-normalisation; the mean over U includes the candidate itself;
+* TATCS refines the centers for ``iters`` rounds (default 3; the paper does not say how
+  many), an empty cluster keeps its previous center, and a cluster that is still empty at
+  reselection takes the unused token most similar (Eq. 6) to its center;
+* several text vectors (e.g. one per noun) are averaged into the single t of Eq. 6;
+* s_abl (Eq. 23) is not normalised in the paper and is used as written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import EPS, check_budget, check_finite, check_tokens, cosine_matrix, stable_topk
+
+__all__ = [
+    "kappa",
+    "cls_score",
+    "cosine_score",
+    "variation_score",
+    "ablation_score",
+    "importance_scores",
+    "partition",
+    "grid_positions",
+    "edge_weights",
+    "graph_update",
+    "acgr_stage",
+    "greedy_representative_init",
+    "text_aware_similarity",
+    "tatcs_select",
+    "final_stage",
+    "schedule",
+]
+
+K_N = 5
+TAU = 10.0
+ALPHA = 0.1
+DELTA = 0.1
+
+
+# --- Eq. 1 / 24 --------------------------------------------------------------------
+
+def _dispersion(x: Tensor) -> Tensor:
+    """Tr(Sigma) + d * Var(mu) of a token set (population statistics)."""
+    trace = x.var(dim=0, unbiased=False).sum()
+    mu = x.mean(dim=0)
+    return trace + x.shape[1] * mu.var(unbiased=False)
+
+
+def kappa(kept: Tensor, full: Tensor) -> float:
+    """kappa = |D(X_k, X_f) - 1| with D the dispersion ratio of Eq. 1 / Eq. 24.
+
+    When the full set has zero dispersion (all tokens equal and constant across
+    channels) kappa is 0 if the kept set has none either, else +inf.
+    """
+    k = check_tokens(kept, "kept")
+    f = check_tokens(full, "full")
+    if k.shape[1] != f.shape[1]:
+        raise ValueError(f"kept has dim {k.shape[1]}, full has dim {f.shape[1]}")
+    num = float(_dispersion(k.double()))
+    den = float(_dispersion(f.double()))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return abs(num / den - 1.0)
+
+
+# --- Eqs. 9-23: ACGR importance ------------------------------------------------------
+
+def cls_score(cls_attn: Tensor) -> Tensor:
+    """s_cls (Eqs. 10-11): head-averaged CLS attention to patches, sum-normalised.
+
+    ``cls_attn``: [H, M] per head or [M] already averaged (patch columns only).
+    """
+    a = check_finite(cls_attn, "cls_attn")
+    if a.dim() == 2:
+        a = a.mean(dim=0)
+    if a.dim() != 1:
+        raise ValueError(f"cls_attn must be [H, M] or [M], got shape {tuple(cls_attn.shape)}")
+    return a / (a.sum() + EPS)
+
+
+def cosine_score(x: Tensor) -> Tensor:
+    """s_cos (Eqs. 12-13): 1 - mean cosine to the other tokens, sum-normalised.
+
+    With a single token the mean over no others is taken as 0 (c = 1).
+    """
+    x = check_tokens(x)
+    m = x.shape[0]
+    cos = cosine_matrix(x)
+    off = cos.sum(dim=1) - cos.diagonal()
+    c = 1.0 - off / max(m - 1, 1)
+    return c / (c.sum() + EPS)
+
+
+def _cos_rows(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1).clamp_min(EPS) * b.norm(dim=-1).clamp_min(EPS))
+
+
+def variation_score(x_in: Tensor, x_att: Tensor, x_ffn: Tensor) -> Tensor:
+    """s_var (Eqs. 14-17): softmax-normalised cosine change times norm ratio, per branch.
+
+    ``x_in``, ``x_att``, ``x_ffn``: [M, d] residual stream at the layer input, after the
+    attention branch and after the FFN branch.
+    """
+    x_in = check_tokens(x_in, "x_in")
+    x_att = check_tokens(x_att, "x_att")
+    x_ffn = check_tokens(x_ffn, "x_ffn")
+    if not x_in.shape == x_att.shape == x_ffn.shape:
+        raise ValueError("x_in, x_att and x_ffn must have the same shape")
+    in_norm = x_in.norm(dim=-1)
+    score = torch.zeros(x_in.shape[0])
+    for x_b in (x_att, x_ffn):
+        p = torch.softmax(1.0 - _cos_rows(x_in, x_b), dim=0)
+        r = x_b.norm(dim=-1) / (in_norm + EPS)
+        score = score + p * r
+    return score
+
+
+def ablation_score(attn: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
+    """s_abl (Eqs. 22-23): mean over i != k of a_ik / (1 - a_ik + eps) * |y_i| * |v_k|.
+
+    ``attn``: patch-to-patch softmax attention [H, M, M] (head-averaged here) or [M, M]
+    (rows = queries i, columns = keys k; not renormalised after dropping CLS).
+    ``values``: [H, M, dv] or [M, dv] (head-averaged here). ``hidden``: [M, d], y_i.
+    """
+    a = check_finite(attn, "attn")
+    v = check_finite(values, "values")
+    y = check_tokens(hidden, "hidden")
+    a = a.mean(dim=0) if a.dim() == 3 else a
+    v = v.mean(dim=0) if v.dim() == 3 else v
+    m = y.shape[0]
+    if a.shape != (m, m) or v.dim() != 2 or v.shape[0] != m:
+        raise ValueError(
+            f"attn must be [.., {m}, {m}] and values [.., {m}, dv] for {m} tokens, "
+            f"got {tuple(attn.shape)} and {tuple(values.shape)}"
+        )
+    ratio = a / (1.0 - a + EPS)  # [i, k]
+    ratio = ratio.masked_fill(torch.eye(m, dtype=torch.bool), 0.0)
+    influence = ratio * y.norm(dim=-1, keepdim=True) * v.norm(dim=-1).unsqueeze(0)
+    return influence.sum(dim=0) / max(m - 1, 1)
+
+
+def importance_scores(
+    tokens: Tensor,
+    cls_attn: Tensor | None = None,
+    x_in: Tensor | None = None,
+    x_att: Tensor | None = None,
+    x_ffn: Tensor | None = None,
+    attn: Tensor | None = None,
+    values: Tensor | None = None,
+) -> Tensor:
+    """s_i (Eq. 2 / Eq. 9) = s_cls + s_cos + s_var + s_abl over the available terms.
+
+    s_cos is always computed from ``tokens`` (the layer output y); s_cls needs
+    ``cls_attn``, s_var needs all of ``x_in, x_att, x_ffn``, s_abl needs ``attn`` and
+    ``values``.  A term whose inputs are missing is left out (e.g. no CLS on Qwen).
+    """
+    y = check_tokens(tokens)
+    s = cosine_score(y)
+    if cls_attn is not None:
+        s = s + cls_score(cls_attn)
+    if x_in is not None and x_att is not None and x_ffn is not None:
+        s = s + variation_score(x_in, x_att, x_ffn)
+    if attn is not None and values is not None:
+        s = s + ablation_score(attn, values, y)
+    return s
+
+
+def partition(scores: Tensor, num_anchors: int) -> tuple[Tensor, Tensor]:
+    """Anchor and context indices (both ascending): the ``num_anchors`` top scores vs the rest."""
+    anchors = stable_topk(scores, num_anchors)
+    is_anchor = torch.zeros(scores.shape[0], dtype=torch.bool)
+    is_anchor[anchors] = True
+    return anchors, torch.nonzero(~is_anchor).flatten()
+
+
+# --- Eqs. 3-4: context-to-anchor graph -------------------------------------------------
+
+def grid_positions(num_tokens: int, width: int | None = None) -> Tensor:
+    """(row, col) grid coordinates [num_tokens, 2] of a row-major patch grid.
+
+    ``width`` defaults to sqrt(num_tokens) (24 for CLIP-L/336's 576 patches).
+    """
+    if width is None:
+        width = math.isqrt(num_tokens)
+        if width * width != num_tokens:
+            raise ValueError(f"{num_tokens} tokens is not a square grid; pass width")
+    idx = torch.arange(num_tokens)
+    return torch.stack([idx // width, idx % width], dim=1).float()
+
+
+def edge_weights(x_ctx: Tensor, x_anc: Tensor, p_ctx: Tensor, p_anc: Tensor, tau: float = TAU) -> Tensor:
+    """e_ij (Eq. 3) = cos(x_i^c, x_j^a) * exp(-|p_i^c - p_j^a|^2 / tau), shape [M_c, M_a]."""
+    sq_dist = ((p_ctx.unsqueeze(1) - p_anc.unsqueeze(0)) ** 2).sum(-1)
+    return cosine_matrix(x_ctx, x_anc) * torch.exp(-sq_dist / tau)
+
+
+def graph_update(
+    tokens: Tensor,
+    anchors: Tensor,
+    context: Tensor,
+    positions: Tensor,
+    k_n: int = K_N,
+    tau: float = TAU,
+    alpha: float = ALPHA,
+) -> Tensor:
+    """Updated anchor tokens (Eq. 4): x_j + alpha * sum_{top-k_n i} e_bar_ij x_i^c.
+
+    Each anchor keeps its ``k_n`` context neighbours with the largest e_ij (ties to the
+    lowest context index); edges with e_ij <= 0 get weight 0 (see module docstring).
+    Returns [M_a, d] in the order of ``anchors``.
+    """
+    x = check_tokens(tokens)
+    p = check_finite(positions, "positions")
+    x_anc = x[anchors]
+    if context.numel() == 0 or alpha == 0:
+        return x_anc
+    e = edge_weights(x[context], x_anc, p[context], p[anchors], tau)  # [Mc, Ma]
+    k = min(k_n, e.shape[0])
+    order = torch.sort(e, dim=0, descending=True, stable=True).indices[:k]  # [k, Ma]
+    w = torch.gather(e, 0, order).clamp_min(0.0)
+    total = w.sum(dim=0, keepdim=True)
+    w = torch.where(total > 0, w / total.clamp_min(EPS), torch.zeros_like(w))
+    neighbours = x[context][order]  # [k, Ma, d]
+    return x_anc + alpha * (w.unsqueeze(-1) * neighbours).sum(dim=0)
+
+
+def acgr_stage(
+    tokens: Tensor,
+    target: int,
+    positions: Tensor,
+    cls_attn: Tensor | None = None,
+    x_in: Tensor | None = None,
+    x_att: Tensor | None = None,
+    x_ffn: Tensor | None = None,
+    attn: Tensor | None = None,
+    values: Tensor | None = None,
+    k_n: int = K_N,
+    tau: float = TAU,
+    alpha: float = ALPHA,
+) -> tuple[Tensor, Tensor]:
+    """One ACGR stage (Sec. 3.2): score (Eq. 9), keep ``target`` anchors, recover (Eq. 4).
+
+    ``tokens``: the layer's patch tokens y [M, d] (no CLS); ``positions``: their grid
+    coordinates [M, 2] (carry them along with the kept indices between stages); the
+    optional score inputs are those of :func:`importance_scores`.
+    Returns ``(kept, new_tokens)``: kept indices into ``tokens`` (int64, ascending) and
+    the updated anchors [len(kept), d] in ``tokens``' dtype.
+    """
+    y = check_tokens(tokens)
+    target = min(check_budget(target, "target"), y.shape[0])
+    scores = importance_scores(y, cls_attn, x_in, x_att, x_ffn, attn, values)
+    anchors, context = partition(scores, target)
+    updated = graph_update(y, anchors, context, positions, k_n, tau, alpha)
+    return anchors.to(tokens.device), updated.to(device=tokens.device, dtype=tokens.dtype)
+
+
+# --- Eqs. 5-8: TATCS --------------------------------------------------------------------
+
+def greedy_representative_init(tokens: Tensor, k: int, cls_attn: Tensor | None = None) -> Tensor:
+    """Initial centers (Eq. 5), in selection order: repeatedly add the argmax of
+    G_i = mean_{j in U} cos(x_i, x_j) - max_{p in S} cos(x_i, x_p) + a_hat_i over i in U.
+    """
+    x = check_tokens(tokens)
+    n = x.shape[0]
+    k = min(check_budget(k, "k"), n)
+    a_hat = cls_score(cls_attn) if cls_attn is not None else torch.zeros(n)
+    cos = cosine_matrix(x)
+    unselected = torch.ones(n, dtype=torch.bool)
+    max_to_selected = torch.zeros(n)
+    chosen: list[int] = []
+    for step in range(k):
+        mean_u = (cos * unselected.float()).sum(dim=1) / unselected.sum()
+        gain = mean_u - max_to_selected + a_hat
+        i = int(torch.argmax(gain.masked_fill(~unselected, float("-inf"))))
+        chosen.append(i)
+        unselected[i] = False
+        max_to_selected = cos[i] if step == 0 else torch.maximum(max_to_selected, cos[i])
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def text_aware_similarity(tokens: Tensor, centers: Tensor, text: Tensor) -> Tensor:
+    """sim_ik (Eq. 6) = cos(x_i, z_k) - |cos(x_i, t) - cos(z_k, t)|, shape [N, K]."""
+    t = text.reshape(1, -1)
+    tx = cosine_matrix(tokens, t)[:, 0]
+    tz = cosine_matrix(centers, t)[:, 0]
+    return cosine_matrix(tokens, centers) - (tx.unsqueeze(1) - tz.unsqueeze(0)).abs()
+
+
+def _update_centers(x: Tensor, assign: Tensor, centers: Tensor) -> Tensor:
+    """Eq. 8: each center becomes the mean of its tokens; an empty cluster keeps its center."""
+    k = centers.shape[0]
+    one_hot = torch.nn.functional.one_hot(assign, k).float()  # [N, K]
+    counts = one_hot.sum(dim=0)
+    means = (one_hot.T @ x) / counts.clamp_min(1).unsqueeze(1)
+    return torch.where((counts > 0).unsqueeze(1), means, centers)
+
+
+def _text_vector(text: Tensor, dim: int) -> Tensor:
+    t = check_finite(text, "text")
+    if t.dim() == 2:
+        t = t.mean(dim=0)
+    if t.dim() != 1 or t.shape[0] != dim:
+        raise ValueError(f"text must be [{dim}] or [T, {dim}], got shape {tuple(text.shape)}")
+    return t
+
+
+def tatcs_select(
+    tokens: Tensor,
+    text: Tensor,
+    budget: int,
+    cls_attn: Tensor | None = None,
+    iters: int = 3,
+) -> Tensor:
+    """TATCS (Sec. 3.3): indices (int64, ascending) of ``min(budget, N)`` tokens.
+
+    Greedy init (Eq. 5), ``iters`` rounds of text-aware assignment (Eqs. 6-7) and center
+    update (Eq. 8), then cluster reselection x_k* = argmax_{i: c_i = k} sim_ik.
+    ``text``: [D] or [T, D] (averaged) in the vision tokens' space.
+    """
+    x = check_tokens(tokens)
+    t = _text_vector(text, x.shape[1])
+    n = x.shape[0]
+    k = min(check_budget(budget), n)
+    if k == n:
+        return torch.arange(n, device=tokens.device)
+    centers = x[greedy_representative_init(x, k, cls_attn)]
+    for _ in range(iters):
+        assign = text_aware_similarity(x, centers, t).argmax(dim=1)
+        centers = _update_centers(x, assign, centers)
+    sim = text_aware_similarity(x, centers, t)
+    assign = sim.argmax(dim=1)
+    picked = torch.full((k,), -1, dtype=torch.long)
+    for c in range(k):
+        members = torch.nonzero(assign == c).flatten()
+        if members.numel() > 0:
+            picked[c] = members[int(torch.argmax(sim[members, c]))]
+    used = torch.zeros(n, dtype=torch.bool)
+    used[picked[picked >= 0]] = True
+    for c in torch.nonzero(picked < 0).flatten().tolist():
+        i = int(torch.argmax(sim[:, c].masked_fill(used, float("-inf"))))
+        picked[c] = i
+        used[i] = True
+    return torch.sort(picked).values.to(tokens.device)
+
+
+def final_stage(
+    tokens: Tensor,
+    target: int,
+    positions: Tensor,
+    text: Tensor | None,
+    cls_attn: Tensor | None = None,
+    x_in: Tensor | None = None,
+    x_att: Tensor | None = None,
+    x_ffn: Tensor | None = None,
+    attn: Tensor | None = None,
+    values: Tensor | None = None,
+    delta: float = DELTA,
+    k_n: int = K_N,
+    tau: float = TAU,
+    alpha: float = ALPHA,
+    iters: int = 3,
+) -> tuple[Tensor, Tensor, bool]:
+    """Last pruning stage: ACGR, replaced by TATCS when kappa(X_a, X) > delta (Sec. 3.3).
+
+    kappa is measured between the chosen anchors (before recovery) and the stage's
+    input tokens.  With TATCS the output is the reselected raw tokens of X.  Without
+    ``text`` TATCS is skipped.  Returns ``(kept, new_tokens, used_tatcs)``.
+    """
+    y = check_tokens(tokens)
+    target = min(check_budget(target, "target"), y.shape[0])
+    scores = importance_scores(y, cls_attn, x_in, x_att, x_ffn, attn, values)
+    anchors, context = partition(scores, target)
+    if text is not None and kappa(y[anchors], y) > delta:
+        kept = tatcs_select(y, text, target, cls_attn, iters).cpu()
+        return kept.to(tokens.device), tokens[kept.to(tokens.device)], True
+    updated = graph_update(y, anchors, context, positions, k_n, tau, alpha)
+    return anchors.to(tokens.device), updated.to(device=tokens.device, dtype=tokens.dtype), False
+
+
+def schedule(num_tokens: int, budget: int, num_layers: int, every: int = 2) -> list[int]:
+    """Per-stage target counts, shrinking uniformly from ``num_tokens`` to the budget.
+
+    One stage after every ``every`` layers (stage s, 1-based, runs after layer
+    ``s * every``, 1-based), ``num_layers // every`` stages in all;
+    target_s = round(N - (N - K) * s / S) with K = min(budget, N), so the last is K.
+    """
+    n = check_budget(num_tokens, "num_tokens")
+    k = min(check_budget(budget), n)
+    stages = num_layers // every if every >= 1 else 0
+    if stages < 1:
+        raise ValueError(f"num_layers={num_layers} with every={every} gives no pruning stage")
+    return [int(round(n - (n - k) * s / stages)) for s in range(1, stages + 1)]
