@@ -1,0 +1,224 @@
+"""Polymorphic: density-peak token merging + rater-guided cross-modal pruning.
+
+Implements "Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs"
+(papers/polymorphic.md):
+
+* stage 1 (encoder output): :func:`pairwise_distance` (Eqs. 1-2), :func:`local_density`
+  (Eq. 3, kNN form), :func:`prominence` (Eq. 5), :func:`density_peak_merge` (Eqs. 6-7)
+  and :func:`stage1` (CLS-attention retained tokens + merged tokens, Sec. 3.2 / 4.1);
+* stage 2 (LLM prefill): :func:`rater_scores` (Eqs. 9-11), :func:`quantile_prune`
+  (Eq. 12) and :func:`stage2_schedule` (token counts at the pruning layers).
+
+Choices where the text is silent or ambiguous:
+
+* ``knn`` defaults to 5 (not given in the paper; the usual DPC-kNN setting); self is
+  not a neighbour; the kernel form Eq. 4 and the optimisation view Eq. 8 are not used
+  (Eq. 7's plain mean is the closed form of Eq. 8 only with uniform rho);
+* delta of the densest token(s) (no denser token exists) is max_j D_ij, as in
+  density-peak clustering; equal densities do not count as "denser";
+* a center is always assigned to its own cluster (so duplicated centers cannot leave
+  an empty cluster); other ties go to the lowest index;
+* stage 1 keeps ``round(budget * 5.4 / 6.4)`` tokens by CLS attention and merges the
+  rest into the remaining slots: Sec. 4.1 reports a retained-to-merged ratio of about
+  5.4 : 1; the budget passed here is the stage-1 output size (the paper uses about 2x
+  the final budget, the rest being removed by stage 2);
+* Eq. 12's quantile threshold keeps exactly the requested count, ties at the threshold
+  going to the lowest index; if no text token scores above the mean (Eq. 10), all text
+  tokens are raters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import check_budget, check_finite, check_tokens, check_vector, stable_topk
+
+__all__ = [
+    "KNN",
+    "RETAINED_FRACTION",
+    "pairwise_distance",
+    "local_density",
+    "prominence",
+    "density_peak_centers",
+    "density_peak_merge",
+    "stage1_split",
+    "stage1",
+    "rater_scores",
+    "quantile_prune",
+    "stage2_schedule",
+]
+
+KNN = 5
+RETAINED_FRACTION = 5.4 / 6.4
+STAGE2_LAYERS = (3, 7, 16)
+
+
+def pairwise_distance(x: Tensor) -> Tensor:
+    """D_ij = |x_i - x_j|_2 / sqrt(C) (Eq. 1), from explicit differences for accuracy."""
+    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+    return d / math.sqrt(x.shape[1])
+
+
+def local_density(dist: Tensor, knn: int = KNN) -> Tensor:
+    """rho_i = exp(-mean of the squared distances to the knn nearest others) (Eq. 3).
+
+    ``knn`` is clipped to N - 1; a single token has density 1.
+    """
+    n = dist.shape[0]
+    k = min(knn, n - 1)
+    if k < 1:
+        return torch.ones(n)
+    off = dist.masked_fill(torch.eye(n, dtype=torch.bool), float("inf"))
+    nearest = torch.sort(off, dim=1).values[:, :k]
+    return torch.exp(-(nearest**2).mean(dim=1))
+
+
+def prominence(dist: Tensor, rho: Tensor) -> Tensor:
+    """S_i = rho_i * delta_i, delta_i = min over denser j of D_ij (Eq. 5).
+
+    The densest token(s) get delta = max_j D_ij.
+    """
+    denser = rho.unsqueeze(0) > rho.unsqueeze(1)  # [i, j]: rho_j > rho_i
+    delta = dist.masked_fill(~denser, float("inf")).min(dim=1).values
+    delta = torch.where(denser.any(dim=1), delta, dist.max(dim=1).values)
+    return rho * delta
+
+
+def density_peak_centers(x: Tensor, num_clusters: int, knn: int = KNN) -> Tensor:
+    """Indices (ascending) of the ``num_clusters`` largest prominence scores (Eq. 5)."""
+    dist = pairwise_distance(x)
+    return stable_topk(prominence(dist, local_density(dist, knn)), num_clusters)
+
+
+def density_peak_merge(x: Tensor, num_clusters: int, knn: int = KNN) -> tuple[Tensor, Tensor]:
+    """Density-peak clustering merge (Eqs. 1-7).
+
+    Returns ``(merged, assignment)``: ``merged`` [K, C] (K = min(num_clusters, N)) are
+    cluster means (Eq. 7), clusters ordered by their center's index; ``assignment`` [N]
+    (int64) gives each token's cluster (Eq. 6).  ``merged`` has ``x``'s dtype.
+    """
+    xf = check_tokens(x)
+    n = xf.shape[0]
+    k = min(check_budget(num_clusters, "num_clusters"), n)
+    dist = pairwise_distance(xf)
+    centers = stable_topk(prominence(dist, local_density(dist, knn)), k)
+    assignment = dist[:, centers].argmin(dim=1)
+    assignment[centers] = torch.arange(k)
+    one_hot = torch.nn.functional.one_hot(assignment, k).float()
+    merged = (one_hot.T @ xf) / one_hot.sum(dim=0).unsqueeze(1)
+    return merged.to(device=x.device, dtype=x.dtype), assignment.to(x.device)
+
+
+def stage1_split(budget: int, retained_fraction: float = RETAINED_FRACTION) -> tuple[int, int]:
+    """(retained, merged) counts for a stage-1 output of ``budget`` tokens (~5.4 : 1)."""
+    budget = check_budget(budget)
+    retained = min(budget, max(1, int(round(budget * retained_fraction))))
+    return retained, budget - retained
+
+
+def stage1(
+    tokens: Tensor,
+    attn_scores: Tensor,
+    budget: int,
+    knn: int = KNN,
+    retained_fraction: float = RETAINED_FRACTION,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 1 (Sec. 3.2): CLS-attention retained tokens plus density-peak merged tokens.
+
+    ``tokens``: encoder output [N, C] (patches only); ``attn_scores``: [N] CLS attention
+    to each patch (models without CLS: the mean attention each token receives).
+    Returns ``(out, retained, assignment)``: ``out`` has exactly ``min(budget, N)`` rows,
+    the retained tokens in original order first, then the merged ones; ``retained`` are
+    their indices (ascending); ``assignment`` [N] is the merged-cluster id of every
+    non-retained token and -1 for retained ones.
+    """
+    x = check_tokens(tokens)
+    n = x.shape[0]
+    scores = check_vector(attn_scores, n, "attn_scores")
+    budget = min(check_budget(budget), n)
+    if budget == n:
+        return tokens.clone(), torch.arange(n, device=tokens.device), torch.full((n,), -1, device=tokens.device)
+    n_keep, n_merge = stage1_split(budget, retained_fraction)
+    retained = stable_topk(scores, n_keep)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[retained] = False
+    assignment = torch.full((n,), -1, dtype=torch.long)
+    out = x[retained]
+    if n_merge > 0:
+        merged, sub_assign = density_peak_merge(x[rest], n_merge, knn)
+        assignment[rest] = sub_assign
+        out = torch.cat([out, merged], dim=0)
+    return (
+        out.to(device=tokens.device, dtype=tokens.dtype),
+        retained.to(tokens.device),
+        assignment.to(tokens.device),
+    )
+
+
+def rater_scores(vision: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """Visual token importance (Eqs. 9-11); returns ``(alpha, raters)``.
+
+    M = softmax_text(V T^T / sqrt(d)) (Eq. 9); s_j = mean_i M_ij; raters are the text
+    tokens with s_j above the mean of s (Eq. 10); alpha_i = mean over raters of M_ij
+    (Eq. 11).  ``raters`` is a bool mask over the text tokens.
+    """
+    v = check_tokens(vision, "vision")
+    t = check_tokens(text, "text")
+    if v.shape[1] != t.shape[1]:
+        raise ValueError(f"vision dim {v.shape[1]} != text dim {t.shape[1]}")
+    m = torch.softmax(v @ t.T / math.sqrt(v.shape[1]), dim=1)
+    s = m.mean(dim=0)
+    raters = s > s.mean()
+    if not raters.any():
+        raters = torch.ones_like(raters)
+    return m[:, raters].mean(dim=1), raters
+
+
+def quantile_prune(scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """Eq. 12: keep the tokens whose score reaches the keep-quantile; ``(kept, pruned)``.
+
+    Exactly ``min(keep, N)`` tokens are kept (ties at the threshold to the lowest index);
+    both index tensors are int64 and ascending.
+    """
+    s = check_vector(scores)
+    kept = stable_topk(s, min(check_budget(keep, "keep"), s.shape[0]))
+    mask = torch.ones(s.shape[0], dtype=torch.bool)
+    mask[kept] = False
+    return kept.to(scores.device), torch.nonzero(mask).flatten().to(scores.device)
+
+
+def stage2_schedule(
+    num_tokens: int,
+    budget: int,
+    layers: tuple[int, ...] = STAGE2_LAYERS,
+    num_layers: int = 32,
+) -> list[int]:
+    """Token counts after each stage-2 pruning layer, so the layer-average is ~``budget``.
+
+    Sec. 4.1: pruning at fixed layers "to maintain a consistent average number of
+    visual tokens across the network".  The paper does not give the per-layer ratio;
+    we use one geometric ratio r for all pruning layers (count after the s-th is
+    round(N r^s), at least 1), found by bisection.  Layers before ``layers[0]`` see N.
+    """
+    n = check_budget(num_tokens, "num_tokens")
+    k = check_budget(budget)
+    if list(layers) != sorted(set(layers)) or not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"layers must be increasing indices in [0, {num_layers}), got {layers}")
+    if k >= n:
+        return [n] * len(layers)
+    spans = [b - a for a, b in zip(layers, list(layers[1:]) + [num_layers])]
+
+    def counts(r: float) -> list[int]:
+        return [max(1, int(round(n * r ** (s + 1)))) for s in range(len(layers))]
+
+    def average(r: float) -> float:
+        return (layers[0] * n + sum(c * w for c, w in zip(counts(r), spans))) / num_layers
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if average(mid) < k else (lo, mid)
+    return counts(lo)
