@@ -1,0 +1,198 @@
+"""LLaVA-1.5 with encoder-side visual-token pruning, as a vLLM model class.
+
+Selected with ``--hf-overrides '{"architectures": ["VTPruneLlavaForConditionalGeneration"],
+"vtprune": "resprune:128"}'`` (what ``--vtprune resprune:128`` expands to). A request may
+override the server's spec with ``mm_processor_kwargs={"vtprune": "resprune:64"}``.
+
+How the pieces fit (see ``VLLM_NOTES.md``):
+
+* The processor decides the placeholder count: each image is expanded to the number of
+  tokens the spec keeps, and carries two small per-image fields to the model: the spec
+  string (as bytes) and, for text-conditioned methods, the token ids of the prompt's
+  nouns.
+* Those per-image values are put into the request's ``mm_processor_kwargs`` before vLLM
+  hashes the image, so the multimodal hash, which keys the processor cache, the encoder
+  cache and the prefix cache, changes with the spec and with the prompt's nouns: one
+  question's pruning is never reused for another.
+* The model embeds the nouns with the LLM's own embedding table and runs
+  :func:`vllm_vtprune.pipeline.prune_image` per image, returning exactly that many
+  embeddings in their original order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import BatchFeature
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement
+
+from vllm_vtprune import LLAVA_ARCHITECTURE, pipeline
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune import text as text_mod
+from vllm_vtprune.models.towers import VllmClipTower
+
+ARCHITECTURE = LLAVA_ARCHITECTURE
+SPEC_KEY = "vtprune"  # hf_config attribute and per-request mm_processor_kwargs key
+TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
+SPEC_BYTES = 96
+MAX_TEXT_IDS = 32
+_VTPRUNE_KWARGS = (SPEC_KEY, TEXT_IDS_KEY)
+
+
+def server_spec(hf_config) -> spec_mod.PruneSpec | None:
+    return spec_mod.parse(getattr(hf_config, SPEC_KEY, None))
+
+
+def check_supported(hf_config) -> None:
+    """Fail at startup on models this class cannot prune correctly."""
+    vision = getattr(hf_config, "vision_config", None)
+    if getattr(hf_config, "model_type", None) != "llava" or getattr(
+            vision, "model_type", None) != "clip_vision_model":
+        raise ValueError(
+            f"vtprune: model type {getattr(hf_config, 'model_type', None)!r} with vision "
+            f"tower {getattr(vision, 'model_type', None)!r} is not supported; supported: "
+            "LLaVA-1.5 (model_type 'llava' with a CLIP vision tower)")
+    if hf_config.vision_feature_select_strategy != "default":
+        raise ValueError("vtprune: LLaVA with vision_feature_select_strategy "
+                         f"{hf_config.vision_feature_select_strategy!r} is not supported; "
+                         "supported: 'default'")
+    pipeline.check_servable(server_spec(hf_config))
+
+
+def encode_spec(spec: spec_mod.PruneSpec | None) -> torch.Tensor:
+    raw = str(spec).encode() if spec is not None else b""
+    if len(raw) > SPEC_BYTES:
+        raise ValueError(f"vtprune spec {str(spec)!r} is longer than {SPEC_BYTES} bytes")
+    return torch.tensor(list(raw) + [0] * (SPEC_BYTES - len(raw)), dtype=torch.int64)
+
+
+def decode_spec(row: torch.Tensor) -> spec_mod.PruneSpec | None:
+    raw = bytes(int(b) for b in row.tolist() if b)
+    return spec_mod.parse(raw.decode()) if raw else None
+
+
+def encode_text_ids(ids: Sequence[int]) -> torch.Tensor:
+    ids = list(ids)[:MAX_TEXT_IDS]
+    return torch.tensor(ids + [-1] * (MAX_TEXT_IDS - len(ids)), dtype=torch.int64)
+
+
+class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
+    def effective_spec(self, mm_kwargs: Mapping[str, object]) -> spec_mod.PruneSpec | None:
+        """The request's override if it has one, else the server's spec."""
+        if SPEC_KEY in mm_kwargs:
+            try:
+                spec = spec_mod.parse(mm_kwargs[SPEC_KEY])
+            except ValueError as err:
+                raise ValueError(f"mm_processor_kwargs.vtprune: {err}") from None
+            pipeline.check_servable(spec)
+            return spec
+        return server_spec(self.get_hf_config())
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int,
+                             spec: spec_mod.PruneSpec | None = None) -> int:
+        full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        return pipeline.kept_tokens(spec, full)
+
+    def noun_token_ids(self, prompt_ids: list[int]) -> list[int]:
+        """Token ids of the prompt's nouns, in the LLM vocabulary (ResPrune Eq. 13)."""
+        tok = self.get_tokenizer()
+        prompt = tok.decode(prompt_ids, skip_special_tokens=True)
+        nouns = text_mod.extract_nouns(text_mod.clean_prompt(_strip_roles(prompt)))
+        if not nouns:
+            return []
+        ids = tok.encode(" ".join(nouns), add_special_tokens=False)
+        image_id = self.get_hf_config().image_token_index
+        return [i for i in ids if i != image_id][:MAX_TEXT_IDS]
+
+
+def _strip_roles(prompt: str) -> str:
+    for role in ("USER:", "ASSISTANT:", "SYSTEM:"):
+        prompt = prompt.replace(role, " ")
+    return prompt
+
+
+class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    def apply(self, inputs, timing_ctx):
+        # Folding the spec and the nouns into mm_processor_kwargs makes them part of the
+        # multimodal hash (processor, encoder and prefix caches), see module docstring.
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        spec = self.info.effective_spec(kwargs)
+        kwargs[SPEC_KEY] = str(spec) if spec is not None else "none"
+        kwargs.pop(TEXT_IDS_KEY, None)
+        if pipeline.is_text_conditioned(spec):
+            kwargs[TEXT_IDS_KEY] = tuple(self.info.noun_token_ids(list(inputs.prompt)))
+        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs),
+                             timing_ctx)
+
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        kwargs = {k: v for k, v in hf_kwargs.items() if k not in _VTPRUNE_KWARGS}
+        out = super()._call_hf_processor(hf_data, kwargs)
+        num_images = len(out["pixel_values"]) if "pixel_values" in out else 0
+        spec = self.info.effective_spec(hf_kwargs)
+        out["vtprune_spec"] = encode_spec(spec).repeat(num_images, 1)
+        out["vtprune_text_ids"] = encode_text_ids(hf_kwargs.get(TEXT_IDS_KEY, ())).repeat(
+            num_images, 1)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs: BatchFeature,
+                              hf_processor_mm_kwargs: Mapping[str, object]):
+        return dict(**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                    vtprune_spec=MultiModalFieldConfig.batched("image"),
+                    vtprune_text_ids=MultiModalFieldConfig.batched("image"))
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        image_token_id = self.info.get_hf_config().image_token_index
+        spec = self.info.effective_spec(hf_processor_mm_kwargs)
+
+        def replacement(item_idx: int):
+            images = mm_items.get_items("image", ImageProcessorItems)
+            size = images.get_image_size(item_idx)
+            n = self.info.get_num_image_tokens(image_width=size.width,
+                                               image_height=size.height, spec=spec)
+            return [image_token_id] * n
+
+        return [PromptReplacement(modality="image", target=[image_token_id],
+                                  replacement=replacement)]
+
+
+@MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor,
+                                        info=VTPruneLlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """Stock vLLM LLaVA whose image embeddings are pruned per :mod:`vllm_vtprune.pipeline`."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        check_supported(vllm_config.model_config.hf_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._tower = VllmClipTower(self.vision_tower.vision_model)
+
+    def embed_multimodal(self, **kwargs: object):
+        specs = kwargs.pop("vtprune_spec", None)
+        text_ids = kwargs.pop("vtprune_text_ids", None)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        if image_input["type"] != "pixel_values" or specs is None:
+            return self._process_image_input(image_input)
+        pixels = image_input["pixel_values"]
+        return [self._embed_one(pixels[i:i + 1], decode_spec(specs[i]), text_ids[i])
+                for i in range(len(pixels))]
+
+    def _embed_one(self, pixel_values: torch.Tensor, spec, text_ids: torch.Tensor):
+        text = None
+        ids = text_ids[text_ids >= 0]
+        if pipeline.is_text_conditioned(spec) and ids.numel():
+            text = self.language_model.model.embed_tokens(ids.to(pixel_values.device))
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        return pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
+                                    spec, text)

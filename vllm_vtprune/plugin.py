@@ -1,0 +1,25 @@
+"""vLLM general plugin (entry point ``vllm.general_plugins: vtprune``).
+
+vLLM calls :func:`register` in every process it starts (API server, engine core,
+workers). It registers the pruning LLaVA class under its own architecture name, so stock
+LLaVA stays untouched unless a spec selects ours, and teaches vLLM's argument parser the
+``--vtprune`` flag (:mod:`vllm_vtprune.vllm_flag`).
+"""
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm import ModelRegistry
+
+    from vllm_vtprune import vllm_flag
+    from vllm_vtprune.models.llava import ARCHITECTURE
+
+    ModelRegistry.register_model(
+        ARCHITECTURE, "vllm_vtprune.models.llava:VTPruneLlavaForConditionalGeneration")
+    vllm_flag.install()
+    _registered = True

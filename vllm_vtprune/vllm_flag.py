@@ -1,0 +1,102 @@
+"""``vllm serve MODEL --vtprune SPEC``: the one place where this package bends vLLM's CLI.
+
+vLLM 0.32 has no extension point for new command-line flags (the serve parser is built
+from a fixed list of argument groups). It does load general plugins while it builds that
+parser, before parsing, so :func:`install` (called by the plugin) wraps
+``FlexibleArgumentParser.parse_args`` to rewrite the flag into options vLLM already has:
+
+* ``--hf-overrides {"architectures": ["VTPruneLlavaForConditionalGeneration"],
+  "vtprune": SPEC}``, merged into a JSON ``--hf-overrides`` the user gave;
+* ``--middleware vllm_vtprune.server.usage.VTPruneUsageMiddleware`` (pruning figures in
+  every response's usage);
+* ``--trust-request-mm-kwargs`` (per-request ``mm_processor_kwargs={"vtprune": ...}``).
+
+A malformed spec stops the command at once with the parser's message. The rewrite is
+pinned to the vLLM version it was tested with; ``tests/test_vllm_flag.py`` fails loudly
+when the installed vLLM differs or parses the expanded options differently.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from vllm_vtprune import LLAVA_ARCHITECTURE
+
+TESTED_VLLM_VERSIONS = ("0.32.0",)
+FLAG = "--vtprune"
+MIDDLEWARE = "vllm_vtprune.server.usage.VTPruneUsageMiddleware"
+_installed = False
+
+
+def _split_flag(argv: list[str], flag: str) -> tuple[list[str], str | None]:
+    """Remove ``flag VALUE`` / ``flag=VALUE`` from argv; return the rest and the value."""
+    rest: list[str] = []
+    value: str | None = None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == flag:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{flag} needs a value, e.g. {flag} resprune:128")
+            value = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+        else:
+            rest.append(a)
+        i += 1
+    return rest, value
+
+
+def expand(argv: list[str]) -> list[str]:
+    """Rewrite ``--vtprune SPEC`` into plain vLLM options (see module docstring)."""
+    from vllm_vtprune import spec as spec_mod
+    from vllm_vtprune.pipeline import check_servable
+
+    rest, value = _split_flag(list(argv), FLAG)
+    if value is None:
+        return list(argv)
+    spec = spec_mod.parse(value)
+    check_servable(spec)
+    rest, overrides_text = _split_flag(rest, "--hf-overrides")
+    overrides = json.loads(overrides_text) if overrides_text else {}
+    if not isinstance(overrides, dict):
+        raise ValueError("--hf-overrides must be a JSON object to combine with --vtprune")
+    overrides.update({"architectures": [LLAVA_ARCHITECTURE],
+                      "vtprune": str(spec) if spec else "none"})
+    rest += ["--hf-overrides", json.dumps(overrides)]
+    if MIDDLEWARE not in rest:
+        rest += ["--middleware", MIDDLEWARE]
+    if "--trust-request-mm-kwargs" not in rest:
+        rest.append("--trust-request-mm-kwargs")
+    return rest
+
+
+def install() -> None:
+    """Wrap vLLM's parser once; refuses vLLM versions the rewrite was not tested with."""
+    global _installed
+    if _installed:
+        return
+    import vllm
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
+        raise RuntimeError(
+            f"vllm-vtprune's --vtprune flag was tested with vLLM "
+            f"{', '.join(TESTED_VLLM_VERSIONS)}, found {vllm.__version__}; use the "
+            "plain-vLLM form instead: --hf-overrides '{\"architectures\": "
+            f"[\"{LLAVA_ARCHITECTURE}\"], \"vtprune\": \"SPEC\"}}' --middleware {MIDDLEWARE}")
+    original = FlexibleArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        if any(a == FLAG or a.startswith(FLAG + "=") for a in argv):
+            try:
+                argv = expand(argv)
+            except ValueError as err:
+                self.error(str(err))
+        return original(self, argv, namespace)
+
+    FlexibleArgumentParser.parse_args = parse_args
+    _installed = True
