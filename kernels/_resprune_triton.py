@@ -1,0 +1,133 @@
+"""Triton kernel for ResPrune's greedy selection (pivoted Cholesky on the Gram matrix).
+
+Imported lazily by :mod:`vllm_vtprune.kernels.resprune` (so that ``import
+vllm_vtprune.kernels`` works without triton).  Uses only APIs available in triton 3.6
+(``tl.div_rn``/``tl.sqrt_rn`` for IEEE-rounded division and square root, so that fp32
+results match the torch path; plain ``/`` and ``tl.sqrt`` are approximate on CUDA).
+
+One launch per greedy step, grid ``(cdiv(N, BLOCK), B)``: every program
+
+1. finds the step's pivot p of its image from the residual energies of the previous
+   step (``e_in``, read-only in this launch): gated score ``gate * e`` (Eq. (14)), max,
+   then the lowest index with score ``>= max * TIE_SCALE`` (Eq. (16), ties to the
+   lowest index); if the max is 0 the same on the ungated energies (fallback).  Every
+   program of an image computes the same p (an O(N) scan, cheap next to step 2);
+2. computes its block of the new row ``L[k, :] = (G[p, :] - sum_j L[j, p] L[j, :]) /
+   sqrt(e_p)`` and the rank-1 energy update ``e_out = e_in - L[k, :]**2`` with the
+   round-off floor, marks p selected (energy -1) and writes ``order[b, k] = p``.
+
+``e_in``/``e_out`` are swapped by the host between launches (double buffering), so no
+program reads a value another program of the same launch writes: the kernel needs no
+barriers and no atomics.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _resprune_step_kernel(
+    g_ptr,  # [B, N, N] fp32 Gram matrices
+    gate_ptr,  # [B, N] fp32 gate g(r)
+    diag_ptr,  # [B, N] fp32 diag(G)
+    e_in_ptr,  # [B, N] fp32 residual energies before this step (-1 = selected)
+    e_out_ptr,  # [B, N] fp32 after this step
+    l_ptr,  # [B, K, N] fp32 rows of L
+    order_ptr,  # [B, K] int32 picks in order
+    seed_ptr,  # [B] int32 first picks
+    N,
+    K,
+    step,
+    TIE_SCALE: tl.constexpr,
+    RTOL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n64 = N.to(tl.int64)
+    e_in = e_in_ptr + b * n64
+    gate = gate_ptr + b * n64
+    lb = l_ptr + b * K * n64
+
+    # ---- 1. pivot of this step ------------------------------------------------------
+    if step == 0:
+        p = tl.load(seed_ptr + b)
+    else:
+        m_s = tl.max(tl.full([SCAN], -1.0, tl.float32), axis=0)
+        m_e = m_s
+        for start in range(0, N, SCAN):
+            o = start + tl.arange(0, SCAN)
+            msk = o < N
+            e = tl.load(e_in + o, mask=msk, other=-1.0)
+            gt = tl.load(gate + o, mask=msk, other=0.0)
+            s = tl.where(e < 0.0, -1.0, gt * e)
+            m_s = tl.maximum(m_s, tl.max(s, axis=0))
+            m_e = tl.maximum(m_e, tl.max(e, axis=0))
+        thr_s = m_s * TIE_SCALE
+        thr_e = m_e * TIE_SCALE
+        i_s = N
+        i_e = N
+        for start in range(0, N, SCAN):
+            o = start + tl.arange(0, SCAN)
+            msk = o < N
+            e = tl.load(e_in + o, mask=msk, other=-1.0)
+            gt = tl.load(gate + o, mask=msk, other=0.0)
+            s = tl.where(e < 0.0, -1.0, gt * e)
+            i_s = tl.minimum(i_s, tl.min(tl.where(msk & (s >= thr_s), o, N), axis=0))
+            i_e = tl.minimum(i_e, tl.min(tl.where(msk & (e >= thr_e), o, N), axis=0))
+        p = tl.where(m_s > 0.0, i_s, i_e)
+    p64 = p.to(tl.int64)
+    d = tl.load(e_in + p64)
+
+    # ---- 2. new row of L and rank-1 energy update on this program's block --------------
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    msk = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, step):
+        c = tl.load(lb + j * n64 + p64)
+        acc += c * tl.load(lb + j * n64 + offs, mask=msk, other=0.0)
+    grow = tl.load(g_ptr + b * n64 * n64 + p64 * n64 + offs, mask=msk, other=0.0)
+    pos = d > 0.0
+    den = tl.sqrt_rn(tl.where(pos, d, 1.0))
+    row = tl.where(pos, tl.div_rn(grow - acc, den), 0.0)
+    tl.store(lb + step * n64 + offs, row, mask=msk)
+
+    e_old = tl.load(e_in + offs, mask=msk, other=0.0)
+    dg = tl.load(diag_ptr + b * n64 + offs, mask=msk, other=0.0)
+    sq = row * row
+    e_new = e_old - sq
+    e_new = tl.where(e_new <= RTOL * dg, 0.0, e_new)
+    e_new = tl.where((e_old < 0.0) | (offs == p), -1.0, e_new)
+    tl.store(e_out_ptr + b * n64 + offs, e_new, mask=msk)
+    if pid == 0:
+        tl.store(order_ptr + b * K + step, p)
+
+
+def launch_greedy(g, gate, diag, e0, seeds, k, block=1024, scan=1024):
+    """Run the K-step greedy loop on stacked inputs; returns int32 order [B, k].
+
+    ``g`` [B, N, N], ``gate``/``diag``/``e0`` [B, N] float32 contiguous; ``seeds`` [B]
+    int32; all on the same device.
+    """
+    import torch
+
+    bsz, n = gate.shape
+    block = min(block, triton.next_power_of_2(n))
+    scan = min(scan, triton.next_power_of_2(n))
+    e_a = e0.clone()
+    e_b = torch.empty_like(e0)
+    lmat = torch.zeros(bsz, k, n, dtype=torch.float32, device=g.device)
+    order = torch.empty(bsz, k, dtype=torch.int32, device=g.device)
+    grid = (triton.cdiv(n, block), bsz)
+    from vllm_vtprune.methods.resprune import RTOL, TIE_SCALE
+
+    for step in range(k):
+        _resprune_step_kernel[grid](
+            g, gate, diag, e_a, e_b, lmat, order, seeds, n, k, step,
+            TIE_SCALE=TIE_SCALE, RTOL=RTOL, BLOCK=block, SCAN=scan,
+        )
+        e_a, e_b = e_b, e_a
+    return order
