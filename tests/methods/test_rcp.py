@@ -1,0 +1,221 @@
+"""RCP modules against loop references written from Eqs. 1-21."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_vtprune.methods import rcp
+
+
+def _pruner(d=12):
+    torch.manual_seed(1)
+    return rcp.ResidualCrossAttentionPruner(d, num_queries=4, attn_dim=6, proj_dim=5)
+
+
+def ref_logits(p, h_v, h_q, q_len, a, prev):
+    """Eqs. 1-5 for one sample with explicit loops."""
+    W = {k: v.double() for k, v in p.state_dict().items()}
+    n, d = h_v.shape
+    summary = [sum(h_q[t][c].item() for t in range(q_len)) / q_len for c in range(d)]
+    Qp = W["queries"] + torch.tensor(summary, dtype=torch.float64)
+    q = Qp @ W["q_proj.weight"].T
+    k = h_v.double() @ W["k_proj.weight"].T
+    agg = W["aggregate.weight"][0]
+    S_q = []
+    probs = []
+    for j in range(q.shape[0]):
+        logits = [float(q[j] @ k[i]) / math.sqrt(q.shape[1]) for i in range(n)]
+        mx = max(logits)
+        e = [math.exp(l - mx) for l in logits]
+        probs.append([x / sum(e) for x in e])
+    for i in range(n):
+        S_q.append(sum(agg[j].item() * probs[j][i] for j in range(q.shape[0])))
+    proj = h_v.double() @ W["proj.weight"].T + W["proj.bias"]
+    hid = torch.nn.functional.gelu(proj @ W["mlp.0.weight"].T + W["mlp.0.bias"])
+    S_i = (hid @ W["mlp.2.weight"].T + W["mlp.2.bias"])[:, 0]
+    logs = [math.log(a[i].item() + 1e-8) for i in range(n)]
+    kept = [i for i in range(n) if prev[i] > 0]
+    mean = sum(logs[i] for i in kept) / len(kept)
+    return torch.tensor([logs[i] - mean + S_q[i] + S_i[i].item() + W["bias"].item() for i in range(n)], dtype=torch.float64)
+
+
+def test_pruner_logits_match_reference_with_padding():
+    p = _pruner().eval()
+    h_v, h_q = torch.randn(2, 7, 12), torch.randn(2, 5, 12)
+    q_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    a = torch.softmax(torch.randn(2, 7), -1)
+    prev = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [1] * 7], dtype=torch.float32)
+    with torch.no_grad():
+        logits = p.logits(h_v, h_q, a, q_mask, prev)
+    for b, q_len in enumerate((3, 5)):
+        ref = ref_logits(p, h_v[b], h_q[b], q_len, a[b], prev[b])
+        assert torch.allclose(logits[b].double(), ref, atol=1e-5)
+
+
+def test_inference_mask_threshold_and_cumulative():
+    p = _pruner().eval()
+    h_v, h_q = torch.randn(1, 9, 12), torch.randn(1, 3, 12)
+    a = torch.softmax(torch.randn(1, 9), -1)
+    prev = torch.tensor([[1, 0, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        logits, m, M = p(h_v, h_q, a, prev_mask=prev, tau=0.5)
+    assert torch.equal(m, (logits > 0).float())
+    assert torch.equal(M, prev * m)
+    assert M[0, 1] == 0 and M[0, 4] == 0
+    assert torch.equal(rcp.cumulative_mask(None, m), m)
+
+
+def test_training_mask_is_binary_with_soft_gradient():
+    p = _pruner().train()
+    h_v, h_q = torch.randn(2, 6, 12), torch.randn(2, 3, 12)
+    a = torch.softmax(torch.randn(2, 6), -1)
+    logits, m, _ = p(h_v, h_q, a, tau=1.0)
+    assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
+    m.sum().backward()
+    assert p.queries.grad is not None and p.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_gumbel_sigmoid_forward_values_and_grad():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1000, requires_grad=True)
+    m = rcp.gumbel_sigmoid_mask(logits, tau=0.7, generator=g)
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(3)).clamp(1e-8, 1 - 1e-8)
+    soft = torch.sigmoid((logits.detach() + torch.log(u) - torch.log(1 - u)) / 0.7)
+    assert torch.equal(m.detach(), (soft > 0.5).float())
+    m.sum().backward()
+    assert torch.allclose(logits.grad, soft * (1 - soft) / 0.7, atol=1e-5)
+    big = torch.full((2000,), 3.0)
+    frac = rcp.gumbel_sigmoid_mask(big, 1.0).mean().item()
+    assert abs(frac - torch.sigmoid(torch.tensor(3.0)).item()) < 0.05
+
+
+def test_query_dropout_only_in_training():
+    p = _pruner()
+    assert p.query_dropout == 0.2 and rcp.ResidualCrossAttentionPruner(8).num_queries == 16
+    h_v, h_q = torch.randn(1, 6, 12), torch.randn(1, 3, 12)
+    p.eval()
+    a1 = p.cross_attention_score(h_v, h_q, None)
+    assert torch.equal(a1, p.cross_attention_score(h_v, h_q, None))
+    p.train()
+    torch.manual_seed(5)
+    outs = {tuple(p.cross_attention_score(h_v, h_q, None).detach().round(decimals=6).tolist()[0]) for _ in range(10)}
+    assert len(outs) > 1
+
+
+def test_attention_logit_and_intrinsic_attention():
+    attn = torch.softmax(torch.randn(2, 3, 4, 5), -1)
+    a = rcp.intrinsic_attention(attn)
+    ref = [[sum(attn[b, h, q, i].item() for h in range(3) for q in range(4)) / 12 for i in range(5)] for b in range(2)]
+    assert torch.allclose(a, torch.tensor(ref), atol=1e-6)
+    A = rcp.attention_logit(a)
+    assert torch.allclose(A.sum(-1), torch.zeros(2), atol=1e-5)
+    with pytest.raises(ValueError):
+        rcp.intrinsic_attention(torch.full((1, 1, 1, 2), float("nan")))
+
+
+def test_pruner_rejects_non_finite():
+    p = _pruner().eval()
+    h_v = torch.randn(1, 4, 12)
+    h_v[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        p(h_v, torch.randn(1, 2, 12), torch.rand(1, 4))
+
+
+def ref_adapter(ad, x, keep, pos, h_v, g):
+    W = {k: v.double() for k, v in ad.state_dict().items()}
+    n = keep.shape[0]
+    mp = [[keep[i].item() * pos[i][c].item() for c in range(pos.shape[1])] for i in range(n)]
+    logits = [sum(W["mask_query"][c].item() * mp[i][c] for c in range(pos.shape[1])) for i in range(n)]
+    mx = max(logits)
+    e = [math.exp(l - mx) for l in logits]
+    att = [sum(e[i] / sum(e) * mp[i][c] for i in range(n)) for c in range(pos.shape[1])]
+    e_mask = torch.tensor(att, dtype=torch.float64) @ W["mask_proj.weight"].T + W["mask_proj.bias"]
+    dropped = [i for i in range(n) if keep[i] == 0]
+    mean = sum(h_v[i].double() for i in dropped) / len(dropped)
+    e_pruned = mean @ W["pruned_proj.weight"].T + W["pruned_proj.bias"]
+    out = []
+    for t in range(x.shape[0]):
+        xt = x[t].double()
+        cond = e_mask + e_pruned + xt @ W["query_proj.weight"].T + W["query_proj.bias"]
+        gamma = 1 + cond @ W["w_gamma.weight"].T + W["w_gamma.bias"]
+        beta = cond @ W["w_beta.weight"].T + W["w_beta.bias"]
+        hidden = torch.nn.functional.gelu(xt @ W["down.weight"].T + W["down.bias"])
+        delta = W["gate"] * ((gamma * hidden + beta) @ W["up.weight"].T + W["up.bias"])
+        out.append(xt + g[t].item() * delta)
+    return torch.stack(out)
+
+
+def test_adapter_identity_at_init():
+    ad = rcp.DelayedRepairAdapter(10, bottleneck=4)
+    x = torch.randn(2, 5, 10)
+    keep = (torch.rand(2, 7) > 0.5).float()
+    ctx = ad.context(keep, torch.randn(7, 10), torch.randn(2, 7, 10))
+    assert torch.equal(ad(x, ctx, torch.ones(2, 5)), x)
+
+
+def test_adapter_matches_reference_after_training_step():
+    torch.manual_seed(2)
+    ad = rcp.DelayedRepairAdapter(10, bottleneck=4, pos_dim=6)
+    with torch.no_grad():
+        for prm in ad.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    x, h_v, pos = torch.randn(1, 5, 10), torch.randn(1, 7, 10), torch.randn(7, 6)
+    keep = torch.tensor([[1, 0, 1, 0, 1, 1, 0]], dtype=torch.float32)
+    g = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        out = ad(x, ad.context(keep, pos, h_v), g)
+    ref = ref_adapter(ad, x[0], keep[0], pos, h_v[0], g[0])
+    assert torch.allclose(out[0].double(), ref, atol=1e-5)
+    assert torch.equal(out[0, :2], x[0, :2])
+
+
+def test_adapter_gets_gradient():
+    ad = rcp.DelayedRepairAdapter(8, bottleneck=4)
+    x = torch.randn(1, 3, 8)
+    ctx = ad.context(torch.tensor([[1.0, 0.0, 1.0]]), torch.randn(3, 8), torch.randn(1, 3, 8))
+    ad(x, ctx, torch.ones(1, 3)).pow(2).sum().backward()
+    assert ad.up.weight.grad.abs().sum() > 0
+
+
+def ref_repair(s, t):
+    S, T = s.double().tolist(), t.double().tolist()
+    d = len(S[0])
+    tot = 0.0
+    for c in range(d):
+        ms = sum(r[c] for r in S) / len(S)
+        mt = sum(r[c] for r in T) / len(T)
+        vs = sum(r[c] ** 2 for r in S) / len(S) - ms**2
+        vt = sum(r[c] ** 2 for r in T) / len(T) - mt**2
+        tot += (ms - mt) ** 2 + (math.sqrt(max(vs, 0) + 1e-8) - math.sqrt(max(vt, 0) + 1e-8)) ** 2
+    return tot / d
+
+
+def test_repair_loss_matches_reference():
+    s, t = torch.randn(6, 5), torch.randn(9, 5) * 2 + 1
+    assert rcp.repair_loss(s, t).item() == pytest.approx(ref_repair(s, t), rel=1e-5)
+    assert rcp.repair_loss(t, t).item() == pytest.approx(0.0, abs=1e-10)
+    s2, t2 = torch.randn(4, 5), torch.randn(4, 5)
+    both = rcp.repair_loss([s, s2], [t, t2]).item()
+    assert both == pytest.approx((ref_repair(s, t) + ref_repair(s2, t2)) / 2, rel=1e-5)
+    z = torch.zeros(3, 5, requires_grad=True)
+    rcp.repair_loss(z, torch.zeros(3, 5)).backward()
+    assert torch.isfinite(z.grad).all()
+    assert rcp.repair_loss(s.half(), t.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError):
+        rcp.repair_loss(torch.full((2, 5), float("nan")), t)
+
+
+def test_retention_and_sparsity_loss():
+    n = 10
+    m5 = torch.tensor([1.0] * 6 + [0.0] * 4)
+    m8 = torch.tensor([1.0] * 3 + [0.0] * 7)
+    rates = rcp.retention_rates({5: m5, 8: m8}, 10, n)
+    assert rates.tolist() == pytest.approx([1.0] * 5 + [0.6] * 3 + [0.3] * 2)
+    rbar = (5 * 1.0 + 3 * 0.6 + 2 * 0.3) / 10
+    assert rcp.sparsity_loss({5: m5, 8: m8}, 10, n, 0.5).item() == pytest.approx(abs(rbar - 0.5))
+    batched = rcp.sparsity_loss({5: torch.stack([m5, m8])}, 10, n, 0.2)
+    expected = (abs((5 + 5 * 0.6) / 10 - 0.2) + abs((5 + 5 * 0.3) / 10 - 0.2)) / 2
+    assert batched.item() == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        rcp.retention_rates({12: m5}, 10, n)
