@@ -45,3 +45,17 @@ def test_stable_topk_ties_lowest_index():
     s = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0])
     assert stable_topk(s, 2).tolist() == [1, 2]
     assert stable_topk(s, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_methods_import_neither_vllm_nor_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vllm_vtprune.methods import _common, dcp, divprune, fastv, polymorphic, rcp, visionzip\n"
+        "import vllm_vtprune.spec, vllm_vtprune.text\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('vllm', 'transformers')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
