@@ -5,7 +5,11 @@ vllm_vtprune.kernels`` works without triton).  Uses only APIs available in trito
 (``tl.div_rn``/``tl.sqrt_rn`` for IEEE-rounded division and square root, so that fp32
 results match the torch path; plain ``/`` and ``tl.sqrt`` are approximate on CUDA).
 
-One launch per greedy step, grid ``(cdiv(N, BLOCK), B)``: every program
+Two kernels.  ``_resprune_persistent_kernel`` (N <= ``PERSISTENT_MAX_N``): one program
+per image runs all K steps with the residual energies, gate and diag(G) held in
+registers; only the rows of L go through global memory (L2), read back after a
+``tl.debug_barrier()``.  ``_resprune_step_kernel`` (any N, e.g. 10,000 for
+Qwen2.5-VL at high resolution): one launch per greedy step, grid ``(cdiv(N, BLOCK), B)``: every program
 
 1. finds the step's pivot p of its image from the residual energies of the previous
    step (``e_in``, read-only in this launch): gated score ``gate * e`` (Eq. (14)), max,
@@ -27,7 +31,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "step"])
 def _resprune_step_kernel(
     g_ptr,  # [B, N, N] fp32 Gram matrices
     gate_ptr,  # [B, N] fp32 gate g(r)
@@ -106,15 +110,88 @@ def _resprune_step_kernel(
         tl.store(order_ptr + b * K + step, p)
 
 
-def launch_greedy(g, gate, diag, e0, seeds, k, block=1024, scan=1024):
+@triton.jit(do_not_specialize=["N", "K"])
+def _resprune_persistent_kernel(
+    g_ptr,  # [B, N, N] fp32
+    gate_ptr,  # [B, N] fp32
+    diag_ptr,  # [B, N] fp32
+    e0_ptr,  # [B, N] fp32 initial energies
+    l_ptr,  # [B, K, N] fp32 rows of L (global; read back after a barrier)
+    order_ptr,  # [B, K] int32
+    seed_ptr,  # [B] int32
+    N,
+    K,
+    TIE_SCALE: tl.constexpr,
+    RTOL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program per image runs all K steps; e, gate, diag(G) stay in registers
+    (BLOCK_N >= N).  Same arithmetic, in the same order, as the step kernel."""
+    b = tl.program_id(0).to(tl.int64)
+    n64 = N.to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    msk = offs < N
+    gate = tl.load(gate_ptr + b * n64 + offs, mask=msk, other=0.0)
+    dg = tl.load(diag_ptr + b * n64 + offs, mask=msk, other=0.0)
+    e = tl.load(e0_ptr + b * n64 + offs, mask=msk, other=-1.0)  # padding: "selected"
+    lb = l_ptr + b * K * n64
+    seed = tl.load(seed_ptr + b)
+    for step in range(0, K):
+        s = tl.where(e < 0.0, -1.0, gate * e)
+        m_s = tl.max(s, axis=0)
+        m_e = tl.max(e, axis=0)
+        i_s = tl.min(tl.where(msk & (s >= m_s * TIE_SCALE), offs, N), axis=0)
+        i_e = tl.min(tl.where(msk & (e >= m_e * TIE_SCALE), offs, N), axis=0)
+        p = tl.where(m_s > 0.0, i_s, i_e)
+        p = tl.where(step == 0, seed, p)
+        p64 = p.to(tl.int64)
+        d = tl.sum(tl.where(offs == p, e, 0.0), axis=0)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in range(0, step):
+            c = tl.load(lb + j * n64 + p64)
+            acc += c * tl.load(lb + j * n64 + offs, mask=msk, other=0.0)
+        grow = tl.load(g_ptr + b * n64 * n64 + p64 * n64 + offs, mask=msk, other=0.0)
+        pos = d > 0.0
+        den = tl.sqrt_rn(tl.where(pos, d, 1.0))
+        row = tl.where(pos, tl.div_rn(grow - acc, den), 0.0)
+        tl.store(lb + step * n64 + offs, row, mask=msk)
+        sq = row * row
+        e_new = e - sq
+        e_new = tl.where(e_new <= RTOL * dg, 0.0, e_new)
+        e = tl.where((e < 0.0) | (offs == p), -1.0, e_new)
+        tl.store(order_ptr + b * K + step, p)
+        # the next step reads L[step, p'] written by other threads of this program
+        tl.debug_barrier()
+
+
+#: Largest N handled by the persistent (state-in-registers) kernel.
+PERSISTENT_MAX_N = 4096
+
+
+def launch_greedy(g, gate, diag, e0, seeds, k, block=1024, scan=1024, persistent=None):
     """Run the K-step greedy loop on stacked inputs; returns int32 order [B, k].
 
     ``g`` [B, N, N], ``gate``/``diag``/``e0`` [B, N] float32 contiguous; ``seeds`` [B]
-    int32; all on the same device.
+    int32; all on the same device.  ``persistent`` (default: N <= PERSISTENT_MAX_N)
+    picks the one-program-per-image kernel that keeps the energies on chip for all K
+    steps; otherwise one launch per step with ``cdiv(N, block)`` programs per image.
     """
     import torch
 
     bsz, n = gate.shape
+    from vllm_vtprune.methods.resprune import RTOL, TIE_SCALE
+
+    if persistent is None:
+        persistent = n <= PERSISTENT_MAX_N
+    if persistent:
+        lmat = torch.zeros(bsz, k, n, dtype=torch.float32, device=g.device)
+        order = torch.empty(bsz, k, dtype=torch.int32, device=g.device)
+        bn = triton.next_power_of_2(n)
+        _resprune_persistent_kernel[(bsz,)](
+            g, gate, diag, e0, lmat, order, seeds, n, k,
+            TIE_SCALE=TIE_SCALE, RTOL=RTOL, BLOCK_N=bn, num_warps=8 if bn >= 2048 else 4,
+        )
+        return order
     block = min(block, triton.next_power_of_2(n))
     scan = min(scan, triton.next_power_of_2(n))
     e_a = e0.clone()
@@ -122,7 +199,6 @@ def launch_greedy(g, gate, diag, e0, seeds, k, block=1024, scan=1024):
     lmat = torch.zeros(bsz, k, n, dtype=torch.float32, device=g.device)
     order = torch.empty(bsz, k, dtype=torch.int32, device=g.device)
     grid = (triton.cdiv(n, block), bsz)
-    from vllm_vtprune.methods.resprune import RTOL, TIE_SCALE
 
     for step in range(k):
         _resprune_step_kernel[grid](

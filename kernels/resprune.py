@@ -60,10 +60,13 @@ def resprune_order_batch(
     seeds=None,
     *,
     block: int = 1024,
+    persistent: Optional[bool] = None,
 ) -> Tensor:
     """Triton kernel path, picks in order: int64 [B, min(budget, N)] (seed first).
 
-    Same arguments as :func:`vllm_vtprune.methods.resprune.select_batch`.
+    Same arguments as :func:`vllm_vtprune.methods.resprune.select_batch`.  ``block``
+    and ``persistent`` choose the kernel variant (see ``_resprune_triton``); the
+    default is the on-chip persistent kernel for N <= 4096, else the per-step one.
     """
     texts, seed_list = _rp._split_batch_args(tokens, text, seeds)
     bsz = tokens.shape[0]
@@ -93,6 +96,7 @@ def resprune_order_batch(
         k,
         block=block,
         scan=block,
+        persistent=persistent,
     )
     return order.to(torch.int64)
 

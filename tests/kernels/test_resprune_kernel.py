@@ -58,17 +58,21 @@ def check_up_to_ties(tokens, got, text, alpha, seed, rel=1e-3):
     ],
 )
 @pytest.mark.parametrize("use_text", [False, True])
-def test_kernel_matches_torch_fp32(b, n, d, k, block, use_text):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_kernel_matches_torch_fp32(b, n, d, k, block, use_text, persistent):
     gen = torch.Generator().manual_seed(b * 7919 + n * 31 + k + use_text)
     x = torch.randn(b, n, d, generator=gen) * (0.5 + torch.rand(b, n, 1, generator=gen))
     texts = [torch.randn(3, d, generator=gen) if use_text else None for _ in range(b)]
     seeds = [None if i % 2 == 0 else (n // 3) for i in range(b)]
-    got = kernels.resprune_order_batch(x, k, texts, 0.75, seeds, block=block)
+    got = kernels.resprune_order_batch(
+        x, k, texts, 0.75, seeds, block=block, persistent=persistent
+    )
     assert got.dtype == torch.int64 and got.shape == (b, min(k, n))
     assert got.tolist() == torch_orders(x, k, texts, 0.75, seeds)
 
 
-def test_kernel_duplicates_zeros_collinear():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_kernel_duplicates_zeros_collinear(persistent):
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(9, 12, generator=gen)
     x = torch.cat(
@@ -76,27 +80,26 @@ def test_kernel_duplicates_zeros_collinear():
     )  # 20 tokens: duplicates, zeros, multiples
     x = x.unsqueeze(0)
     for k in (1, 9, 14, 21, 30):
-        got = kernels.resprune_order_batch(x, k, None, 0.75, None, block=8)
+        got = kernels.resprune_order_batch(x, k, None, 0.75, None, block=8, persistent=persistent)
         assert got[0].tolist() == torch_orders(x, k, [None], 0.75, [None])[0]
         assert len(set(got[0].tolist())) == min(k, x.shape[1])
     allsame = torch.randn(12, generator=gen).repeat(10, 1).unsqueeze(0)
-    got = kernels.resprune_order_batch(allsame, 10, None, 0.75, None, block=4)
+    got = kernels.resprune_order_batch(
+        allsame, 10, None, 0.75, None, block=4, persistent=persistent
+    )
     assert got[0].tolist() == list(range(10))  # all tied -> lowest index order
     z = torch.zeros(1, 6, 5)
-    assert kernels.resprune_order_batch(z, 4, None, 0.75, None, block=4)[0].tolist() == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    got = kernels.resprune_order_batch(z, 4, None, 0.75, None, block=4, persistent=persistent)
+    assert got[0].tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_half_inputs_same_set_up_to_ties(dtype):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_kernel_half_inputs_same_set_up_to_ties(dtype, persistent):
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(2, 45, 32, generator=gen).to(dtype)
     t = torch.randn(2, 32, generator=gen).to(dtype)
-    got = kernels.resprune_order_batch(x, 15, t, 0.3, None, block=16)
+    got = kernels.resprune_order_batch(x, 15, t, 0.3, None, block=16, persistent=persistent)
     for b in range(2):
         ref = resprune.select_order(x[b], 15, t, 0.3).tolist()
         if sorted(got[b].tolist()) != sorted(ref):
