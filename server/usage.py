@@ -1,0 +1,237 @@
+"""Pruning figures in every completion's ``usage`` and in ``/metrics``.
+
+vLLM passes no per-request custom field from the engine to the response, but the
+figures are a deterministic function of the request: the number of images, the
+effective spec (the request's ``mm_processor_kwargs.vtprune`` or the server's) and the
+served model's shape. :class:`VTPruneUsageMiddleware` (installed by ``--vtprune``, or
+with ``--middleware vllm_vtprune.server.usage.VTPruneUsageMiddleware``) computes them in
+the API server and adds ``usage.vtprune`` to JSON responses and to the usage chunk of
+streamed ones (``stream_options.include_usage``)::
+
+    "vtprune": {"method": "resprune", "budget": 64, "images": 1,
+                "visual_tokens_before": 576, "visual_tokens_after": 64,
+                "kv_cache_tokens_saved": 512, "kv_cache_bytes_saved": 524288}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from prometheus_client import Counter
+
+from vllm_vtprune import spec as spec_mod
+
+PATHS = ("/v1/chat/completions", "/v1/completions")
+IMAGE_PART_TYPES = ("image_url", "input_image", "image_pil", "image")
+
+REQUESTS = Counter("vtprune_requests", "Requests answered with pruning figures", ["method"])
+TOKENS_BEFORE = Counter("vtprune_visual_tokens_before", "Visual tokens before pruning", ["method"])
+TOKENS_AFTER = Counter("vtprune_visual_tokens_after", "Visual tokens fed to the LLM", ["method"])
+KV_TOKENS_SAVED = Counter("vtprune_kv_cache_tokens_saved", "KV-cache tokens saved", ["method"])
+KV_BYTES_SAVED = Counter("vtprune_kv_cache_bytes_saved", "KV-cache bytes saved", ["method"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What one visual token costs the served model."""
+
+    tokens_per_image: int
+    kv_bytes_per_token: int  # all layers, keys and values
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "ModelShape":
+        mc = vllm_config.model_config
+        hf = mc.hf_config
+        vision = hf.vision_config
+        per_image = (vision.image_size // vision.patch_size) ** 2
+        layers = mc.get_num_layers(vllm_config.parallel_config)
+        kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
+        return cls(per_image, 2 * layers * kv_heads * mc.get_head_size()
+                   * _kv_dtype_bytes(vllm_config))
+
+
+def _kv_dtype_bytes(vllm_config) -> int:
+    import torch
+
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype in (None, "auto"):
+        return torch.empty((), dtype=vllm_config.model_config.dtype).element_size()
+    return 1 if "fp8" in str(cache_dtype) else 2
+
+
+def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape) -> dict:
+    """The ``usage.vtprune`` object of a request."""
+    before = num_images * shape.tokens_per_image
+    kept = shape.tokens_per_image if spec is None else spec.tokens_for(shape.tokens_per_image)
+    after = num_images * kept
+    return {
+        "method": spec.method if spec is not None else "none",
+        "budget": spec.budget if spec is not None else None,
+        "images": num_images,
+        "visual_tokens_before": before,
+        "visual_tokens_after": after,
+        "kv_cache_tokens_saved": before - after,
+        "kv_cache_bytes_saved": (before - after) * shape.kv_bytes_per_token,
+    }
+
+
+def count_images(body: dict) -> int:
+    n = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            n += sum(1 for part in content
+                     if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES)
+    return n
+
+
+def request_spec(body: dict, server_spec: spec_mod.PruneSpec | None):
+    kwargs = body.get("mm_processor_kwargs") or {}
+    if isinstance(kwargs, dict) and "vtprune" in kwargs:
+        return spec_mod.parse(kwargs["vtprune"])
+    return server_spec
+
+
+def record(fig: dict) -> None:
+    m = fig["method"]
+    REQUESTS.labels(m).inc()
+    TOKENS_BEFORE.labels(m).inc(fig["visual_tokens_before"])
+    TOKENS_AFTER.labels(m).inc(fig["visual_tokens_after"])
+    KV_TOKENS_SAVED.labels(m).inc(fig["kv_cache_tokens_saved"])
+    KV_BYTES_SAVED.labels(m).inc(fig["kv_cache_bytes_saved"])
+
+
+def inject_usage(payload: dict, fig: dict) -> bool:
+    usage = payload.get("usage")
+    if isinstance(usage, dict):
+        usage["vtprune"] = fig
+        return True
+    return False
+
+
+class _SSERewriter:
+    """Adds the figures to the ``data:`` event that carries usage (split-safe)."""
+
+    def __init__(self, fig: dict):
+        self.fig = fig
+        self.buffer = b""
+        self.injected = False
+
+    def feed(self, chunk: bytes, final: bool) -> bytes:
+        self.buffer += chunk
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        if final and self.buffer:
+            events.append(self.buffer)
+            self.buffer = b""
+        out = [self._rewrite(e) for e in events]
+        return b"".join(e + b"\n\n" for e in out)
+
+    def _rewrite(self, event: bytes) -> bytes:
+        if not event.startswith(b"data: {"):
+            return event
+        payload = json.loads(event[len(b"data: "):])
+        if inject_usage(payload, self.fig):
+            self.injected = True
+            return b"data: " + json.dumps(payload).encode()
+        return event
+
+
+class VTPruneUsageMiddleware:
+    """ASGI middleware; see the module docstring."""
+
+    def __init__(self, app):
+        self.app = app
+        self._shape: ModelShape | None = None
+        self._server_spec: spec_mod.PruneSpec | None = None
+
+    def _model(self, scope) -> tuple[ModelShape, spec_mod.PruneSpec | None]:
+        if self._shape is None:
+            vllm_config = scope["app"].state.vllm_config
+            self._server_spec = spec_mod.parse(
+                getattr(vllm_config.model_config.hf_config, "vtprune", None))
+            self._shape = ModelShape.from_vllm_config(vllm_config)
+        return self._shape, self._server_spec
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in PATHS:
+            return await self.app(scope, receive, send)
+        body, replay = await _read_body(receive)
+        try:
+            request = json.loads(body or b"{}")
+            shape, server_spec = self._model(scope)
+            fig = figures(request_spec(request, server_spec), count_images(request), shape)
+        except (ValueError, AttributeError, TypeError):
+            # Malformed requests are vLLM's to reject (HTTP 400); add nothing.
+            return await self.app(scope, replay, send)
+        await self.app(scope, replay, _ResponseRewriter(send, fig))
+
+
+async def _read_body(receive):
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+class _ResponseRewriter:
+    """Wraps ``send``: buffers JSON bodies, rewrites SSE streams, counts successes."""
+
+    def __init__(self, send, fig: dict):
+        self.send = send
+        self.fig = fig
+        self.start: dict | None = None
+        self.kind = "other"
+        self.json_chunks: list[bytes] = []
+        self.sse: _SSERewriter | None = None
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            return await self._on_start(message)
+        if message["type"] != "http.response.body" or self.kind == "other":
+            return await self.send(message)
+        final = not message.get("more_body", False)
+        if self.kind == "sse":
+            data = self.sse.feed(message.get("body", b""), final)
+            if final and self.sse.injected:
+                record(self.fig)
+            return await self.send({**message, "body": data})
+        self.json_chunks.append(message.get("body", b""))
+        if final:
+            await self._send_json()
+
+    async def _on_start(self, message):
+        headers = dict((k.lower(), v) for k, v in message.get("headers", []))
+        ctype = headers.get(b"content-type", b"")
+        if message["status"] == 200 and ctype.startswith(b"application/json"):
+            self.kind, self.start = "json", message
+            return None
+        if message["status"] == 200 and ctype.startswith(b"text/event-stream"):
+            self.kind, self.sse = "sse", _SSERewriter(self.fig)
+        return await self.send(message)
+
+    async def _send_json(self):
+        body = b"".join(self.json_chunks)
+        try:
+            payload = json.loads(body)
+            if inject_usage(payload, self.fig):
+                record(self.fig)
+                body = json.dumps(payload).encode()
+        except ValueError:
+            pass
+        headers = [(k, v) for k, v in self.start.get("headers", [])
+                   if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
