@@ -384,19 +384,23 @@ def final_stage(
     tau: float = TAU,
     alpha: float = ALPHA,
     iters: int = 3,
+    text_space_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, bool]:
     """Last pruning stage: ACGR, replaced by TATCS when kappa(X_a, X) > delta (Sec. 3.3).
 
     kappa is measured between the chosen anchors (before recovery) and the stage's
     input tokens.  With TATCS the output is the reselected raw tokens of X.  Without
-    ``text`` TATCS is skipped.  Returns ``(kept, new_tokens, used_tatcs)``.
+    ``text`` TATCS is skipped.  ``text_space_tokens`` [M, D] are the same tokens mapped
+    into ``text``'s space (LLaVA: through the projector) for TATCS's similarities;
+    by default ``tokens`` themselves.  Returns ``(kept, new_tokens, used_tatcs)``.
     """
     y = check_tokens(tokens)
     target = min(check_budget(target, "target"), y.shape[0])
     scores = importance_scores(y, cls_attn, x_in, x_att, x_ffn, attn, values)
     anchors, context = partition(scores, target)
     if text is not None and kappa(y[anchors], y) > delta:
-        kept = tatcs_select(y, text, target, cls_attn, iters).cpu()
+        space = y if text_space_tokens is None else text_space_tokens
+        kept = tatcs_select(space, text, target, cls_attn, iters).cpu()
         return kept.to(tokens.device), tokens[kept.to(tokens.device)], True
     updated = graph_update(y, anchors, context, positions, k_n, tau, alpha)
     return anchors.to(tokens.device), updated.to(device=tokens.device, dtype=tokens.dtype), False

@@ -38,7 +38,6 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vllm_vtprune import LLAVA_ARCHITECTURE, pipeline
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune import text as text_mod
 from vllm_vtprune.models.towers import VllmClipTower
 
 ARCHITECTURE = LLAVA_ARCHITECTURE
@@ -104,21 +103,9 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
         return pipeline.kept_tokens(spec, full)
 
     def noun_token_ids(self, prompt_ids: list[int]) -> list[int]:
-        """Token ids of the prompt's nouns, in the LLM vocabulary (ResPrune Eq. 13)."""
-        tok = self.get_tokenizer()
-        prompt = tok.decode(prompt_ids, skip_special_tokens=True)
-        nouns = text_mod.extract_nouns(text_mod.clean_prompt(_strip_roles(prompt)))
-        if not nouns:
-            return []
-        ids = tok.encode(" ".join(nouns), add_special_tokens=False)
-        image_id = self.get_hf_config().image_token_index
-        return [i for i in ids if i != image_id][:MAX_TEXT_IDS]
-
-
-def _strip_roles(prompt: str) -> str:
-    for role in ("USER:", "ASSISTANT:", "SYSTEM:"):
-        prompt = prompt.replace(role, " ")
-    return prompt
+        return pipeline.prompt_noun_ids(self.get_tokenizer(), prompt_ids,
+                                        {self.get_hf_config().image_token_index},
+                                        MAX_TEXT_IDS)
 
 
 class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
@@ -194,5 +181,7 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if pipeline.is_text_conditioned(spec) and ids.numel():
             text = self.language_model.model.embed_tokens(ids.to(pixel_values.device))
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        return pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
-                                    spec, text)
+        image = pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
+                                     spec, text)
+        pipeline.trace(spec, ids.tolist(), image)
+        return image.tokens

@@ -7,18 +7,22 @@ from torch import Tensor
 from vllm_vtprune.pipeline import Probe
 
 
-def _attention_probe(q: Tensor, k: Tensor, num_heads: int, full: bool) -> Probe:
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    m = x.shape[1]
+    return x[0].float().view(m, num_heads, x.shape[-1] // num_heads).transpose(0, 1)
+
+
+def _attention_probe(q: Tensor, k: Tensor, v: Tensor | None, num_heads: int,
+                     full: bool) -> Probe:
     """Softmax(q k^T / sqrt(d)) of the CLS query (and of all queries when ``full``).
 
-    q, k: [1, M, H*d] projections of the layer's normalised input.
+    q, k, v: [1, M, H*d] projections of the layer's normalised input.
     """
-    m = q.shape[1]
-    d = q.shape[-1] // num_heads
-    qh = q[0].float().view(m, num_heads, d).transpose(0, 1)
-    kh = k[0].float().view(m, num_heads, d).transpose(0, 1)
+    qh, kh = _heads(q, num_heads), _heads(k, num_heads)
     rows = qh if full else qh[:, :1]
-    attn = torch.softmax(rows @ kh.transpose(1, 2) * d ** -0.5, dim=-1)
-    return Probe(cls_attn=attn[:, 0], keys=kh, attn=attn if full else None)
+    attn = torch.softmax(rows @ kh.transpose(1, 2) * qh.shape[-1] ** -0.5, dim=-1)
+    values = _heads(v, num_heads) if full and v is not None else None
+    return Probe(cls_attn=attn[:, 0], keys=kh, attn=attn if full else None, values=values)
 
 
 class VllmClipTower:
@@ -37,8 +41,14 @@ class VllmClipTower:
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         layer = self.vm.encoder.layers[i]
         qkv, _ = layer.self_attn.qkv_proj(layer.layer_norm1(hidden))
-        q, k, _ = qkv.chunk(3, dim=-1)
-        return _attention_probe(q, k, layer.self_attn.num_heads_per_partition, full)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return _attention_probe(q, k, v, layer.self_attn.num_heads_per_partition, full)
+
+    def layer_parts(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        layer = self.vm.encoder.layers[i]
+        attn_out, _ = layer.self_attn(layer.layer_norm1(hidden))
+        x_att = hidden + attn_out
+        return x_att, x_att + layer.mlp(layer.layer_norm2(x_att))
 
 
 class HfClipTower:
@@ -60,5 +70,13 @@ class HfClipTower:
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         layer = self.vm.encoder.layers[i]
         x = layer.layer_norm1(hidden)
-        return _attention_probe(layer.self_attn.q_proj(x), layer.self_attn.k_proj(x),
-                                layer.self_attn.num_heads, full)
+        attn = layer.self_attn
+        return _attention_probe(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x),
+                                attn.num_heads, full)
+
+    def layer_parts(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        layer = self.vm.encoder.layers[i]
+        attn_out = layer.self_attn(hidden_states=layer.layer_norm1(hidden),
+                                   attention_mask=None)[0]
+        x_att = hidden + attn_out
+        return x_att, x_att + layer.mlp(layer.layer_norm2(x_att))
