@@ -1,0 +1,241 @@
+"""``--vtprune SPEC``: the argv rewrite, and the real vLLM serve parser consuming it.
+
+The integration tests at the bottom build vLLM's own parser the way ``vllm serve``
+does; they are the ones that fail loudly when a vLLM upgrade changes the CLI.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_vtprune import vllm_flag
+
+ARCH = "VTPruneLlavaForConditionalGeneration"
+MIDDLEWARE = "vllm_vtprune.server.usage.VTPruneUsageMiddleware"
+
+
+def _option(argv, name):
+    """Values of every ``name VALUE`` / ``name=VALUE`` occurrence in argv."""
+    values = []
+    for i, a in enumerate(argv):
+        if a == name:
+            values.append(argv[i + 1])
+        elif a.startswith(name + "="):
+            values.append(a[len(name) + 1:])
+    return values
+
+
+def _overrides(argv):
+    values = _option(argv, "--hf-overrides")
+    assert len(values) == 1, argv
+    return json.loads(values[0])
+
+
+def test_expand_basic():
+    out = vllm_flag.expand(["serve", "M", "--vtprune", "resprune:128"])
+    assert out[:2] == ["serve", "M"]
+    assert not any(a.startswith("--vtprune") for a in out)
+    assert "resprune:128" not in out
+    assert _overrides(out) == {"architectures": [ARCH], "vtprune": "resprune:128"}
+    assert _option(out, "--middleware") == [MIDDLEWARE]
+    assert out.count("--trust-request-mm-kwargs") == 1
+
+
+def test_expand_equals_form_and_canonical_spec():
+    out = vllm_flag.expand(["serve", "M", "--port", "8001",
+                            "--vtprune=RESPRUNE:0.25,seed=cls, alpha=0.5"])
+    assert out[:4] == ["serve", "M", "--port", "8001"]
+    ov = _overrides(out)
+    assert ov["architectures"] == [ARCH]
+    # Method lower-cased, options sorted by key.
+    assert ov["vtprune"] == "resprune:0.25,alpha=0.5,seed=cls"
+    assert "--trust-request-mm-kwargs" in out
+
+
+def test_expand_keeps_other_options_in_order():
+    argv = ["serve", "M", "--max-model-len", "4096", "--vtprune", "divprune:64",
+            "--dtype", "float32"]
+    out = vllm_flag.expand(argv)
+    rest = [a for a in argv if a not in ("--vtprune", "divprune:64")]
+    assert out[:len(rest)] == rest
+
+
+@pytest.mark.parametrize("form", ["space", "equals"])
+def test_expand_merges_existing_hf_overrides(form):
+    user = {"max_position_embeddings": 8192, "vtprune": "stale:1",
+            "text_config": {"rope_theta": 10000}}
+    given = (["--hf-overrides", json.dumps(user)] if form == "space"
+             else ["--hf-overrides=" + json.dumps(user)])
+    out = vllm_flag.expand(["serve", "M"] + given + ["--vtprune", "visionzip:64"])
+    assert _overrides(out) == {"max_position_embeddings": 8192,
+                               "text_config": {"rope_theta": 10000},
+                               "architectures": [ARCH], "vtprune": "visionzip:64"}
+
+
+def test_expand_hf_overrides_after_flag_also_merged():
+    out = vllm_flag.expand(["serve", "M", "--vtprune", "dcp:16",
+                            "--hf-overrides", '{"foo": 1}'])
+    assert _overrides(out) == {"foo": 1, "architectures": [ARCH], "vtprune": "dcp:16"}
+
+
+def test_expand_non_object_hf_overrides_rejected():
+    with pytest.raises(ValueError, match="JSON object"):
+        vllm_flag.expand(["serve", "M", "--hf-overrides", "[1, 2]", "--vtprune", "dcp:16"])
+
+
+def test_expand_does_not_duplicate_user_middleware_or_trust_flag():
+    out = vllm_flag.expand(["serve", "M", "--trust-request-mm-kwargs", "--middleware",
+                            MIDDLEWARE, "--vtprune", "resprune:64"])
+    assert out.count("--trust-request-mm-kwargs") == 1
+    assert out.count(MIDDLEWARE) == 1
+
+
+def test_expand_none_spec_selects_our_class_without_pruning():
+    out = vllm_flag.expand(["serve", "M", "--vtprune", "none"])
+    assert _overrides(out) == {"architectures": [ARCH], "vtprune": "none"}
+
+
+@pytest.mark.parametrize("spec, bad", [
+    ("resprune:abc", "abc"),
+    ("nosuch:64", "nosuch"),
+    ("resprune:64,bogus=1", "bogus"),
+    ("resprune:64,alpha=-1", "alpha"),
+    ("resprune", "missing budget"),
+    ("resprune:0", "0"),
+    ("resprune:1.5", "1.5"),
+])
+def test_expand_malformed_spec_names_bad_part(spec, bad):
+    with pytest.raises(ValueError) as err:
+        vllm_flag.expand(["serve", "M", "--vtprune", spec])
+    assert bad in str(err.value)
+
+
+@pytest.mark.parametrize("spec, method", [("fastv:64", "fastv"), ("rcp:64", "rcp"),
+                                          ("fastv:0.5,layer=2", "fastv")])
+def test_expand_refuses_in_llm_methods(spec, method):
+    with pytest.raises(ValueError) as err:
+        vllm_flag.expand(["serve", "M", "--vtprune", spec])
+    msg = str(err.value)
+    assert repr(method) in msg
+    assert "language model" in msg
+    # The message says what can be served instead.
+    assert "resprune" in msg
+
+
+def test_expand_flag_without_value():
+    with pytest.raises(ValueError, match="needs a value"):
+        vllm_flag.expand(["serve", "M", "--vtprune"])
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["serve", "M"],
+    ["serve", "M", "--hf-overrides", '{"a": 1}', "--port", "8000"],
+    ["serve", "M", "--vtprune-other", "x"],
+])
+def test_expand_without_flag_leaves_argv_unchanged(argv):
+    before = list(argv)
+    out = vllm_flag.expand(argv)
+    assert out == before
+    assert argv == before
+
+
+# ---------------------------------------------------------------- the real vLLM parser
+
+
+@pytest.fixture
+def vllm_parser_state():
+    """Restore FlexibleArgumentParser.parse_args and the install flag afterwards."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    saved = FlexibleArgumentParser.__dict__["parse_args"]
+    saved_installed = vllm_flag._installed
+    yield FlexibleArgumentParser
+    FlexibleArgumentParser.parse_args = saved
+    vllm_flag._installed = saved_installed
+
+
+def test_installed_vllm_is_a_tested_version():
+    import vllm
+
+    assert vllm.__version__ in vllm_flag.TESTED_VLLM_VERSIONS, (
+        f"vLLM {vllm.__version__} is installed but --vtprune was tested with "
+        f"{vllm_flag.TESTED_VLLM_VERSIONS}: re-check the rewrite and update the pin")
+
+
+def _serve_parser_like_vllm(FlexibleArgumentParser):
+    """The top-level parser with the serve subcommand, as vllm.entrypoints.cli.main."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    parser = FlexibleArgumentParser(description="vLLM CLI")
+    subparsers = parser.add_subparsers(required=False, dest="subparser")
+    ServeSubcommand().subparser_init(subparsers)
+    return parser
+
+
+def _as_dict(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _check_namespace(ns, spec):
+    overrides = _as_dict(ns.hf_overrides)
+    assert overrides["architectures"] == [ARCH]
+    assert overrides["vtprune"] == spec
+    assert MIDDLEWARE in ns.middleware
+    assert ns.trust_request_mm_kwargs is True
+
+
+def test_real_vllm_serve_parser_accepts_flag(vllm_parser_state):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    FlexibleArgumentParser = vllm_parser_state
+    vllm_flag.install()
+
+    # The serve subcommand's own parser.
+    serve = make_arg_parser(FlexibleArgumentParser())
+    ns = serve.parse_args(["/some/model", "--vtprune", "divprune:64"])
+    assert ns.model_tag == "/some/model"
+    _check_namespace(ns, "divprune:64")
+
+    # Without the flag nothing of ours appears.
+    ns = serve.parse_args(["/some/model"])
+    assert "vtprune" not in (_as_dict(ns.hf_overrides) or {})
+    assert MIDDLEWARE not in (ns.middleware or [])
+    assert not ns.trust_request_mm_kwargs
+
+    # `vllm serve ...` through the top-level parser, user overrides merged.
+    parser = _serve_parser_like_vllm(FlexibleArgumentParser)
+    ns = parser.parse_args(["serve", "/some/model", "--hf-overrides",
+                            '{"max_position_embeddings": 4096}', "--vtprune=resprune:0.25"])
+    assert ns.subparser == "serve"
+    assert ns.model_tag == "/some/model"
+    _check_namespace(ns, "resprune:0.25")
+    assert _as_dict(ns.hf_overrides)["max_position_embeddings"] == 4096
+
+
+@pytest.mark.parametrize("spec, bad", [("divprune:lots", "lots"), ("fastv:64", "fastv"),
+                                       ("resprune:64,bogus=2", "bogus")])
+def test_real_vllm_serve_parser_rejects_bad_spec(vllm_parser_state, capsys, spec, bad):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    FlexibleArgumentParser = vllm_parser_state
+    vllm_flag.install()
+    serve = make_arg_parser(FlexibleArgumentParser())
+    with pytest.raises(SystemExit) as exit_info:
+        serve.parse_args(["/some/model", "--vtprune", spec])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and bad in err
+
+
+def test_install_refuses_untested_vllm(vllm_parser_state, monkeypatch):
+    import vllm
+
+    FlexibleArgumentParser = vllm_parser_state
+    monkeypatch.setattr(vllm, "__version__", "0.0.1-untested")
+    vllm_flag._installed = False
+    before = FlexibleArgumentParser.__dict__["parse_args"]
+    with pytest.raises(RuntimeError, match="0.0.1-untested"):
+        vllm_flag.install()
+    assert FlexibleArgumentParser.__dict__["parse_args"] is before
