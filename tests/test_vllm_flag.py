@@ -239,3 +239,25 @@ def test_install_refuses_untested_vllm(vllm_parser_state, monkeypatch):
     with pytest.raises(RuntimeError, match="0.0.1-untested"):
         vllm_flag.install()
     assert FlexibleArgumentParser.__dict__["parse_args"] is before
+
+
+@pytest.mark.parametrize("user_args", [
+    ["--hf-overrides", '{"max_position_embeddings": 4096}'],
+    ["--hf-overrides={\"max_position_embeddings\": 4096}"],
+    # vLLM's FlexibleArgumentParser accepts underscores for every option...
+    ["--hf_overrides", '{"max_position_embeddings": 4096}'],
+    # ...and the dotted form for JSON options.
+    ["--hf-overrides.max_position_embeddings", "4096"],
+])
+def test_real_parser_merges_every_spelling_of_user_hf_overrides(vllm_parser_state, user_args):
+    """Whatever spelling vLLM accepts for --hf-overrides, both the user's keys and ours
+    must reach the namespace (no silent loss of either)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+
+    vllm_flag.install()
+    serve = make_arg_parser(vllm_parser_state())
+    ns = serve.parse_args(["/some/model"] + user_args + ["--vtprune", "divprune:64"])
+    overrides = _as_dict(ns.hf_overrides)
+    assert overrides.get("architectures") == [ARCH], overrides
+    assert overrides.get("vtprune") == "divprune:64", overrides
+    assert overrides.get("max_position_embeddings") == 4096, overrides
