@@ -49,6 +49,64 @@ def _split_flag(argv: list[str], flag: str) -> tuple[list[str], str | None]:
     return rest, value
 
 
+def _option_name(arg: str) -> str:
+    """vLLM's spelling rule: ``_`` and ``-`` are the same before the first ``.``
+    (of the option's name; a ``=value`` part is left as it is)."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    head, dot, tail = name.partition(".")
+    return "--" + head[2:].replace("_", "-") + dot + tail + eq + value
+
+
+def _dotted_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pop_hf_overrides(argv: list[str]) -> tuple[list[str], dict]:
+    """Remove every ``--hf-overrides`` form vLLM accepts (JSON, ``=JSON``, dotted
+    ``--hf-overrides.a.b V``, list ``...+ a,b``); return the rest and their merged dict."""
+    rest: list[str] = []
+    merged: dict = {}
+    i = 0
+    while i < len(argv):
+        name, eq, inline = _option_name(argv[i]).partition("=")
+        if name != "--hf-overrides" and not name.startswith("--hf-overrides."):
+            rest.append(argv[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{name} needs a value")
+            inline, i = argv[i + 1], i + 1
+        i += 1
+        if name == "--hf-overrides":
+            value = json.loads(inline)
+            if not isinstance(value, dict):
+                raise ValueError("--hf-overrides must be a JSON object to combine with --vtprune")
+            _merge(merged, value)
+            continue
+        keys = name[len("--hf-overrides."):]
+        value = inline.split(",") if keys.endswith("+") else _dotted_value(inline)
+        node = merged
+        *parents, last = keys.rstrip("+").split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return rest, merged
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 def expand(argv: list[str]) -> list[str]:
     """Rewrite ``--vtprune SPEC`` into plain vLLM options (see module docstring)."""
     from vllm_vtprune import spec as spec_mod
@@ -59,16 +117,14 @@ def expand(argv: list[str]) -> list[str]:
         return list(argv)
     spec = spec_mod.parse(value)
     check_servable(spec)
-    rest, overrides_text = _split_flag(rest, "--hf-overrides")
-    overrides = json.loads(overrides_text) if overrides_text else {}
-    if not isinstance(overrides, dict):
-        raise ValueError("--hf-overrides must be a JSON object to combine with --vtprune")
+    rest, overrides = _pop_hf_overrides(rest)
     overrides.update({"architectures": [LLAVA_ARCHITECTURE],
                       "vtprune": str(spec) if spec else "none"})
     rest += ["--hf-overrides", json.dumps(overrides)]
-    if MIDDLEWARE not in rest:
+    names = {_option_name(a).partition("=")[0] for a in rest}
+    if "--middleware" not in names or MIDDLEWARE not in rest:
         rest += ["--middleware", MIDDLEWARE]
-    if "--trust-request-mm-kwargs" not in rest:
+    if "--trust-request-mm-kwargs" not in names:
         rest.append("--trust-request-mm-kwargs")
     return rest
 

@@ -1,0 +1,95 @@
+"""Offline `vllm.LLM` on the embedded checkpoint: stock accuracy, and parity with the
+transformers reference path for every encoder-side method at two budgets."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vllm_vtprune import LLAVA_ARCHITECTURE
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+from vllm_vtprune.embedded import model_path
+
+PARITY_SPECS = [f"{m}:{b}" for m in ("resprune", "divprune", "visionzip", "polymorphic", "dcp")
+                for b in (128, 32)]
+
+
+def _llm(**kwargs):
+    # The engine core runs in this process: the trace file and the test share it, and no
+    # spawned process has to re-import pytest's __main__.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(model=model_path(), enforce_eager=True, max_model_len=2048, dtype="float32",
+               limit_mm_per_prompt={"image": 2}, **kwargs)
+
+
+def _prompt(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+ACCURACY_PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 80, start=7000))
+COMPARE_PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 16, start=7100))
+
+
+def _shutdown(llm) -> None:
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def stock_results():
+    """Stock vLLM LLaVA's answers; its engine is shut down before ours starts."""
+    llm = _llm()
+    try:
+        return {"accuracy": _generate(llm, ACCURACY_PAIRS), "compare": _generate(llm, COMPARE_PAIRS)}
+    finally:
+        _shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def pruning_llm(stock_results):
+    llm = _llm(hf_overrides={"architectures": [LLAVA_ARCHITECTURE]})
+    yield llm
+    _shutdown(llm)
+
+
+def _generate(llm, pairs, overrides=None):
+    from vllm import SamplingParams
+
+    reqs = []
+    for image, qa in pairs:
+        req = {"prompt": _prompt(qa.question), "multi_modal_data": {"image": image}}
+        if overrides is not None:
+            req["mm_processor_kwargs"] = {"vtprune": overrides}
+        reqs.append(req)
+    outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    return [o.outputs[0].text.strip() for o in outs], [len(o.prompt_token_ids) for o in outs]
+
+
+def test_stock_llava_answers_heldout_questions(stock_results):
+    answers, _ = stock_results["accuracy"]
+    correct = sum(a == qa.answer for a, (_, qa) in zip(answers, ACCURACY_PAIRS))
+    assert correct / len(ACCURACY_PAIRS) >= 0.8, f"{correct}/{len(ACCURACY_PAIRS)}"
+
+
+def test_no_spec_behaves_exactly_like_stock_llava(stock_results, pruning_llm):
+    assert _generate(pruning_llm, COMPARE_PAIRS) == stock_results["compare"]
+
+
+@pytest.mark.parametrize("spec", PARITY_SPECS)
+def test_greedy_outputs_match_transformers_reference(pruning_llm, reference, spec):
+    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, 8, start=7200))
+    answers, lengths = _generate(pruning_llm, pairs, overrides=spec)
+    parsed = spec_mod.parse(spec)
+    for (image, qa), answer, length in zip(pairs, answers, lengths):
+        ref_answer, pruned = reference.generate(_prompt(qa.question), [image], parsed)
+        assert pruned[0].tokens.shape[0] == parsed.tokens_for(576)
+        assert answer == ref_answer.strip(), (qa.question, answer, ref_answer)
+        assert length == len(reference.tokenizer(_prompt(qa.question)).input_ids) - 1 \
+            + parsed.tokens_for(576)

@@ -1,0 +1,161 @@
+"""`vllm serve EMBEDDED --vtprune resprune:64` through the openai client."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+
+from .conftest import MODEL_NAME, SERVER_SPEC, chat_messages
+
+FULL_TOKENS = 576
+
+
+def ask(client, question, images, max_tokens=3, **extra):
+    return client.chat.completions.create(
+        model=MODEL_NAME, messages=chat_messages(question, images), max_tokens=max_tokens,
+        temperature=0, extra_body=extra or None)
+
+
+def text_token_count(tokenizer, question: str, num_images: int) -> int:
+    """Prompt tokens without visual tokens, from the model's own chat template."""
+    content = "<image>\n" * num_images + question
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                           add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(prompt).input_ids) - num_images
+
+
+def kv_bytes_per_token() -> int:
+    from transformers import AutoConfig
+
+    from vllm_vtprune.embedded import model_path
+
+    t = AutoConfig.from_pretrained(model_path()).text_config
+    head_dim = t.hidden_size // t.num_attention_heads
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim * 4  # float32 KV
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return list(sv.iter_questions(sv.HELDOUT_SEED, 60, start=5000))
+
+
+def test_prompt_tokens_are_text_plus_budget_and_saving_is_reported(client, tokenizer, questions):
+    image, qa = questions[0]
+    r = ask(client, qa.question, [image])
+    assert r.usage.prompt_tokens == text_token_count(tokenizer, qa.question, 1) + 64
+    fig = r.usage.vtprune
+    assert fig["method"] == "resprune" and fig["budget"] == 64
+    assert fig["visual_tokens_before"] == FULL_TOKENS
+    assert fig["visual_tokens_after"] == 64
+    assert fig["kv_cache_tokens_saved"] == FULL_TOKENS - 64
+    assert fig["kv_cache_bytes_saved"] == (FULL_TOKENS - 64) * kv_bytes_per_token()
+
+
+def test_full_token_accuracy_through_server(client, questions):
+    """The embedded model answers held-out questions through the OpenAI API."""
+    correct = 0
+    for image, qa in questions:
+        r = ask(client, qa.question, [image], mm_processor_kwargs={"vtprune": "none"})
+        assert r.usage.vtprune["visual_tokens_after"] == FULL_TOKENS
+        correct += r.choices[0].message.content.strip() == qa.answer
+    assert correct / len(questions) >= 0.8, f"{correct}/{len(questions)} correct"
+
+
+def test_per_request_budget_override(client, tokenizer, questions):
+    image, qa = questions[1]
+    r = ask(client, qa.question, [image], mm_processor_kwargs={"vtprune": "divprune:16"})
+    assert r.usage.prompt_tokens == text_token_count(tokenizer, qa.question, 1) + 16
+    assert r.usage.vtprune["method"] == "divprune"
+    assert r.usage.vtprune["visual_tokens_after"] == 16
+
+
+def test_budget_above_token_count_keeps_everything(client, tokenizer, questions):
+    image, qa = questions[2]
+    r = ask(client, qa.question, [image], mm_processor_kwargs={"vtprune": "resprune:1000"})
+    assert r.usage.prompt_tokens == text_token_count(tokenizer, qa.question, 1) + FULL_TOKENS
+    assert r.usage.vtprune["kv_cache_tokens_saved"] == 0
+
+
+def test_several_images_per_prompt(client, tokenizer, questions):
+    images = [questions[3][0], questions[4][0]]
+    r = ask(client, "how many circles are there ?", images)
+    assert r.usage.prompt_tokens == text_token_count(tokenizer, "how many circles are there ?", 2) + 2 * 64
+    assert r.usage.vtprune["images"] == 2
+    assert r.usage.vtprune["visual_tokens_after"] == 128
+
+
+def test_streaming_usage_chunk_carries_figures(client, questions):
+    image, qa = questions[5]
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=chat_messages(qa.question, [image]), max_tokens=3,
+        temperature=0, stream=True, stream_options={"include_usage": True})
+    usages = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(usages) == 1
+    assert usages[0].vtprune["visual_tokens_after"] == 64
+
+
+def test_bad_override_and_bad_image_get_400_and_server_keeps_serving(client, questions):
+    image, qa = questions[6]
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(client, qa.question, [image], mm_processor_kwargs={"vtprune": "resprune:abc"})
+    assert "abc" in str(err.value) and "accepted" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        ask(client, qa.question, [image], mm_processor_kwargs={"vtprune": "fastv:64"})
+    bad = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}},
+        {"type": "text", "text": qa.question}]}]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL_NAME, messages=bad, max_tokens=2)
+    r = ask(client, qa.question, [image])
+    assert r.usage.vtprune["visual_tokens_after"] == 64
+
+
+def test_metrics_count_the_savings(server, client, questions):
+    def saved():
+        with urllib.request.urlopen(server + "/metrics") as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('vtprune_kv_cache_tokens_saved_total{method="resprune"}'):
+                    return float(line.split()[-1])
+        return 0.0
+
+    before = saved()
+    ask(client, questions[7][1].question, [questions[7][0]])
+    assert saved() - before == FULL_TOKENS - 64
+
+
+def _trace_lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_question_dependent_pruning_is_not_reused_across_prompts(client, trace_file,
+                                                                 reference, questions):
+    """Same image, two questions: two kept sets, each the reference's; a repeat hits the cache."""
+    image = questions[8][0]
+    prompts = ["is there a red circle ?", "what color is the square ?"]
+    kept = []
+    for q in prompts:
+        n = len(_trace_lines(trace_file))
+        ask(client, q, [image])
+        lines = _trace_lines(trace_file)[n:]
+        assert len(lines) == 1, "the image was not encoded for a new question"
+        kept.append(lines[0]["kept"])
+        ref_prompt = f"USER: <image>\n{q} ASSISTANT:"
+        ref = reference.image_tokens(reference.pixel_values([image]),
+                                     spec_mod.parse(SERVER_SPEC),
+                                     reference.tokenizer(ref_prompt).input_ids)[0]
+        assert lines[0]["kept"] == ref.kept.tolist()
+    assert kept[0] != kept[1]
+    n = len(_trace_lines(trace_file))
+    ask(client, prompts[0], [image])
+    assert len(_trace_lines(trace_file)) == n, "same image and question was encoded again"
+
+
+def test_completions_endpoint_reports_zero_visual_tokens(client):
+    r = client.completions.create(model=MODEL_NAME, prompt="USER: hi ASSISTANT:", max_tokens=2)
+    assert r.usage.vtprune["images"] == 0
+    assert r.usage.vtprune["kv_cache_tokens_saved"] == 0

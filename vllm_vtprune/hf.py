@@ -1,0 +1,92 @@
+"""transformers reference path: the same pruning on ``LlavaForConditionalGeneration``.
+
+It runs :func:`vllm_vtprune.pipeline.prune_image` on transformers' CLIP tower and
+projector, with the same noun conditioning as the vLLM processor, then decodes greedily.
+It is the reference the vLLM parity test compares against, and the path for RCP training
+and GPU benchmarks (no vLLM needed).
+
+    ref = HfReference.load(path)
+    answer, images = ref.generate("USER: <image>\\nis there a red circle ? ASSISTANT:",
+                                  [image], spec_mod.parse("resprune:64"))
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_vtprune import pipeline
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.models.towers import HfClipTower
+
+
+class HfReference:
+    def __init__(self, model, processor):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        cfg = model.config
+        self.image_token_id = cfg.image_token_index
+        tower = model.model.vision_tower
+        # transformers 5 flattened CLIPVisionModel; 4.x kept it under .vision_model
+        self.tower = HfClipTower(getattr(tower, "vision_model", tower), cfg.vision_feature_layer)
+
+    @classmethod
+    def load(cls, path: str, dtype=torch.float32) -> "HfReference":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        return cls(model, AutoProcessor.from_pretrained(path))
+
+    def pixel_values(self, images) -> torch.Tensor:
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"].to(self.model.dtype)
+
+    @torch.no_grad()
+    def image_tokens(self, pixel_values: torch.Tensor, spec, prompt_ids: list[int]):
+        """One :class:`~vllm_vtprune.pipeline.PrunedImage` per image, as vLLM computes them."""
+        text = None
+        if pipeline.is_text_conditioned(spec):
+            ids = pipeline.prompt_noun_ids(self.tokenizer, prompt_ids, {self.image_token_id})
+            if ids:
+                text = self.model.get_input_embeddings()(torch.tensor(ids))
+        return [pipeline.prune_image(self.tower, self.model.model.multi_modal_projector,
+                                     pixel_values[i:i + 1], spec, text)
+                for i in range(len(pixel_values))]
+
+    @torch.no_grad()
+    def generate(self, prompt: str, images, spec: spec_mod.PruneSpec | None,
+                 max_new_tokens: int = 4) -> tuple[str, list]:
+        """Greedy answer to ``prompt`` (one ``<image>`` per image) and the pruned images."""
+        prompt_ids = self.tokenizer(prompt).input_ids
+        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
+        ids = _expand(prompt_ids, self.image_token_id, [p.tokens.shape[0] for p in pruned])
+        feats = torch.cat([p.tokens for p in pruned]) if pruned else None
+        out: list[int] = []
+        eos = self.tokenizer.eos_token_id
+        for _ in range(max_new_tokens):
+            logits = self._last_logits(ids + out, feats)
+            nxt = int(torch.argmax(logits))
+            if nxt == eos:
+                break
+            out.append(nxt)
+        return self.tokenizer.decode(out, skip_special_tokens=True), pruned
+
+    def _last_logits(self, ids: list[int], feats: torch.Tensor | None) -> torch.Tensor:
+        input_ids = torch.tensor([ids])
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if feats is not None:
+            embeds[input_ids == self.image_token_id] = feats.to(embeds.dtype)
+        hidden = self.model.model.language_model(inputs_embeds=embeds).last_hidden_state
+        return self.model.lm_head(hidden[0, -1])
+
+
+def _expand(prompt_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
+    out, image = [], 0
+    for t in prompt_ids:
+        if t == image_token_id:
+            out.extend([image_token_id] * counts[image])
+            image += 1
+        else:
+            out.append(t)
+    if image != len(counts):
+        raise ValueError(f"prompt has {image} <image> tokens for {len(counts)} images")
+    return out
