@@ -129,6 +129,29 @@ def _draw(bg: np.ndarray, objs: list[Obj]) -> Image.Image:
     return img
 
 
+def patch_labels(objs: list[Obj]) -> np.ndarray:
+    """Class of the object under each 14 px patch centre, row-major [576]: 0 is
+    background, else 1 + shape_index * len(COLORS) + colour_index. Used only as dense
+    auxiliary supervision when training the embedded model."""
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    d = ImageDraw.Draw(canvas)
+    colors = list(COLORS)
+    for o in objs:
+        label = 1 + SHAPES.index(o.shape) * len(colors) + colors.index(o.color)
+        x0, y0, x1, y1 = o.box
+        if o.shape == "circle":
+            d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=label)
+        elif o.shape == "square":
+            d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=label)
+        else:
+            d.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=label)
+    centres = np.arange(PATCH // 2, IMAGE_SIZE, PATCH)
+    return np.asarray(canvas)[np.ix_(centres, centres)].reshape(-1).astype(np.int64)
+
+
+NUM_PATCH_CLASSES = 1 + len(SHAPES) * len(COLORS)
+
+
 def _plural(shape: str) -> str:
     return shape + "s"
 

@@ -3,7 +3,10 @@
     python -m vllm_vtprune.embedded.train --steps 3000 --out vllm_vtprune/embedded/shapes-llava
 
 Every image carries all of its questions as one multi-turn conversation, so one vision
-and prefill pass supervises several answers.
+and prefill pass supervises several answers. A linear head on the projector outputs,
+trained to tell which object (shape and colour) lies under each patch and in which image
+quadrant the patch is, gives the vision tower a dense signal from the first step; it is
+discarded and never shipped.
 """
 from __future__ import annotations
 
@@ -36,14 +39,43 @@ def build_model(seed: int):
     return LlavaForConditionalGeneration(build_config())
 
 
+class PatchProbe(torch.nn.Module):
+    """Auxiliary dense targets on the projector outputs (training only)."""
+
+    def __init__(self, model):
+        super().__init__()
+        width = model.config.text_config.hidden_size
+        self.head = torch.nn.Linear(width, sv.NUM_PATCH_CLASSES + 4)
+        grid = torch.arange(576)
+        self.register_buffer("quadrant", (grid // 24 >= 12) * 2 + (grid % 24 >= 12))
+        self.features = None
+        model.model.multi_modal_projector.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.features = output
+
+    def loss(self, samples) -> torch.Tensor:
+        labels = torch.stack([torch.from_numpy(sv.patch_labels(s.objects)) for s in samples])
+        logits = self.head(self.features.float())
+        ce = torch.nn.functional.cross_entropy
+        per_patch = ce(logits[..., :sv.NUM_PATCH_CLASSES].transpose(1, 2), labels,
+                       reduction="none")
+        # Objects cover few patches; weight them up so the background does not dominate.
+        weights = 1.0 + 4.0 * (labels > 0).float()
+        quadrant = self.quadrant.expand_as(labels)
+        return (per_patch * weights).sum() / weights.sum() + ce(
+            logits[..., sv.NUM_PATCH_CLASSES:].transpose(1, 2), quadrant)
+
+
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     model = build_model(args.seed).train()
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
-                            weight_decay=0.05)
+    probe = PatchProbe(model)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=args.lr,
+                            betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(args.seed)
     t0 = time.time()
     ema = None
@@ -55,21 +87,23 @@ def train(args) -> None:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**batch).loss
+            aux = probe.loss(samples) if args.aux_weight else torch.zeros(())
+        total = loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
             el = time.time() - t0
-            print(f"step {step} loss {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+            print(f"step {step} loss {ema:.4f} aux {aux.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{el / (step + 1) / args.batch * 1000:.0f} ms/sample {el / 60:.1f} min",
                   flush=True)
         if args.save_every and step and step % args.save_every == 0:
             save_checkpoint(model, args.out)
     save_checkpoint(model, args.out)
     report = {"parameters": n_params, "steps": args.steps, "batch": args.batch,
-              "seed": args.seed, "train_minutes": (time.time() - t0) / 60}
+              "seed": args.seed, "aux_weight": args.aux_weight, "train_minutes": (time.time() - t0) / 60}
     model.eval()
     report["heldout"] = evaluate(model, tok, args.eval_num)
     report["heldout_random64"] = evaluate(model, tok, args.eval_num, keep=random_keep(64))
@@ -87,6 +121,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-num", type=int, default=400)
