@@ -107,6 +107,33 @@ def _merge(into: dict, update: dict) -> None:
             into[key] = value
 
 
+def _model_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        name, eq, value = _option_name(a).partition("=")
+        if name == "--model":
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    if argv[:1] == ["serve"] and len(argv) > 1 and not argv[1].startswith("-"):
+        return argv[1]
+    return None
+
+
+def _check_local_model(argv: list[str]) -> None:
+    """Refuse a local checkpoint the pruning class cannot serve, before vLLM starts.
+
+    Remote names are checked later, by the model class and its processor.
+    """
+    import os
+
+    model = _model_arg(argv)
+    if model is None or not os.path.isfile(os.path.join(model, "config.json")):
+        return
+    from transformers import AutoConfig
+
+    from vllm_vtprune.models.checks import check_supported
+
+    check_supported(AutoConfig.from_pretrained(model))
+
+
 def expand(argv: list[str]) -> list[str]:
     """Rewrite ``--vtprune SPEC`` into plain vLLM options (see module docstring)."""
     from vllm_vtprune import spec as spec_mod
@@ -117,6 +144,7 @@ def expand(argv: list[str]) -> list[str]:
         return list(argv)
     spec = spec_mod.parse(value)
     check_servable(spec)
+    _check_local_model(rest)
     rest, overrides = _pop_hf_overrides(rest)
     overrides.update({"architectures": [LLAVA_ARCHITECTURE],
                       "vtprune": str(spec) if spec else "none"})

@@ -38,34 +38,14 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vllm_vtprune import LLAVA_ARCHITECTURE, pipeline
 from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.models.checks import SPEC_KEY, check_supported, server_spec
 from vllm_vtprune.models.towers import VllmClipTower
 
 ARCHITECTURE = LLAVA_ARCHITECTURE
-SPEC_KEY = "vtprune"  # hf_config attribute and per-request mm_processor_kwargs key
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
 SPEC_BYTES = 96
 MAX_TEXT_IDS = 32
 _VTPRUNE_KWARGS = (SPEC_KEY, TEXT_IDS_KEY)
-
-
-def server_spec(hf_config) -> spec_mod.PruneSpec | None:
-    return spec_mod.parse(getattr(hf_config, SPEC_KEY, None))
-
-
-def check_supported(hf_config) -> None:
-    """Fail at startup on models this class cannot prune correctly."""
-    vision = getattr(hf_config, "vision_config", None)
-    if getattr(hf_config, "model_type", None) != "llava" or getattr(
-            vision, "model_type", None) != "clip_vision_model":
-        raise ValueError(
-            f"vtprune: model type {getattr(hf_config, 'model_type', None)!r} with vision "
-            f"tower {getattr(vision, 'model_type', None)!r} is not supported; supported: "
-            "LLaVA-1.5 (model_type 'llava' with a CLIP vision tower)")
-    if hf_config.vision_feature_select_strategy != "default":
-        raise ValueError("vtprune: LLaVA with vision_feature_select_strategy "
-                         f"{hf_config.vision_feature_select_strategy!r} is not supported; "
-                         "supported: 'default'")
-    pipeline.check_servable(server_spec(hf_config))
 
 
 def encode_spec(spec: spec_mod.PruneSpec | None) -> torch.Tensor:
@@ -86,6 +66,12 @@ def encode_text_ids(ids: Sequence[int]) -> torch.Tensor:
 
 
 class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
+    def get_hf_processor(self, **kwargs: object):
+        # The API server builds the processor before the engine builds the model; fail
+        # here first, with our message rather than a missing-image-processor error.
+        check_supported(self.ctx.model_config.hf_config)
+        return super().get_hf_processor(**kwargs)
+
     def effective_spec(self, mm_kwargs: Mapping[str, object]) -> spec_mod.PruneSpec | None:
         """The request's override if it has one, else the server's spec."""
         if SPEC_KEY in mm_kwargs:
