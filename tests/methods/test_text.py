@@ -15,8 +15,7 @@ def test_clean_prompt_removes_answer_format():
 
 @pytest.mark.parametrize("use_spacy", [False, None])
 def test_required_examples(use_spacy):
-    if use_spacy is None and not text.spacy_available():
-        pytest.skip("spaCy English model not installed")
+    # use_spacy=None takes spaCy where its English model is installed, else the fallback.
     assert "circle" in extract_nouns("is there a red circle ?", use_spacy=use_spacy)
     assert "red" in extract_nouns("is there a red circle ?", use_spacy=use_spacy)
     assert "triangle" in extract_nouns("what color is the triangle ?", use_spacy=use_spacy)
@@ -36,20 +35,29 @@ def test_fallback_dedupes_and_lowercases():
     assert extract_nouns("The Circle and the circle", use_spacy=False) == ["circle"]
 
 
-def test_spacy_path_when_installed():
-    pytest.importorskip("spacy")
-    if not text.spacy_available():
-        pytest.skip("en_core_web_sm not installed")
-    words = extract_nouns("is there a red circle next to the green square ?", use_spacy=True)
-    assert {"circle", "square", "red", "green"} <= set(words)
-    assert "there" not in words and "is" not in words
+class _Token:
+    def __init__(self, word, pos):
+        self.text, self.pos_ = word, pos
 
 
-def test_use_spacy_true_without_model_raises():
+def test_spacy_path_keeps_nouns_and_colours_from_the_tagger():
+    """The spaCy branch's filtering, on hand-tagged tokens (the tagger is spaCy's job)."""
+    tagged = [("is", "AUX"), ("there", "PRON"), ("a", "DET"), ("red", "ADJ"),
+              ("Circle", "NOUN"), ("next", "ADV"), ("to", "ADP"), ("Paris", "PROPN"),
+              ("circle", "NOUN"), ("?", "PUNCT")]
+    words = text._nouns_spacy(lambda _: [_Token(w, p) for w, p in tagged], "ignored")
+    assert words == ["red", "circle", "paris"]
+
+
+def test_spacy_path_end_to_end_or_clear_error():
+    words = "is there a red circle next to the green square ?"
     if text.spacy_available():
-        pytest.skip("spaCy model installed")
-    with pytest.raises(RuntimeError):
-        extract_nouns("a circle", use_spacy=True)
+        found = extract_nouns(words, use_spacy=True)
+        assert {"circle", "square", "red", "green"} <= set(found)
+        assert "there" not in found and "is" not in found
+    else:
+        with pytest.raises(RuntimeError, match="en_core_web_sm"):
+            extract_nouns(words, use_spacy=True)
 
 
 def test_type_errors():
