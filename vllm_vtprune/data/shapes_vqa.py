@@ -114,18 +114,21 @@ def _place_objects(rng: random.Random) -> list[Obj]:
     return objs
 
 
+def _draw_shape(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    x0, y0, x1, y1 = o.box
+    if o.shape == "circle":
+        d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif o.shape == "square":
+        d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        d.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+
+
 def _draw(bg: np.ndarray, objs: list[Obj]) -> Image.Image:
     img = Image.fromarray(bg)
     d = ImageDraw.Draw(img)
     for o in objs:
-        x0, y0, x1, y1 = o.box
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif o.shape == "square":
-            d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:
-            d.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+        _draw_shape(d, o, COLORS[o.color])
     return img
 
 
@@ -137,14 +140,7 @@ def patch_labels(objs: list[Obj]) -> np.ndarray:
     d = ImageDraw.Draw(canvas)
     colors = list(COLORS)
     for o in objs:
-        label = 1 + SHAPES.index(o.shape) * len(colors) + colors.index(o.color)
-        x0, y0, x1, y1 = o.box
-        if o.shape == "circle":
-            d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=label)
-        elif o.shape == "square":
-            d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=label)
-        else:
-            d.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=label)
+        _draw_shape(d, o, 1 + SHAPES.index(o.shape) * len(colors) + colors.index(o.color))
     centres = np.arange(PATCH // 2, IMAGE_SIZE, PATCH)
     return np.asarray(canvas)[np.ix_(centres, centres)].reshape(-1).astype(np.int64)
 
