@@ -36,7 +36,7 @@ class ModelShape:
     """What one visual token costs the served model."""
 
     tokens_per_image: int
-    kv_bytes_per_token: int  # all layers, keys and values
+    kv_bytes_per_token: float  # all layers, keys and values
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ModelShape":
@@ -44,19 +44,26 @@ class ModelShape:
         hf = mc.hf_config
         vision = hf.vision_config
         per_image = (vision.image_size // vision.patch_size) ** 2
-        layers = mc.get_num_layers(vllm_config.parallel_config)
-        kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
+        # Whole-model figures: every layer and every KV head, whatever the parallelism.
+        layers = mc.hf_text_config.num_hidden_layers
+        kv_heads = mc.get_total_num_kv_heads()
         return cls(per_image, 2 * layers * kv_heads * mc.get_head_size()
                    * _kv_dtype_bytes(vllm_config))
 
 
-def _kv_dtype_bytes(vllm_config) -> int:
+def _kv_dtype_bytes(vllm_config) -> float:
+    """Bytes per KV element; quantised caches' scales are not counted."""
     import torch
 
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype in (None, "auto"):
+    cache_dtype = str(vllm_config.cache_config.cache_dtype or "auto")
+    if cache_dtype == "auto":
         return torch.empty((), dtype=vllm_config.model_config.dtype).element_size()
-    return 1 if "fp8" in str(cache_dtype) else 2
+    for prefix, size in (("fp8", 1), ("int8", 1), ("int4", 0.5), ("nvfp4", 0.5),
+                         ("fp4", 0.5), ("bfloat16", 2), ("half", 2), ("float16", 2),
+                         ("float32", 4), ("float", 4)):
+        if cache_dtype.startswith(prefix):
+            return size
+    raise ValueError(f"vtprune: unknown KV-cache dtype {cache_dtype!r} for byte accounting")
 
 
 def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape) -> dict:
@@ -71,7 +78,7 @@ def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape)
         "visual_tokens_before": before,
         "visual_tokens_after": after,
         "kv_cache_tokens_saved": before - after,
-        "kv_cache_bytes_saved": (before - after) * shape.kv_bytes_per_token,
+        "kv_cache_bytes_saved": int((before - after) * shape.kv_bytes_per_token),
     }
 
 

@@ -102,17 +102,14 @@ class _ModelConfig:
                  layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM):
         vision = SimpleNamespace(image_size=image, patch_size=patch)
         self.hf_config = SimpleNamespace(vision_config=vision)
+        self.hf_text_config = SimpleNamespace(num_hidden_layers=layers)
         if vtprune is not None:
             self.hf_config.vtprune = vtprune
         self.dtype = dtype
-        self._layers, self._kv_heads, self._head_dim = layers, kv_heads, head_dim
+        self._kv_heads, self._head_dim = kv_heads, head_dim
 
-    def get_num_layers(self, parallel_config):
-        assert parallel_config is _PARALLEL
-        return self._layers
-
-    def get_num_kv_heads(self, parallel_config):
-        assert parallel_config is _PARALLEL
+    def get_total_num_kv_heads(self):
+        # Whole-model count: the figures must not shrink with tensor parallelism.
         return self._kv_heads
 
     def get_head_size(self):

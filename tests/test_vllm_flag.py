@@ -229,16 +229,23 @@ def test_real_vllm_serve_parser_rejects_bad_spec(vllm_parser_state, capsys, spec
     assert "error" in err and bad in err
 
 
-def test_install_refuses_untested_vllm(vllm_parser_state, monkeypatch):
+def test_untested_vllm_refuses_only_the_flag(vllm_parser_state, monkeypatch, capsys):
+    """Plain vLLM use keeps working on another vLLM; only --vtprune is refused."""
     import vllm
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
 
     FlexibleArgumentParser = vllm_parser_state
     monkeypatch.setattr(vllm, "__version__", "0.0.1-untested")
     vllm_flag._installed = False
-    before = FlexibleArgumentParser.__dict__["parse_args"]
-    with pytest.raises(RuntimeError, match="0.0.1-untested"):
-        vllm_flag.install()
-    assert FlexibleArgumentParser.__dict__["parse_args"] is before
+    vllm_flag.install()
+    parser = make_arg_parser(FlexibleArgumentParser())
+    plain = parser.parse_args(["/some/model", "--max-model-len", "512"])
+    assert plain.max_model_len == 512
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["/some/model", "--vtprune", "resprune:64"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "0.0.1-untested" in err and "--hf-overrides" in err
 
 
 @pytest.mark.parametrize("user_args", [

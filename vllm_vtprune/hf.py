@@ -37,6 +37,7 @@ class HfReference:
         return cls(model, AutoProcessor.from_pretrained(path))
 
     def pixel_values(self, images) -> torch.Tensor:
+        images = [_to_rgb(im) for im in images]
         out = self.processor.image_processor(images=images, return_tensors="pt")
         return out["pixel_values"].to(self.model.dtype)
 
@@ -77,6 +78,18 @@ class HfReference:
             embeds[input_ids == self.image_token_id] = feats.to(embeds.dtype)
         hidden = self.model.model.language_model(inputs_embeds=embeds).last_hidden_state
         return self.model.lm_head(hidden[0, -1])
+
+
+def _to_rgb(image):
+    """RGB as vLLM loads it: transparency composited onto white (not dropped)."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.split()[3])
+    return out
 
 
 def _expand(prompt_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:

@@ -203,15 +203,17 @@ def prompt_noun_ids(tokenizer, prompt_ids: list[int], exclude: set[int],
                     limit: int = 32) -> list[int]:
     """LLM-vocabulary ids of the prompt's nouns (ResPrune Eq. 13's text tokens).
 
-    The prompt is decoded without special tokens, stripped of chat roles and answer-format
-    instructions; every sub-word id of every noun is kept (a multi-token noun contributes
+    The prompt is decoded without special tokens; its last user turn (LLaVA's
+    ``USER: ... ASSISTANT:`` format), without answer-format instructions, gives the nouns;
+    every sub-word id of every noun is kept (a multi-token noun contributes
     all of its pieces), first ``limit`` ids.
     """
     from vllm_vtprune import text as text_mod
 
     prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    for role in ("USER:", "ASSISTANT:", "SYSTEM:"):
-        prompt = prompt.replace(role, " ")
+    # The question being answered is the last user turn; earlier turns would crowd it out.
+    prompt = prompt.rsplit("USER:", 1)[-1].split("ASSISTANT:", 1)[0]
+    prompt = prompt.replace("SYSTEM:", " ")
     nouns = text_mod.extract_nouns(text_mod.clean_prompt(prompt))
     if not nouns:
         return []

@@ -16,10 +16,10 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    from vllm_vtprune import vllm_flag
-    from vllm_vtprune.models.llava import ARCHITECTURE
+    from vllm_vtprune import LLAVA_ARCHITECTURE, vllm_flag
 
+    # "module:Class" keeps vLLM's model code out of processes that never build the model.
     ModelRegistry.register_model(
-        ARCHITECTURE, "vllm_vtprune.models.llava:VTPruneLlavaForConditionalGeneration")
+        LLAVA_ARCHITECTURE, "vllm_vtprune.models.llava:VTPruneLlavaForConditionalGeneration")
     vllm_flag.install()
     _registered = True

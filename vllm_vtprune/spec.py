@@ -135,10 +135,18 @@ class PruneSpec:
         return min(n, max(1, round(self.budget * n)))
 
     def __str__(self) -> str:
-        budget = str(self.budget) if isinstance(self.budget, int) else repr(float(self.budget))
+        budget = str(self.budget) if isinstance(self.budget, int) else _ratio_text(self.budget)
         parts = [f"{self.method}:{budget}"]
         parts += [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in self.options]
         return ",".join(parts)
+
+
+def _ratio_text(ratio: float) -> str:
+    """Shortest decimal form without an exponent (``parse`` does not read exponents)."""
+    text = repr(float(ratio))
+    if "e" in text:
+        text = f"{ratio:.17f}".rstrip("0")
+    return text
 
 
 def _fail(spec: str, what: str, accepted: str) -> ValueError:

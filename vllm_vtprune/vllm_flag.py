@@ -165,17 +165,19 @@ def install() -> None:
     import vllm
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    if vllm.__version__ not in TESTED_VLLM_VERSIONS:
-        raise RuntimeError(
-            f"vllm-vtprune's --vtprune flag was tested with vLLM "
-            f"{', '.join(TESTED_VLLM_VERSIONS)}, found {vllm.__version__}; use the "
-            "plain-vLLM form instead: --hf-overrides '{\"architectures\": "
-            f"[\"{LLAVA_ARCHITECTURE}\"], \"vtprune\": \"SPEC\"}}' --middleware {MIDDLEWARE}")
     original = FlexibleArgumentParser.parse_args
+    tested = vllm.__version__ in TESTED_VLLM_VERSIONS
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
         if any(a == FLAG or a.startswith(FLAG + "=") for a in argv):
+            if not tested:
+                # Only the flag is refused: the plugin must not break plain vLLM use.
+                self.error(
+                    f"--vtprune was tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}, "
+                    f"found {vllm.__version__}; use the plain-vLLM form instead: "
+                    f"--hf-overrides '{{\"architectures\": [\"{LLAVA_ARCHITECTURE}\"], "
+                    f"\"vtprune\": \"SPEC\"}}' --middleware {MIDDLEWARE}")
             try:
                 argv = expand(argv)
             except ValueError as err:

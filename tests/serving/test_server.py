@@ -22,11 +22,12 @@ def ask(client, question, images, max_tokens=3, **extra):
 
 
 def text_token_count(tokenizer, question: str, num_images: int) -> int:
-    """Prompt tokens without visual tokens, from the model's own chat template."""
+    """Prompt tokens without visual tokens, from the model's own chat template (which
+    writes the BOS itself: vLLM's chat endpoint adds no special tokens)."""
     content = "<image>\n" * num_images + question
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                            add_generation_prompt=True, tokenize=False)
-    return len(tokenizer(prompt).input_ids) - num_images
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids) - num_images
 
 
 def kv_bytes_per_token() -> int:

@@ -14,10 +14,12 @@ from vllm_vtprune.data import shapes_vqa as sv
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID, IMAGE_TOKEN_ID = range(5)
 
-# The LLaVA-1.5 conversation format: "USER: <image>\n{question} ASSISTANT: {answer}</s>".
+# The LLaVA-1.5 conversation format: "<s>USER: <image>\n{question} ASSISTANT: {answer}</s>"
+# (vLLM's chat endpoint adds no special tokens itself, so the template writes the BOS).
 # vLLM puts "<image>" in front of the text for string-format templates, so the template
 # prints the content as is.
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"

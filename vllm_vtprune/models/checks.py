@@ -25,3 +25,20 @@ def check_supported(hf_config) -> None:
                          f"{hf_config.vision_feature_select_strategy!r} is not supported; "
                          "supported: 'default'")
     pipeline.check_servable(server_spec(hf_config))
+
+
+def check_parallelism(vllm_config) -> None:
+    """Refuse set-ups whose encoder sees only part of the computation.
+
+    With tensor parallelism each rank's CLIP attention holds a slice of the heads, so
+    the recomputed CLS attention (and every kept set that depends on it) would differ
+    between ranks; tower LoRA would be told K tokens where CLIP processes all of them.
+    """
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1:
+        raise ValueError(f"vtprune: tensor_parallel_size={tp} is not supported yet; "
+                         "supported: 1 (pipeline or data parallelism instead)")
+    lora = getattr(vllm_config, "lora_config", None)
+    if lora is not None and getattr(lora, "enable_tower_connector_lora", False):
+        raise ValueError("vtprune: tower/connector LoRA is not supported; supported: "
+                         "LoRA on the language model only")

@@ -38,7 +38,8 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vllm_vtprune import LLAVA_ARCHITECTURE, pipeline
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune.models.checks import SPEC_KEY, check_supported, server_spec
+from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_supported,
+                                        server_spec)
 from vllm_vtprune.models.towers import VllmClipTower
 
 ARCHITECTURE = LLAVA_ARCHITECTURE
@@ -94,10 +95,21 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
                                         MAX_TEXT_IDS)
 
 
+def _refuse_foreign_request_kwargs(inputs) -> None:
+    """Only ``vtprune`` may come with a request: other HF processor options (a crop size,
+    say) would change the pixel grid the engine expects and crash it for every client."""
+    foreign = sorted(k for k in inputs.hf_processor_mm_kwargs if k not in _VTPRUNE_KWARGS)
+    if foreign or inputs.media_io_kwargs:
+        raise ValueError(
+            f"mm_processor_kwargs {foreign or list(inputs.media_io_kwargs)} are not accepted "
+            f"by this server; accepted: {{'{SPEC_KEY}': SPEC}}")
+
+
 class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
     def apply(self, inputs, timing_ctx):
         # Folding the spec and the nouns into mm_processor_kwargs makes them part of the
         # multimodal hash (processor, encoder and prefix caches), see module docstring.
+        _refuse_foreign_request_kwargs(inputs)
         kwargs = dict(inputs.hf_processor_mm_kwargs)
         spec = self.info.effective_spec(kwargs)
         kwargs[SPEC_KEY] = str(spec) if spec is not None else "none"
@@ -127,6 +139,10 @@ class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         image_token_id = self.info.get_hf_config().image_token_index
         spec = self.info.effective_spec(hf_processor_mm_kwargs)
 
+        if "image" in mm_items and not isinstance(mm_items["image"], ImageProcessorItems):
+            raise ValueError("vtprune prunes images inside the model; precomputed image "
+                             "embeddings are not accepted, send the images themselves")
+
         def replacement(item_idx: int):
             images = mm_items.get_items("image", ImageProcessorItems)
             size = images.get_image_size(item_idx)
@@ -146,6 +162,7 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         check_supported(vllm_config.model_config.hf_config)
+        check_parallelism(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._tower = VllmClipTower(self.vision_tower.vision_model)
 
