@@ -3,10 +3,9 @@
     python -m vllm_vtprune.embedded.train --steps 3000 --out vllm_vtprune/embedded/shapes-llava
 
 Every image carries all of its questions as one multi-turn conversation, so one vision
-and prefill pass supervises several answers. A linear head on the projector outputs,
-trained to tell which object (shape and colour) lies under each patch and in which image
-quadrant the patch is, gives the vision tower a dense signal from the first step; it is
-discarded and never shipped.
+and prefill pass supervises several answers. Dense auxiliary targets (:class:`PatchProbe`)
+align each visual token with the LLM's embeddings of the words describing it, so the
+vision tower gets a signal from the first step.
 """
 from __future__ import annotations
 
@@ -40,31 +39,50 @@ def build_model(seed: int):
 
 
 class PatchProbe(torch.nn.Module):
-    """Auxiliary dense targets on the projector outputs (training only)."""
+    """Dense auxiliary targets on the projector outputs (training only, never shipped).
 
-    def __init__(self, model):
+    Each visual token is scored against the LLM's own input embeddings of the words that
+    describe it: its side of the image ("left"/"right", "top"/"bottom") and, under an
+    object, the object's colour and shape. Visual tokens thus start out looking like the
+    question words that will ask for them, which is what the LLM's attention has to match.
+    """
+
+    def __init__(self, model, tokenizer):
         super().__init__()
-        width = model.config.text_config.hidden_size
-        self.head = torch.nn.Linear(width, sv.NUM_PATCH_CLASSES + 4)
+        self.model = model
+        words = list(sv.COLORS) + list(sv.SHAPES) + ["left", "right", "top", "bottom"]
+        self.register_buffer("word_ids", torch.tensor(tokenizer.convert_tokens_to_ids(words)))
         grid = torch.arange(576)
-        self.register_buffer("quadrant", (grid // 24 >= 12) * 2 + (grid % 24 >= 12))
+        row, col = grid // 24, grid % 24
+        side = torch.zeros(576, 4)
+        side[:, 0], side[:, 1] = (col < 12).float(), (col >= 12).float()
+        side[:, 2], side[:, 3] = (row < 12).float(), (row >= 12).float()
+        self.register_buffer("side", side)
         self.features = None
         model.model.multi_modal_projector.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
         self.features = output
 
-    def loss(self, samples) -> torch.Tensor:
+    def targets(self, samples) -> torch.Tensor:
         labels = torch.stack([torch.from_numpy(sv.patch_labels(s.objects)) for s in samples])
-        logits = self.head(self.features.float())
-        ce = torch.nn.functional.cross_entropy
-        per_patch = ce(logits[..., :sv.NUM_PATCH_CLASSES].transpose(1, 2), labels,
-                       reduction="none")
+        n_col, n_shape = len(sv.COLORS), len(sv.SHAPES)
+        obj = labels > 0
+        cls = (labels - 1).clamp_min(0)
+        colour = torch.nn.functional.one_hot(cls % n_col, n_col) * obj[..., None]
+        shape = torch.nn.functional.one_hot(cls // n_col, n_shape) * obj[..., None]
+        side = self.side.expand(len(samples), -1, -1)
+        return torch.cat([colour, shape, side], dim=-1).float(), obj
+
+    def loss(self, samples) -> torch.Tensor:
+        target, obj = self.targets(samples)
+        words = self.model.get_input_embeddings()(self.word_ids).float()
+        logits = self.features.float() @ words.T
+        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, target,
+                                                                   reduction="none").sum(-1)
         # Objects cover few patches; weight them up so the background does not dominate.
-        weights = 1.0 + 4.0 * (labels > 0).float()
-        quadrant = self.quadrant.expand_as(labels)
-        return (per_patch * weights).sum() / weights.sum() + ce(
-            logits[..., sv.NUM_PATCH_CLASSES:].transpose(1, 2), quadrant)
+        weights = 1.0 + 4.0 * obj.float()
+        return (per * weights).sum() / weights.sum()
 
 
 def train(args) -> None:
@@ -73,7 +91,7 @@ def train(args) -> None:
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
-    probe = PatchProbe(model)
+    probe = PatchProbe(model, tok)
     opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=args.lr,
                             betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(args.seed)
