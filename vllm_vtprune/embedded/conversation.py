@@ -43,12 +43,13 @@ def expand_image_tokens(ids: list[int], n: int) -> list[int]:
     return out
 
 
-def encode_conversation(tokenizer, qas, hints: list[bool]) -> tuple[list[int], list[int]]:
+def encode_conversation(tokenizer, qas, hints: list[bool],
+                        num_image_tokens: int = NUM_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
     """Multi-turn training sequence; only answer tokens and their ``</s>`` carry labels."""
     ids, labels = [BOS_ID], [IGNORE]
     for turn, (qa, hint) in enumerate(zip(qas, hints)):
         prompt = tokenizer(user_turn(qa.question, turn == 0, hint), add_special_tokens=False).input_ids
-        prompt = expand_image_tokens(prompt, NUM_IMAGE_TOKENS)
+        prompt = expand_image_tokens(prompt, num_image_tokens)
         answer = tokenizer(qa.answer, add_special_tokens=False).input_ids + [EOS_ID]
         ids += prompt + answer
         labels += [IGNORE] * len(prompt) + answer
@@ -60,12 +61,14 @@ def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def collate(tokenizer, samples, rng) -> dict[str, torch.Tensor]:
+def collate(tokenizer, samples, rng, counts: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """A padded batch; ``counts`` gives each sample's number of image tokens (576 default)."""
     ids, labels = [], []
-    for s in samples:
+    for n, s in enumerate(samples):
         qas = list(s.qas)
         rng.shuffle(qas)
-        i, l = encode_conversation(tokenizer, qas, [rng.random() < 0.3 for _ in qas])
+        num = NUM_IMAGE_TOKENS if counts is None else counts[n]
+        i, l = encode_conversation(tokenizer, qas, [rng.random() < 0.3 for _ in qas], num)
         ids.append(i)
         labels.append(l)
     input_ids = pad_right(ids, PAD_ID)

@@ -49,7 +49,8 @@ class PatchProbe(torch.nn.Module):
 
     def __init__(self, model, tokenizer):
         super().__init__()
-        self.model = model
+        # A bound method, not a submodule: the model's parameters stay out of this module's.
+        self.embed = model.get_input_embeddings
         words = list(sv.COLORS) + list(sv.SHAPES) + ["left", "right", "top", "bottom"]
         self.register_buffer("word_ids", torch.tensor(tokenizer.convert_tokens_to_ids(words)))
         grid = torch.arange(576)
@@ -76,7 +77,7 @@ class PatchProbe(torch.nn.Module):
 
     def loss(self, samples) -> torch.Tensor:
         target, obj = self.targets(samples)
-        words = self.model.get_input_embeddings()(self.word_ids).float()
+        words = self.embed()(self.word_ids).float()
         logits = self.features.float() @ words.T
         per = torch.nn.functional.binary_cross_entropy_with_logits(logits, target,
                                                                    reduction="none").sum(-1)
@@ -85,9 +86,51 @@ class PatchProbe(torch.nn.Module):
         return (per * weights).sum() / weights.sum()
 
 
+def object_focused_subsets(samples, keep_background: float, gen: torch.Generator):
+    """Patch indices per image: every patch under an object plus a random share of the
+    background. Early training on these short sequences is several times cheaper and
+    makes the needle (a 2x2-patch object) easier to find; the last steps use all 576."""
+    subsets = []
+    for s in samples:
+        labels = torch.from_numpy(sv.patch_labels(s.objects))
+        keep = (labels > 0) | (torch.rand(labels.shape, generator=gen) < keep_background)
+        subsets.append(keep.nonzero().flatten())
+    return subsets
+
+
+def subset_lm_loss(model, tok, samples, subsets, rng) -> torch.Tensor:
+    """Next-token loss with each image entering the LLM as its ``subsets`` tokens."""
+    from vllm_vtprune.embedded.build import IMAGE_TOKEN_ID
+    from vllm_vtprune.embedded.conversation import IGNORE, pixel_values
+
+    feats = model.model.get_image_features(
+        pixel_values=pixel_values([s.image for s in samples]), vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    feats = getattr(feats, "pooler_output", feats)
+    if isinstance(feats, (list, tuple)):
+        feats = torch.stack(list(feats))
+    batch = collate(tok, samples, rng, counts=[len(x) for x in subsets])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    kept = torch.cat([f[idx] for f, idx in zip(feats, subsets)])
+    embeds = embeds.masked_scatter((batch["input_ids"] == IMAGE_TOKEN_ID)[..., None],
+                                   kept.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds,
+                                        attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1]).float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:],
+                                             ignore_index=IGNORE)
+
+
 def train(args) -> None:
     torch.set_num_threads(args.threads)
-    model = build_model(args.seed).train()
+    if args.full_token_steps is None:
+        args.full_token_steps = args.steps
+    model = build_model(args.seed)
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+    model.train()
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
@@ -95,16 +138,20 @@ def train(args) -> None:
     opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=args.lr,
                             betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     ema = None
     for step in range(args.steps):
-        samples = [sv.make_sample(sv.TRAIN_SEED, step * args.batch + i, questions_per_type=2)
-                   for i in range(args.batch)]
-        batch = collate(tok, samples, rng)
+        samples = [sv.make_sample(sv.TRAIN_SEED, args.data_offset + step * args.batch + i,
+                                  questions_per_type=2) for i in range(args.batch)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            if step < args.steps - args.full_token_steps:
+                subsets = object_focused_subsets(samples, args.keep_background, gen)
+                loss = subset_lm_loss(model, tok, samples, subsets, rng)
+            else:
+                loss = model(**collate(tok, samples, rng)).loss
             aux = probe.loss(samples) if args.aux_weight else torch.zeros(())
         total = loss + args.aux_weight * aux
         opt.zero_grad(set_to_none=True)
@@ -121,7 +168,9 @@ def train(args) -> None:
             save_checkpoint(model, args.out)
     save_checkpoint(model, args.out)
     report = {"parameters": n_params, "steps": args.steps, "batch": args.batch,
-              "seed": args.seed, "aux_weight": args.aux_weight, "train_minutes": (time.time() - t0) / 60}
+              "seed": args.seed, "aux_weight": args.aux_weight, "init": args.init,
+              "data_offset": args.data_offset, "keep_background": args.keep_background,
+              "full_token_steps": args.full_token_steps, "train_minutes": (time.time() - t0) / 60}
     model.eval()
     report["heldout"] = evaluate(model, tok, args.eval_num)
     report["heldout_random64"] = evaluate(model, tok, args.eval_num, keep=random_keep(64))
@@ -140,6 +189,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--init", default=None, help="start from this checkpoint directory")
+    p.add_argument("--data-offset", type=int, default=0, help="first training image index")
+    p.add_argument("--keep-background", type=float, default=0.15)
+    p.add_argument("--full-token-steps", type=int, default=None,
+                   help="final steps on all 576 tokens (default: all steps)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-num", type=int, default=400)
