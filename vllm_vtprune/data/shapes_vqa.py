@@ -97,8 +97,8 @@ def _overlaps(a: Obj, b: Obj, gap: int = 4) -> bool:
     return not (ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0)
 
 
-def _place_objects(rng: random.Random) -> list[Obj]:
-    target = rng.randint(1, 6)
+def _place_objects(rng: random.Random, max_objects: int = 6) -> list[Obj]:
+    target = rng.randint(1, max_objects)
     objs: list[Obj] = []
     for _ in range(400):
         if len(objs) == target:
@@ -215,10 +215,14 @@ _MAKERS = {
 }
 
 
-def make_sample(seed: int, index: int, questions_per_type: int = 1) -> Sample:
-    """Render sample ``index`` of the split identified by ``seed``; pure in its arguments."""
+def make_sample(seed: int, index: int, questions_per_type: int = 1,
+                max_objects: int = 6) -> Sample:
+    """Render sample ``index`` of the split identified by ``seed``; pure in its arguments.
+
+    ``max_objects`` below 6 gives the easier images of a training curriculum.
+    """
     rng = _rng(seed, index)
-    objs = _place_objects(rng)
+    objs = _place_objects(rng, max_objects)
     image = _draw(_background(rng), objs)
     qas: list[QA] = []
     for qtype in QUESTION_TYPES:

@@ -86,6 +86,16 @@ class PatchProbe(torch.nn.Module):
         return (per * weights).sum() / weights.sum()
 
 
+def curriculum(step: int, args) -> int:
+    """Most objects per image at ``step``: 1, then 3, then all 6 (``--curriculum A,B``
+    gives the steps where 1 -> 3 and 3 -> 6); finding one object is learnt before
+    binding colour and shape among several."""
+    if not args.curriculum:
+        return 6
+    one_until, three_until = (int(x) for x in args.curriculum.split(","))
+    return 1 if step < one_until else 3 if step < three_until else 6
+
+
 def object_focused_subsets(samples, keep_background: float, gen: torch.Generator):
     """Patch indices per image: every patch under an object plus a random share of the
     background. Early training on these short sequences is several times cheaper and
@@ -143,7 +153,8 @@ def train(args) -> None:
     ema = None
     for step in range(args.steps):
         samples = [sv.make_sample(sv.TRAIN_SEED, args.data_offset + step * args.batch + i,
-                                  questions_per_type=2) for i in range(args.batch)]
+                                  questions_per_type=2, max_objects=curriculum(step, args))
+                   for i in range(args.batch)]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -170,7 +181,7 @@ def train(args) -> None:
     report = {"parameters": n_params, "steps": args.steps, "batch": args.batch,
               "seed": args.seed, "aux_weight": args.aux_weight, "init": args.init,
               "data_offset": args.data_offset, "keep_background": args.keep_background,
-              "full_token_steps": args.full_token_steps, "train_minutes": (time.time() - t0) / 60}
+              "full_token_steps": args.full_token_steps, "curriculum": args.curriculum, "train_minutes": (time.time() - t0) / 60}
     model.eval()
     report["heldout"] = evaluate(model, tok, args.eval_num)
     report["heldout_random64"] = evaluate(model, tok, args.eval_num, keep=random_keep(64))
@@ -192,6 +203,7 @@ def main() -> None:
     p.add_argument("--init", default=None, help="start from this checkpoint directory")
     p.add_argument("--data-offset", type=int, default=0, help="first training image index")
     p.add_argument("--keep-background", type=float, default=0.15)
+    p.add_argument("--curriculum", default=None, help="A,B: 1 object until step A, 3 until B")
     p.add_argument("--full-token-steps", type=int, default=None,
                    help="final steps on all 576 tokens (default: all steps)")
     p.add_argument("--log-every", type=int, default=25)
