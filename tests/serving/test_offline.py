@@ -15,6 +15,12 @@ PARITY_SPECS = [f"{m}:{b}" for m in ("resprune", "divprune", "visionzip", "polym
                 for b in (128, 32)]
 
 
+# The shipped model answers 61 % of held-out questions (training_report.json); chance on
+# this mix is about 38 % (yes/no, 6 colours, counts, two sides). A broken pipeline
+# (garbage or misplaced visual tokens) falls to the question priors.
+MIN_ACCURACY = 0.5
+
+
 def _llm(**kwargs):
     # The engine core runs in this process: the trace file and the test share it, and no
     # spawned process has to re-import pytest's __main__.
@@ -75,7 +81,7 @@ def _generate(llm, pairs, overrides=None):
 def test_stock_llava_answers_heldout_questions(stock_results):
     answers, _ = stock_results["accuracy"]
     correct = sum(a == qa.answer for a, (_, qa) in zip(answers, ACCURACY_PAIRS))
-    assert correct / len(ACCURACY_PAIRS) >= 0.8, f"{correct}/{len(ACCURACY_PAIRS)}"
+    assert correct / len(ACCURACY_PAIRS) >= MIN_ACCURACY, f"{correct}/{len(ACCURACY_PAIRS)}"
 
 
 def test_no_spec_behaves_exactly_like_stock_llava(stock_results, pruning_llm):

@@ -15,6 +15,12 @@ from .conftest import MODEL_NAME, SERVER_SPEC, chat_messages
 FULL_TOKENS = 576
 
 
+# The shipped model answers 61 % of held-out questions (training_report.json); chance on
+# this mix is about 38 % (yes/no, 6 colours, counts, two sides). A broken pipeline
+# (garbage or misplaced visual tokens) falls to the question priors.
+MIN_ACCURACY = 0.5
+
+
 def ask(client, question, images, max_tokens=3, **extra):
     return client.chat.completions.create(
         model=MODEL_NAME, messages=chat_messages(question, images), max_tokens=max_tokens,
@@ -64,7 +70,7 @@ def test_full_token_accuracy_through_server(client, questions):
         r = ask(client, qa.question, [image], mm_processor_kwargs={"vtprune": "none"})
         assert r.usage.vtprune["visual_tokens_after"] == FULL_TOKENS
         correct += r.choices[0].message.content.strip() == qa.answer
-    assert correct / len(questions) >= 0.8, f"{correct}/{len(questions)} correct"
+    assert correct / len(questions) >= MIN_ACCURACY, f"{correct}/{len(questions)} correct"
 
 
 def test_per_request_budget_override(client, tokenizer, questions):
