@@ -21,7 +21,7 @@ from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import MODEL_DIR
 from vllm_vtprune.embedded.build import build_config, build_tokenizer, save_checkpoint
 from vllm_vtprune.embedded.conversation import collate
-from vllm_vtprune.embedded.evaluate import evaluate, random_keep
+from vllm_vtprune.embedded.evaluate import evaluate, image_features, random_keep
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -113,12 +113,7 @@ def subset_lm_loss(model, tok, samples, subsets, rng) -> torch.Tensor:
     from vllm_vtprune.embedded.build import IMAGE_TOKEN_ID
     from vllm_vtprune.embedded.conversation import IGNORE, pixel_values
 
-    feats = model.model.get_image_features(
-        pixel_values=pixel_values([s.image for s in samples]), vision_feature_layer=-2,
-        vision_feature_select_strategy="default")
-    feats = getattr(feats, "pooler_output", feats)
-    if isinstance(feats, (list, tuple)):
-        feats = torch.stack(list(feats))
+    feats = image_features(model, pixel_values([s.image for s in samples]))
     batch = collate(tok, samples, rng, counts=[len(x) for x in subsets])
     embeds = model.get_input_embeddings()(batch["input_ids"])
     kept = torch.cat([f[idx] for f, idx in zip(feats, subsets)])

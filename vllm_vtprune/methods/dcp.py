@@ -271,12 +271,19 @@ def acgr_stage(
     Returns ``(kept, new_tokens)``: kept indices into ``tokens`` (int64, ascending) and
     the updated anchors [len(kept), d] in ``tokens``' dtype.
     """
+    y, target, anchors, context = _score_and_split(tokens, target, cls_attn, x_in, x_att,
+                                                   x_ffn, attn, values)
+    updated = graph_update(y, anchors, context, positions, k_n, tau, alpha)
+    return anchors.to(tokens.device), updated.to(device=tokens.device, dtype=tokens.dtype)
+
+
+def _score_and_split(tokens, target, cls_attn, x_in, x_att, x_ffn, attn, values):
+    """Eq. 9 scores and the anchor/context split of one stage (fp32 tokens, clipped target)."""
     y = check_tokens(tokens)
     target = min(check_budget(target, "target"), y.shape[0])
     scores = importance_scores(y, cls_attn, x_in, x_att, x_ffn, attn, values)
     anchors, context = partition(scores, target)
-    updated = graph_update(y, anchors, context, positions, k_n, tau, alpha)
-    return anchors.to(tokens.device), updated.to(device=tokens.device, dtype=tokens.dtype)
+    return y, target, anchors, context
 
 
 # --- Eqs. 5-8: TATCS --------------------------------------------------------------------
@@ -394,10 +401,8 @@ def final_stage(
     into ``text``'s space (LLaVA: through the projector) for TATCS's similarities;
     by default ``tokens`` themselves.  Returns ``(kept, new_tokens, used_tatcs)``.
     """
-    y = check_tokens(tokens)
-    target = min(check_budget(target, "target"), y.shape[0])
-    scores = importance_scores(y, cls_attn, x_in, x_att, x_ffn, attn, values)
-    anchors, context = partition(scores, target)
+    y, target, anchors, context = _score_and_split(tokens, target, cls_attn, x_in, x_att,
+                                                   x_ffn, attn, values)
     if text is not None and kappa(y[anchors], y) > delta:
         space = y if text_space_tokens is None else text_space_tokens
         kept = tatcs_select(space, text, target, cls_attn, iters).cpu()

@@ -36,13 +36,12 @@ from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vllm_vtprune import LLAVA_ARCHITECTURE, pipeline
+from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_supported,
                                         server_spec)
 from vllm_vtprune.models.towers import VllmClipTower
 
-ARCHITECTURE = LLAVA_ARCHITECTURE
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
 SPEC_BYTES = 96
 MAX_TEXT_IDS = 32
