@@ -1,27 +1,185 @@
 """Train the embedded ShapesVQA LLaVA-1.5 from a seed and write it in llava-hf layout.
 
-    python -m vllm_vtprune.embedded.train --steps 3000 --out vllm_vtprune/embedded/shapes-llava
+    python -m vllm_vtprune.embedded.train --out vllm_vtprune/embedded/shapes-llava
 
-Every image carries all of its questions as one multi-turn conversation, so one vision
-and prefill pass supervises several answers. Dense auxiliary targets (:class:`PatchProbe`)
-align each visual token with the LLM's embeddings of the words describing it, so the
-vision tower gets a signal from the first step.
+Two stages, the way LLaVA itself is built from a pretrained CLIP:
+
+1. **Vision pretraining.** The CLIP tower and projector learn dense per-patch targets
+   (:class:`PatchProbe`): the colour and shape of the object under each patch, whether the
+   patch holds an object's centre, and on which side of the image that object lies. After
+   this stage every visual token says what it shows; the probe is not shipped.
+2. **Visual instruction tuning.** The tower is frozen and its features are computed once
+   for the whole image pool; the projector and the Llama decoder learn ShapesVQA
+   conversations (all of an image's questions as one multi-turn sequence). Most steps
+   feed the LLM every object patch plus a random share of the background, which is
+   several times cheaper than 576 tokens and teaches the lookup first; a growing share of
+   steps uses all 576 tokens, the way the model is served.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import multiprocessing
 import random
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import MODEL_DIR
-from vllm_vtprune.embedded.build import build_config, build_tokenizer, save_checkpoint
-from vllm_vtprune.embedded.conversation import collate
-from vllm_vtprune.embedded.evaluate import evaluate, image_features, random_keep
+from vllm_vtprune.embedded.build import (IMAGE_TOKEN_ID, PAD_ID, build_config, build_tokenizer,
+                                         save_checkpoint)
+from vllm_vtprune.embedded.conversation import IGNORE, encode_conversation, pad_right
+from vllm_vtprune.embedded.evaluate import evaluate, random_keep
+
+GRID = sv.IMAGE_SIZE // sv.PATCH
+NUM_PATCHES = GRID * GRID
+MIN_COVER = 0.1  # share of a patch an object must cover to count as under it
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Image pool
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Pool:
+    """Rendered training images (uint8 HWC), their objects, questions and patch targets."""
+
+    images: np.ndarray
+    objects: list
+    qas: list
+    colour: torch.Tensor  # [N, 576] 0 = background, else 1 + colour index
+    shape: torch.Tensor   # [N, 576] 0 = background, else 1 + shape index
+    centre: torch.Tensor  # [N, 576] 1 where an object's centre lies
+    side: torch.Tensor    # [N, 576, 2] object centre left of / above the midline (-1: none)
+    touched: torch.Tensor  # [N, 576] any object pixel in the patch
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+
+def object_coverage(objs) -> np.ndarray:
+    """Share of each 14x14 patch covered by each object, [num_objects, 576]."""
+    from PIL import Image, ImageDraw
+
+    out = np.zeros((len(objs), NUM_PATCHES), dtype=np.float32)
+    for i, o in enumerate(objs):
+        canvas = Image.new("L", (sv.IMAGE_SIZE, sv.IMAGE_SIZE), 0)
+        sv._draw_shape(ImageDraw.Draw(canvas), o, 1)
+        mask = np.asarray(canvas, dtype=np.float32)
+        out[i] = mask.reshape(GRID, sv.PATCH, GRID, sv.PATCH).mean(axis=(1, 3)).reshape(-1)
+    return out
+
+
+def patch_targets(objs) -> dict[str, np.ndarray]:
+    """Dense per-patch targets of one image (see :class:`Pool`)."""
+    colours, n = list(sv.COLORS), NUM_PATCHES
+    colour, shape = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    centre, side = np.zeros(n, np.float32), np.full((n, 2), -1.0, np.float32)
+    touched = np.zeros(n, bool)
+    if objs:
+        cover = object_coverage(objs)
+        touched = cover.max(0) > 0
+        best = cover.argmax(0)
+        under = cover.max(0) >= MIN_COVER
+        mid = sv.IMAGE_SIZE / 2
+        for i, o in enumerate(objs):
+            mine = under & (best == i)
+            colour[mine] = 1 + colours.index(o.color)
+            shape[mine] = 1 + sv.SHAPES.index(o.shape)
+            side[mine] = (float(o.cx < mid), float(o.cy < mid))
+            centre[(o.cy // sv.PATCH) * GRID + o.cx // sv.PATCH] = 1.0
+    return dict(colour=colour, shape=shape, centre=centre, side=side, touched=touched)
+
+
+def _render(index: int) -> tuple:
+    s = sv.make_sample(sv.TRAIN_SEED, index, questions_per_type=3)
+    return np.asarray(s.image, dtype=np.uint8), s.objects, s.qas, patch_targets(s.objects)
+
+
+def render_pool(num: int, offset: int, workers: int) -> Pool:
+    """Render training images ``offset .. offset + num`` of the training split."""
+    with multiprocessing.get_context("fork").Pool(workers) as p:
+        rows = p.map(_render, range(offset, offset + num), chunksize=64)
+    stack = lambda key: torch.from_numpy(np.stack([r[3][key] for r in rows]))  # noqa: E731
+    return Pool(np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows],
+                stack("colour"), stack("shape"), stack("centre"), stack("side"),
+                stack("touched"))
+
+
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """CLIP normalisation of uint8 [B, 336, 336, 3] images."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+# ---------------------------------------------------------------------------------------
+# Model pieces
+# ---------------------------------------------------------------------------------------
+
+def build_model(seed: int):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(build_config())
+
+
+def tower_features(model, pix: torch.Tensor) -> torch.Tensor:
+    """CLIP hidden states at LLaVA's feature layer (-2), CLS dropped: [B, 576, 64]."""
+    out = model.model.vision_tower(pix, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+class PatchProbe(torch.nn.Module):
+    """Linear read-out of the projector outputs (training only, never shipped).
+
+    Its targets make each visual token state, linearly, what the LLM will be asked about:
+    colour and shape of the object under it, whether it holds that object's centre (one
+    token per object, so counting objects is counting tokens), and the object's side.
+    """
+
+    def __init__(self, dim: int, shape_weight: float = 1.0):
+        super().__init__()
+        # Shape needs the object's outline, several patches away from most of its patches;
+        # it is learnt last, so it gets more weight than colour.
+        self.shape_weight = shape_weight
+        self.n_col, self.n_shape = len(sv.COLORS) + 1, len(sv.SHAPES) + 1
+        self.head = torch.nn.Linear(dim, self.n_col + self.n_shape + 3)
+
+    def loss(self, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.head(feats.float())
+        col, shp, rest = out.split([self.n_col, self.n_shape, 3], dim=-1)
+        obj = (t["colour"] > 0).float()
+        # Objects cover few patches; weight them up so the background does not dominate.
+        w = 1.0 + 4.0 * obj
+        ce = (F.cross_entropy(col.transpose(1, 2), t["colour"], reduction="none")
+              + self.shape_weight * F.cross_entropy(shp.transpose(1, 2), t["shape"],
+                                                    reduction="none"))
+        centre = F.binary_cross_entropy_with_logits(rest[..., 0], t["centre"],
+                                                    pos_weight=torch.tensor(20.0),
+                                                    reduction="none")
+        side = F.binary_cross_entropy_with_logits(rest[..., 1:], t["side"].clamp_min(0),
+                                                  reduction="none").sum(-1) * obj
+        return ((ce + centre + side) * w).sum() / w.sum()
+
+    @torch.no_grad()
+    def accuracy(self, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> dict[str, float]:
+        out = self.head(feats.float())
+        col, shp, rest = out.split([self.n_col, self.n_shape, 3], dim=-1)
+        obj = t["colour"] > 0
+        return {"colour": (col.argmax(-1) == t["colour"])[obj].float().mean().item(),
+                "shape": (shp.argmax(-1) == t["shape"])[obj].float().mean().item(),
+                "centre_recall": (rest[..., 0] > 0)[t["centre"] > 0].float().mean().item()}
+
+
+def batch_targets(pool: Pool, idx: list[int]) -> dict[str, torch.Tensor]:
+    return {k: getattr(pool, k)[idx] for k in ("colour", "shape", "centre", "side")}
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -31,181 +189,195 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def build_model(seed: int):
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(build_config())
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class PatchProbe(torch.nn.Module):
-    """Dense auxiliary targets on the projector outputs (training only, never shipped).
+# ---------------------------------------------------------------------------------------
+# Stage 1: vision pretraining
+# ---------------------------------------------------------------------------------------
 
-    Each visual token is scored against the LLM's own input embeddings of the words that
-    describe it: its side of the image ("left"/"right", "top"/"bottom") and, under an
-    object, the object's colour and shape. Visual tokens thus start out looking like the
-    question words that will ask for them, which is what the LLM's attention has to match.
-    """
-
-    def __init__(self, model, tokenizer):
-        super().__init__()
-        # A bound method, not a submodule: the model's parameters stay out of this module's.
-        self.embed = model.get_input_embeddings
-        words = list(sv.COLORS) + list(sv.SHAPES) + ["left", "right", "top", "bottom"]
-        self.register_buffer("word_ids", torch.tensor(tokenizer.convert_tokens_to_ids(words)))
-        grid = torch.arange(576)
-        row, col = grid // 24, grid % 24
-        side = torch.zeros(576, 4)
-        side[:, 0], side[:, 1] = (col < 12).float(), (col >= 12).float()
-        side[:, 2], side[:, 3] = (row < 12).float(), (row >= 12).float()
-        self.register_buffer("side", side)
-        self.features = None
-        model.model.multi_modal_projector.register_forward_hook(self._keep)
-
-    def _keep(self, module, inputs, output):
-        self.features = output
-
-    def targets(self, samples) -> torch.Tensor:
-        labels = torch.stack([torch.from_numpy(sv.patch_labels(s.objects)) for s in samples])
-        n_col, n_shape = len(sv.COLORS), len(sv.SHAPES)
-        obj = labels > 0
-        cls = (labels - 1).clamp_min(0)
-        colour = torch.nn.functional.one_hot(cls % n_col, n_col) * obj[..., None]
-        shape = torch.nn.functional.one_hot(cls // n_col, n_shape) * obj[..., None]
-        side = self.side.expand(len(samples), -1, -1)
-        return torch.cat([colour, shape, side], dim=-1).float(), obj
-
-    def loss(self, samples) -> torch.Tensor:
-        target, obj = self.targets(samples)
-        words = self.embed()(self.word_ids).float()
-        logits = self.features.float() @ words.T
-        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, target,
-                                                                   reduction="none").sum(-1)
-        # Objects cover few patches; weight them up so the background does not dominate.
-        weights = 1.0 + 4.0 * obj.float()
-        return (per * weights).sum() / weights.sum()
+def train_vision(model, probe: PatchProbe, pool: Pool, args) -> dict:
+    params = (list(model.model.vision_tower.parameters())
+              + list(model.model.multi_modal_projector.parameters()) + list(probe.parameters()))
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed)
+    acc = {}
+    for step in range(args.vision_steps):
+        idx = torch.randint(len(pool), (args.vision_batch,), generator=gen).tolist()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vision_steps, args.vision_lr, 100)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = model.model.multi_modal_projector(tower_features(model, pixels(pool.images[idx])))
+            t = batch_targets(pool, idx)
+            loss = probe.loss(feats, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.vision_steps - 1:
+            acc = probe.accuracy(feats, t)
+            log(f"vision step {step} loss {loss.item():.4f} " +
+                " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return acc
 
 
-def curriculum(step: int, args) -> int:
-    """Most objects per image at ``step``: 1, then 3, then all 6 (``--curriculum A,B``
-    gives the steps where 1 -> 3 and 3 -> 6); finding one object is learnt before
-    binding colour and shape among several."""
-    if not args.curriculum:
-        return 6
-    one_until, three_until = (int(x) for x in args.curriculum.split(","))
-    return 1 if step < one_until else 3 if step < three_until else 6
+@torch.no_grad()
+def cache_tower_features(model, pool: Pool, batch: int = 64) -> torch.Tensor:
+    out = []
+    for start in range(0, len(pool), batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out.append(tower_features(model, pixels(pool.images[start:start + batch])).bfloat16())
+    return torch.cat(out)
 
 
-def object_focused_subsets(samples, keep_background: float, gen: torch.Generator):
-    """Patch indices per image: every patch under an object plus a random share of the
-    background. Early training on these short sequences is several times cheaper and
-    makes the needle (a 2x2-patch object) easier to find; the last steps use all 576."""
-    subsets = []
-    for s in samples:
-        labels = torch.from_numpy(sv.patch_labels(s.objects))
-        keep = (labels > 0) | (torch.rand(labels.shape, generator=gen) < keep_background)
-        subsets.append(keep.nonzero().flatten())
-    return subsets
+# ---------------------------------------------------------------------------------------
+# Stage 2: visual instruction tuning on cached tower features
+# ---------------------------------------------------------------------------------------
+
+def background_share(step: int, args, rng: random.Random) -> float:
+    """Share of background patches a step feeds the LLM: few early (cheap steps that make
+    the lookup easy to find), then increasingly often all of them (as served)."""
+    progress = step / max(1, args.llm_steps)
+    if rng.random() < args.full_share * progress:
+        return 1.0
+    return rng.uniform(0.02, 0.3)
 
 
-def subset_lm_loss(model, tok, samples, subsets, rng) -> torch.Tensor:
-    """Next-token loss with each image entering the LLM as its ``subsets`` tokens."""
-    from vllm_vtprune.embedded.build import IMAGE_TOKEN_ID
-    from vllm_vtprune.embedded.conversation import IGNORE, pixel_values
+def kept_patches(pool: Pool, i: int, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Every patch an object touches plus ``share`` of the others, in original order."""
+    if share >= 1.0:
+        return torch.arange(NUM_PATCHES)
+    keep = pool.touched[i] | (torch.rand(NUM_PATCHES, generator=gen) < share)
+    return keep.nonzero().flatten()
 
-    feats = image_features(model, pixel_values([s.image for s in samples]))
-    batch = collate(tok, samples, rng, counts=[len(x) for x in subsets])
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    kept = torch.cat([f[idx] for f, idx in zip(feats, subsets)])
-    embeds = embeds.masked_scatter((batch["input_ids"] == IMAGE_TOKEN_ID)[..., None],
-                                   kept.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds,
-                                        attention_mask=batch["attention_mask"]).last_hidden_state
+
+def conversation_batch(tok, pool: Pool, idx: list[int], counts: list[int], rng: random.Random):
+    ids, labels = [], []
+    for i, n in zip(idx, counts):
+        qas = list(pool.qas[i])
+        rng.shuffle(qas)
+        seq, lab = encode_conversation(tok, qas, [rng.random() < 0.3 for _ in qas], n)
+        ids.append(seq)
+        labels.append(lab)
+    input_ids = pad_right(ids, PAD_ID)
+    return input_ids, (input_ids != PAD_ID).long(), pad_right(labels, IGNORE)
+
+
+def lm_loss(model, tok, pool: Pool, feats: torch.Tensor, idx: list[int], share: float,
+            rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss on answers, each image entering the LLM as its kept patches."""
+    keep = [kept_patches(pool, i, share, gen) for i in idx]
+    input_ids, mask, labels = conversation_batch(tok, pool, idx, [len(k) for k in keep], rng)
+    visual = model.model.multi_modal_projector(feats[idx].float())
+    embeds = model.get_input_embeddings()(input_ids)
+    kept = torch.cat([v[k] for v, k in zip(visual, keep)])
+    embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN_ID)[..., None], kept.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     logits = model.lm_head(hidden[:, :-1]).float()
-    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:],
-                                             ignore_index=IGNORE)
+    loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
+    return loss, visual
+
+
+def easy_first(pool: Pool, step: int, args, gen: torch.Generator) -> list[int]:
+    """Batch indices; the first ``--easy-steps`` draw only images with at most 3 objects,
+    so finding one object is learnt before binding colour and shape among six."""
+    if step < args.easy_steps:
+        few = pool.few_objects
+        return few[torch.randint(len(few), (args.batch,), generator=gen)].tolist()
+    return torch.randint(len(pool), (args.batch,), generator=gen).tolist()
+
+
+def train_language(model, probe: PatchProbe, tok, pool: Pool, feats: torch.Tensor, args) -> None:
+    model.model.vision_tower.requires_grad_(False)
+    params = (list(model.model.multi_modal_projector.parameters())
+              + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+              + list(probe.parameters()))
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    pool.few_objects = torch.tensor([i for i, o in enumerate(pool.objects) if len(o) <= 3])
+    ema, t0 = None, time.time()
+    for step in range(args.llm_steps):
+        idx = easy_first(pool, step, args, gen)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.llm_steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, visual = lm_loss(model, tok, pool, feats, idx, background_share(step, args, rng),
+                                   rng, gen)
+            aux = probe.loss(visual, batch_targets(pool, idx))
+        opt.zero_grad(set_to_none=True)
+        (loss + args.aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % args.log_every == 0 or step == args.llm_steps - 1:
+            el = time.time() - t0
+            log(f"llm step {step} loss {ema:.4f} aux {aux.item():.3f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {el / (step + 1) * 1000:.0f} ms/step")
+        if args.eval_every and step and step % args.eval_every == 0:
+            model.eval()
+            log(f"llm step {step} heldout {json.dumps(evaluate(model, tok, 100))}")
+            model.train()
+        if args.save_every and step and step % args.save_every == 0:
+            save_checkpoint(model, args.out)
 
 
 def train(args) -> None:
     torch.set_num_threads(args.threads)
-    if args.full_token_steps is None:
-        args.full_token_steps = args.steps
-    model = build_model(args.seed)
-    if args.init:
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
-    model.train()
+    t0 = time.time()
+    model = build_model(args.seed).train()
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
-    probe = PatchProbe(model, tok)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=args.lr,
-                            betas=(0.9, 0.98), weight_decay=0.05)
-    rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
-    ema = None
-    for step in range(args.steps):
-        samples = [sv.make_sample(sv.TRAIN_SEED, args.data_offset + step * args.batch + i,
-                                  questions_per_type=2, max_objects=curriculum(step, args))
-                   for i in range(args.batch)]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if step < args.steps - args.full_token_steps:
-                subsets = object_focused_subsets(samples, args.keep_background, gen)
-                loss = subset_lm_loss(model, tok, samples, subsets, rng)
-            else:
-                loss = model(**collate(tok, samples, rng)).loss
-            aux = probe.loss(samples) if args.aux_weight else torch.zeros(())
-        total = loss + args.aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            el = time.time() - t0
-            print(f"step {step} loss {ema:.4f} aux {aux.item():.3f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{el / (step + 1) / args.batch * 1000:.0f} ms/sample {el / 60:.1f} min",
-                  flush=True)
-        if args.save_every and step and step % args.save_every == 0:
-            save_checkpoint(model, args.out)
+    log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
+    pool = render_pool(args.pool, args.data_offset, args.threads)
+    log("pool rendered")
+    probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight)
+    vision_acc = train_vision(model, probe, pool, args)
+    feats = cache_tower_features(model, pool)
+    log("tower features cached")
+    train_language(model, probe, tok, pool, feats, args)
+    minutes = (time.time() - t0) / 60
     save_checkpoint(model, args.out)
-    report = {"parameters": n_params, "steps": args.steps, "batch": args.batch,
-              "seed": args.seed, "aux_weight": args.aux_weight, "init": args.init,
-              "data_offset": args.data_offset, "keep_background": args.keep_background,
-              "full_token_steps": args.full_token_steps, "curriculum": args.curriculum, "train_minutes": (time.time() - t0) / 60}
     model.eval()
-    report["heldout"] = evaluate(model, tok, args.eval_num)
-    report["heldout_random64"] = evaluate(model, tok, args.eval_num, keep=random_keep(64))
+    options = {k: v for k, v in vars(args).items() if k not in ("out", "command", "threads")}
+    report = {"parameters": n_params, "command": args.command, "options": options,
+              "vision_probe_accuracy": vision_acc, "train_minutes": round(minutes, 1),
+              "heldout": evaluate(model, tok, args.eval_num),
+              "heldout_random64": evaluate(model, tok, args.eval_num, keep=random_keep(64))}
     print(json.dumps(report, indent=2), flush=True)
-    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
+    import sys
     from pathlib import Path
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--pool", type=int, default=16000, help="training images rendered once")
+    p.add_argument("--data-offset", type=int, default=0, help="first training image index")
+    p.add_argument("--vision-steps", type=int, default=1400)
+    p.add_argument("--vision-batch", type=int, default=32)
+    p.add_argument("--vision-lr", type=float, default=3e-3)
+    p.add_argument("--shape-weight", type=float, default=2.0)
+    p.add_argument("--llm-steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--easy-steps", type=int, default=300)
+    p.add_argument("--full-share", type=float, default=0.5,
+                   help="share of steps on all 576 tokens, reached linearly by the end")
+    p.add_argument("--aux-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--aux-weight", type=float, default=0.5)
-    p.add_argument("--init", default=None, help="start from this checkpoint directory")
-    p.add_argument("--data-offset", type=int, default=0, help="first training image index")
-    p.add_argument("--keep-background", type=float, default=0.15)
-    p.add_argument("--curriculum", default=None, help="A,B: 1 object until step A, 3 until B")
-    p.add_argument("--full-token-steps", type=int, default=None,
-                   help="final steps on all 576 tokens (default: all steps)")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-num", type=int, default=400)
     p.add_argument("--out", type=Path, default=MODEL_DIR)
-    train(p.parse_args())
+    args = p.parse_args()
+    args.command = "python -m vllm_vtprune.embedded.train " + " ".join(sys.argv[1:])
+    train(args)
 
 
 if __name__ == "__main__":
