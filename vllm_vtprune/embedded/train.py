@@ -130,6 +130,14 @@ def build_model(seed: int):
     return LlavaForConditionalGeneration(build_config())
 
 
+def load_checkpoint(path: str):
+    """Continue from a checkpoint this script wrote (run with ``--vision-steps 0`` to keep
+    its tower, and a new ``--data-offset`` so the pool holds unseen images)."""
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+
+
 def tower_features(model, pix: torch.Tensor) -> torch.Tensor:
     """CLIP hidden states at LLaVA's feature layer (-2), CLS dropped: [B, 576, 64]."""
     out = model.model.vision_tower(pix, output_hidden_states=True)
@@ -326,7 +334,7 @@ def train_language(model, probe: PatchProbe, tok, pool: Pool, feats: torch.Tenso
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model = build_model(args.seed).train()
+    model = (load_checkpoint(args.init) if args.init else build_model(args.seed)).train()
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
@@ -369,6 +377,7 @@ def main() -> None:
                    help="share of steps on all 576 tokens, reached linearly by the end")
     p.add_argument("--aux-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue from this checkpoint directory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
