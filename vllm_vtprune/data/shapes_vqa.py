@@ -97,8 +97,8 @@ def _overlaps(a: Obj, b: Obj, gap: int = 4) -> bool:
     return not (ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0)
 
 
-def _place_objects(rng: random.Random, max_objects: int = 6) -> list[Obj]:
-    target = rng.randint(1, max_objects)
+def _place_objects(rng: random.Random) -> list[Obj]:
+    target = rng.randint(1, 6)
     objs: list[Obj] = []
     for _ in range(400):
         if len(objs) == target:
@@ -114,7 +114,7 @@ def _place_objects(rng: random.Random, max_objects: int = 6) -> list[Obj]:
     return objs
 
 
-def _draw_shape(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+def draw_shape(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
     x0, y0, x1, y1 = o.box
     if o.shape == "circle":
         d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
@@ -128,24 +128,8 @@ def _draw(bg: np.ndarray, objs: list[Obj]) -> Image.Image:
     img = Image.fromarray(bg)
     d = ImageDraw.Draw(img)
     for o in objs:
-        _draw_shape(d, o, COLORS[o.color])
+        draw_shape(d, o, COLORS[o.color])
     return img
-
-
-def patch_labels(objs: list[Obj]) -> np.ndarray:
-    """Class of the object under each 14 px patch centre, row-major [576]: 0 is
-    background, else 1 + shape_index * len(COLORS) + colour_index. Used only as dense
-    auxiliary supervision when training the embedded model."""
-    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    d = ImageDraw.Draw(canvas)
-    colors = list(COLORS)
-    for o in objs:
-        _draw_shape(d, o, 1 + SHAPES.index(o.shape) * len(colors) + colors.index(o.color))
-    centres = np.arange(PATCH // 2, IMAGE_SIZE, PATCH)
-    return np.asarray(canvas)[np.ix_(centres, centres)].reshape(-1).astype(np.int64)
-
-
-NUM_PATCH_CLASSES = 1 + len(SHAPES) * len(COLORS)
 
 
 def _plural(shape: str) -> str:
@@ -215,14 +199,10 @@ _MAKERS = {
 }
 
 
-def make_sample(seed: int, index: int, questions_per_type: int = 1,
-                max_objects: int = 6) -> Sample:
-    """Render sample ``index`` of the split identified by ``seed``; pure in its arguments.
-
-    ``max_objects`` below 6 gives the easier images of a training curriculum.
-    """
+def make_sample(seed: int, index: int, questions_per_type: int = 1) -> Sample:
+    """Render sample ``index`` of the split identified by ``seed``; pure in its arguments."""
     rng = _rng(seed, index)
-    objs = _place_objects(rng, max_objects)
+    objs = _place_objects(rng)
     image = _draw(_background(rng), objs)
     qas: list[QA] = []
     for qtype in QUESTION_TYPES:

@@ -15,12 +15,17 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 # prompts are in distribution.
 FORMAT_HINT = "Answer the question using a single word or phrase."
 IGNORE = -100
+SEQUENCE_BUCKET = 128
 
 
 def pixel_values(images: list[Image.Image]) -> torch.Tensor:
     """CLIP normalisation of 336x336 RGB images (what CLIPImageProcessor does at that size)."""
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0
+    return normalise(np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images]))
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """CLIP normalisation of uint8 [B, 336, 336, 3] arrays to [B, 3, 336, 336]."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     return (x - CLIP_MEAN) / CLIP_STD
 
 
@@ -56,25 +61,25 @@ def encode_conversation(tokenizer, qas, hints: list[bool],
     return ids, labels
 
 
-def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
+def pad_right(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def collate(tokenizer, samples, rng, counts: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """A padded batch; ``counts`` gives each sample's number of image tokens (576 default)."""
+def collate(tokenizer, conversations, counts: list[int],
+            rng) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded ``(input_ids, attention_mask, labels)`` of multi-turn training sequences:
+    each conversation's questions in a shuffled order, 30 % of turns with the short-answer
+    hint, ``counts[i]`` image tokens for conversation ``i``."""
     ids, labels = [], []
-    for n, s in enumerate(samples):
-        qas = list(s.qas)
+    for qas, n in zip(conversations, counts):
+        qas = list(qas)
         rng.shuffle(qas)
-        num = NUM_IMAGE_TOKENS if counts is None else counts[n]
-        i, l = encode_conversation(tokenizer, qas, [rng.random() < 0.3 for _ in qas], num)
-        ids.append(i)
-        labels.append(l)
-    input_ids = pad_right(ids, PAD_ID)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": (input_ids != PAD_ID).long(),
-        "labels": pad_right(labels, IGNORE),
-        "pixel_values": pixel_values([s.image for s in samples]),
-    }
+        seq, lab = encode_conversation(tokenizer, qas, [rng.random() < 0.3 for _ in qas], n)
+        ids.append(seq)
+        labels.append(lab)
+    # A few fixed widths instead of a new one every step: the training process's memory
+    # grows with the number of distinct activation sizes (peak after 80 language steps:
+    # 8.2 GB unpadded, 5.3 GB in buckets of 128; it still grows, more slowly).
+    input_ids = pad_right(ids, PAD_ID, SEQUENCE_BUCKET)
+    return input_ids, (input_ids != PAD_ID).long(), pad_right(labels, IGNORE, SEQUENCE_BUCKET)

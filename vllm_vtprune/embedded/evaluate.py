@@ -29,9 +29,9 @@ def load_model(path: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+@torch.no_grad()
 def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Projector outputs [B, 576, D] at LLaVA's feature layer (-2, CLS dropped); keeps the
-    autograd graph, so training uses it too."""
+    """Projector outputs [B, 576, D] at LLaVA's feature layer (-2, CLS dropped)."""
     out = model.model.get_image_features(
         pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
         vision_feature_select_strategy=model.config.vision_feature_select_strategy)
@@ -66,8 +66,7 @@ def evaluate(model, tokenizer, num: int = 400, seed: int = sv.HELDOUT_SEED,
     total = collections.Counter()
     for start in range(0, num, batch):
         chunk = pairs[start:start + batch]
-        with torch.no_grad():
-            feats = image_features(model, pixel_values([im for im, _ in chunk]))
+        feats = image_features(model, pixel_values([im for im, _ in chunk]))
         kept = []
         for i, f in enumerate(feats):
             idx = keep(f, start + i) if keep is not None else torch.arange(f.shape[0])

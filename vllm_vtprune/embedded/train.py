@@ -24,6 +24,7 @@ import multiprocessing
 import random
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -31,16 +32,14 @@ import torch.nn.functional as F
 
 from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import MODEL_DIR
-from vllm_vtprune.embedded.build import (IMAGE_TOKEN_ID, PAD_ID, build_config, build_tokenizer,
+from vllm_vtprune.embedded.build import (IMAGE_TOKEN_ID, build_config, build_tokenizer,
                                          save_checkpoint)
-from vllm_vtprune.embedded.conversation import IGNORE, encode_conversation, pad_right
+from vllm_vtprune.embedded.conversation import IGNORE, collate, normalise
 from vllm_vtprune.embedded.evaluate import evaluate, random_keep
 
 GRID = sv.IMAGE_SIZE // sv.PATCH
 NUM_PATCHES = GRID * GRID
 MIN_COVER = 0.1  # share of a patch an object must cover to count as under it
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -63,6 +62,11 @@ class Pool:
     def __len__(self) -> int:
         return len(self.objects)
 
+    @cached_property
+    def few_objects(self) -> torch.Tensor:
+        """Indices of the images with at most 3 objects."""
+        return torch.tensor([i for i, o in enumerate(self.objects) if len(o) <= 3])
+
 
 def object_coverage(objs) -> np.ndarray:
     """Share of each 14x14 patch covered by each object, [num_objects, 576]."""
@@ -71,7 +75,7 @@ def object_coverage(objs) -> np.ndarray:
     out = np.zeros((len(objs), NUM_PATCHES), dtype=np.float32)
     for i, o in enumerate(objs):
         canvas = Image.new("L", (sv.IMAGE_SIZE, sv.IMAGE_SIZE), 0)
-        sv._draw_shape(ImageDraw.Draw(canvas), o, 1)
+        sv.draw_shape(ImageDraw.Draw(canvas), o, 1)
         mask = np.asarray(canvas, dtype=np.float32)
         out[i] = mask.reshape(GRID, sv.PATCH, GRID, sv.PATCH).mean(axis=(1, 3)).reshape(-1)
     return out
@@ -111,12 +115,6 @@ def render_pool(num: int, offset: int, workers: int) -> Pool:
     return Pool(np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows],
                 stack("colour"), stack("shape"), stack("centre"), stack("side"),
                 stack("touched"))
-
-
-def pixels(images: np.ndarray) -> torch.Tensor:
-    """CLIP normalisation of uint8 [B, 336, 336, 3] images."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    return (x - CLIP_MEAN) / CLIP_STD
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,7 +196,10 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    import resource
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"[{time.strftime('%H:%M:%S')}] {msg} (peak memory {peak_gb:.1f} GB)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ def train_vision(model, probe: PatchProbe, pool: Pool, args) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vision_steps, args.vision_lr, 100)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            feats = model.model.multi_modal_projector(tower_features(model, pixels(pool.images[idx])))
+            tower = tower_features(model, normalise(pool.images[idx]))
+            feats = model.model.multi_modal_projector(tower)
             t = batch_targets(pool, idx)
             loss = probe.loss(feats, t)
         opt.zero_grad(set_to_none=True)
@@ -235,7 +237,8 @@ def cache_tower_features(model, pool: Pool, batch: int = 64) -> torch.Tensor:
     out = []
     for start in range(0, len(pool), batch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.append(tower_features(model, pixels(pool.images[start:start + batch])).bfloat16())
+            images = normalise(pool.images[start:start + batch])
+            out.append(tower_features(model, images).bfloat16())
     return torch.cat(out)
 
 
@@ -260,23 +263,11 @@ def kept_patches(pool: Pool, i: int, share: float, gen: torch.Generator) -> torc
     return keep.nonzero().flatten()
 
 
-def conversation_batch(tok, pool: Pool, idx: list[int], counts: list[int], rng: random.Random):
-    ids, labels = [], []
-    for i, n in zip(idx, counts):
-        qas = list(pool.qas[i])
-        rng.shuffle(qas)
-        seq, lab = encode_conversation(tok, qas, [rng.random() < 0.3 for _ in qas], n)
-        ids.append(seq)
-        labels.append(lab)
-    input_ids = pad_right(ids, PAD_ID)
-    return input_ids, (input_ids != PAD_ID).long(), pad_right(labels, IGNORE)
-
-
 def lm_loss(model, tok, pool: Pool, feats: torch.Tensor, idx: list[int], share: float,
             rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss on answers, each image entering the LLM as its kept patches."""
     keep = [kept_patches(pool, i, share, gen) for i in idx]
-    input_ids, mask, labels = conversation_batch(tok, pool, idx, [len(k) for k in keep], rng)
+    input_ids, mask, labels = collate(tok, [pool.qas[i] for i in idx], [len(k) for k in keep], rng)
     visual = model.model.multi_modal_projector(feats[idx].float())
     embeds = model.get_input_embeddings()(input_ids)
     kept = torch.cat([v[k] for v, k in zip(visual, keep)])
@@ -304,7 +295,6 @@ def train_language(model, probe: PatchProbe, tok, pool: Pool, feats: torch.Tenso
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    pool.few_objects = torch.tensor([i for i, o in enumerate(pool.objects) if len(o) <= 3])
     ema, t0 = None, time.time()
     for step in range(args.llm_steps):
         idx = easy_first(pool, step, args, gen)
@@ -313,7 +303,8 @@ def train_language(model, probe: PatchProbe, tok, pool: Pool, feats: torch.Tenso
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, visual = lm_loss(model, tok, pool, feats, idx, background_share(step, args, rng),
                                    rng, gen)
-            aux = probe.loss(visual, batch_targets(pool, idx))
+            aux = (probe.loss(visual, batch_targets(pool, idx)) if args.aux_weight
+                   else torch.zeros(()))
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
