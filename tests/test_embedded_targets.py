@@ -50,3 +50,37 @@ def test_targets_follow_the_object_list(index):
 def test_empty_image_has_background_targets_only():
     t = patch_targets([])
     assert t["colour"].sum() == 0 and t["centre"].sum() == 0 and not t["touched"].any()
+
+
+def test_joint_class_numbers_colour_shape_pairs():
+    import torch
+
+    from vllm_vtprune.embedded.train import joint_class
+
+    colours, shapes = list(sv.COLORS), list(sv.SHAPES)
+    pairs = [(c, s) for c in colours for s in shapes]
+    t = {"colour": torch.tensor([[0] + [1 + colours.index(c) for c, _ in pairs]]),
+         "shape": torch.tensor([[0] + [1 + shapes.index(s) for _, s in pairs]])}
+    got = joint_class(t)[0].tolist()
+    assert got[0] == 0
+    # Every (colour, shape) pair gets its own class, 1 .. colours x shapes.
+    assert sorted(got[1:]) == list(range(1, len(pairs) + 1))
+
+
+def test_grid_positions_is_the_cosine_basis_of_row_and_column():
+    import math
+
+    from vllm_vtprune.embedded.train import grid_positions
+
+    dim = 64
+    table = grid_positions(dim).numpy()
+    assert table.shape == (1 + GRID * GRID, dim) and not table[0].any()
+    for row, col in [(0, 0), (3, 17), (11, 12), (23, 5)]:
+        got = table[1 + row * GRID + col]
+        for k in range(1, dim // 4 + 1):
+            assert got[k - 1] == pytest.approx(math.cos(math.pi * k * (col + 0.5) / GRID), abs=1e-5)
+            assert got[dim // 4 + k - 1] == pytest.approx(
+                math.cos(math.pi * k * (row + 0.5) / GRID), abs=1e-5)
+    # Its first column feature is positive exactly on the left half of the image.
+    left = np.array([1 + r * GRID + c for r in range(GRID) for c in range(GRID // 2)])
+    assert (table[left, 0] > 0).all() and (np.delete(table[1:, 0], left - 1) < 0).all()

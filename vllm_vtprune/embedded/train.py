@@ -121,11 +121,40 @@ def render_pool(num: int, offset: int, workers: int) -> Pool:
 # Model pieces
 # ---------------------------------------------------------------------------------------
 
-def build_model(seed: int):
+def grid_positions(dim: int, grid: int = GRID) -> torch.Tensor:
+    """Smooth 2-D position table for the CLIP tower, [1 + grid * grid, dim] (CLS row 0).
+
+    The first dim / 4 dimensions are a cosine basis of the patch column,
+    cos(pi k (c + 1/2) / grid) for k = 1 .. dim / 4, the next dim / 4 the same of the row,
+    the rest zero (left to CLIP's learnt table). The column's k = 1 term changes sign
+    at the midline, so "which side of the image" is one linear feature; CLIP's random
+    per-position table leaves that a 576-point lookup the small tower never learnt.
+    """
+    k = torch.arange(1, dim // 4 + 1, dtype=torch.float32)
+    centres = torch.arange(grid, dtype=torch.float32) + 0.5
+    basis = torch.cos(math.pi * centres[:, None] * k[None] / grid)  # [grid, dim/4]
+    rows = basis[:, None, :].expand(grid, grid, -1)
+    cols = basis[None, :, :].expand(grid, grid, -1)
+    table = torch.cat([cols, rows], dim=-1).reshape(grid * grid, -1)
+    out = torch.zeros(1 + grid * grid, dim)
+    out[1:, : table.shape[1]] = table
+    return out
+
+
+def add_grid_positions(model, scale: float) -> None:
+    """Add ``scale`` x :func:`grid_positions` to the tower's position embedding."""
+    emb = model.model.vision_tower.embeddings.position_embedding
+    with torch.no_grad():
+        emb.weight += scale * grid_positions(emb.weight.shape[1]).to(emb.weight.dtype)
+
+
+def build_model(seed: int, grid_scale: float):
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(build_config())
+    model = LlavaForConditionalGeneration(build_config())
+    add_grid_positions(model, grid_scale)
+    return model
 
 
 def load_checkpoint(path: str):
@@ -150,38 +179,54 @@ class PatchProbe(torch.nn.Module):
     token per object, so counting objects is counting tokens), and the object's side.
     """
 
-    def __init__(self, dim: int, shape_weight: float = 1.0):
+    def __init__(self, dim: int, shape_weight: float = 1.0, side_weight: float = 1.0):
         super().__init__()
         # Shape needs the object's outline, several patches away from most of its patches;
         # it is learnt last, so it gets more weight than colour.
-        self.shape_weight = shape_weight
+        self.shape_weight, self.side_weight = shape_weight, side_weight
         self.n_col, self.n_shape = len(sv.COLORS) + 1, len(sv.SHAPES) + 1
-        self.head = torch.nn.Linear(dim, self.n_col + self.n_shape + 3)
+        # The joint colour x shape class makes "is there a red circle" one feature to match,
+        # where separate colour and shape features would leave the LLM to bind them.
+        self.n_joint = (self.n_col - 1) * (self.n_shape - 1) + 1
+        self.head = torch.nn.Linear(dim, self.n_col + self.n_shape + self.n_joint + 3)
+
+    def split(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        out = self.head(feats.float())
+        return out.split([self.n_col, self.n_shape, self.n_joint, 3], dim=-1)
 
     def loss(self, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.head(feats.float())
-        col, shp, rest = out.split([self.n_col, self.n_shape, 3], dim=-1)
+        col, shp, joint, rest = self.split(feats)
         obj = (t["colour"] > 0).float()
         # Objects cover few patches; weight them up so the background does not dominate.
         w = 1.0 + 4.0 * obj
         ce = (F.cross_entropy(col.transpose(1, 2), t["colour"], reduction="none")
               + self.shape_weight * F.cross_entropy(shp.transpose(1, 2), t["shape"],
-                                                    reduction="none"))
+                                                    reduction="none")
+              + F.cross_entropy(joint.transpose(1, 2), joint_class(t), reduction="none"))
         centre = F.binary_cross_entropy_with_logits(rest[..., 0], t["centre"],
                                                     pos_weight=torch.tensor(20.0),
                                                     reduction="none")
         side = F.binary_cross_entropy_with_logits(rest[..., 1:], t["side"].clamp_min(0),
                                                   reduction="none").sum(-1) * obj
-        return ((ce + centre + side) * w).sum() / w.sum()
+        return ((ce + centre + self.side_weight * side) * w).sum() / w.sum()
 
     @torch.no_grad()
     def accuracy(self, feats: torch.Tensor, t: dict[str, torch.Tensor]) -> dict[str, float]:
-        out = self.head(feats.float())
-        col, shp, rest = out.split([self.n_col, self.n_shape, 3], dim=-1)
+        col, shp, joint, rest = self.split(feats)
         obj = t["colour"] > 0
+        side_ok = ((rest[..., 1:] > 0).float() == t["side"])[obj]
         return {"colour": (col.argmax(-1) == t["colour"])[obj].float().mean().item(),
                 "shape": (shp.argmax(-1) == t["shape"])[obj].float().mean().item(),
+                "joint": (joint.argmax(-1) == joint_class(t))[obj].float().mean().item(),
+                "side": side_ok.float().mean().item(),
                 "centre_recall": (rest[..., 0] > 0)[t["centre"] > 0].float().mean().item()}
+
+
+def joint_class(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0 for background, else 1 + colour index x number of shapes + shape index."""
+    obj = t["colour"] > 0
+    joint = (t["colour"] - 1) * len(sv.SHAPES) + t["shape"]
+    return torch.where(obj, joint, torch.zeros_like(joint))
 
 
 def batch_targets(pool: Pool, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -325,13 +370,20 @@ def train_language(model, probe: PatchProbe, tok, pool: Pool, feats: torch.Tenso
 def train(args) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model = (load_checkpoint(args.init) if args.init else build_model(args.seed)).train()
+    if args.init:
+        model = load_checkpoint(args.init)
+        if args.add_grid_positions:
+            add_grid_positions(model, args.grid_scale)
+    else:
+        model = build_model(args.seed, args.grid_scale)
+    model.train()
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
     pool = render_pool(args.pool, args.data_offset, args.threads)
     log("pool rendered")
-    probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight)
+    probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight,
+                       args.side_weight)
     vision_acc = train_vision(model, probe, pool, args)
     feats = cache_tower_features(model, pool)
     log("tower features cached")
@@ -359,6 +411,11 @@ def main() -> None:
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--shape-weight", type=float, default=2.0)
+    p.add_argument("--side-weight", type=float, default=1.0)
+    p.add_argument("--grid-scale", type=float, default=0.5,
+                   help="amplitude of the 2-D cosine position table added to CLIP's")
+    p.add_argument("--add-grid-positions", action="store_true",
+                   help="with --init: add the 2-D position table to the checkpoint's tower")
     p.add_argument("--llm-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
