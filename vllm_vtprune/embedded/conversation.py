@@ -16,6 +16,7 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 FORMAT_HINT = "Answer the question using a single word or phrase."
 IGNORE = -100
 SEQUENCE_BUCKET = 128
+IMAGE_PREFIX = "USER: <image>\n"
 
 
 def pixel_values(images: list[Image.Image]) -> torch.Tensor:
@@ -29,15 +30,19 @@ def normalise(images: np.ndarray) -> torch.Tensor:
     return (x - CLIP_MEAN) / CLIP_STD
 
 
-def user_turn(question: str, first: bool, hint: bool = False) -> str:
-    image = "<image>\n" if first else ""
+def question_text(question: str, hint: bool = False) -> str:
     suffix = f"\n{FORMAT_HINT}" if hint else ""
-    return f"USER: {image}{question}{suffix} ASSISTANT:"
+    return f"{question}{suffix} ASSISTANT:"
+
+
+def user_turn(question: str, hint: bool = False) -> str:
+    """The LLaVA-1.5 single-question prompt (without ``<s>``)."""
+    return IMAGE_PREFIX + question_text(question, hint)
 
 
 def encode_prompt(tokenizer, question: str, hint: bool = False,
                   num_image_tokens: int = NUM_IMAGE_TOKENS) -> list[int]:
-    ids = tokenizer(user_turn(question, True, hint), add_special_tokens=False).input_ids
+    ids = tokenizer(user_turn(question, hint), add_special_tokens=False).input_ids
     return [BOS_ID] + expand_image_tokens(ids, num_image_tokens)
 
 
@@ -48,17 +53,39 @@ def expand_image_tokens(ids: list[int], n: int) -> list[int]:
     return out
 
 
-def encode_conversation(tokenizer, qas, hints: list[bool],
-                        num_image_tokens: int = NUM_IMAGE_TOKENS) -> tuple[list[int], list[int]]:
-    """Multi-turn training sequence; only answer tokens and their ``</s>`` carry labels."""
-    ids, labels = [BOS_ID], [IGNORE]
-    for turn, (qa, hint) in enumerate(zip(qas, hints)):
-        prompt = tokenizer(user_turn(qa.question, turn == 0, hint), add_special_tokens=False).input_ids
-        prompt = expand_image_tokens(prompt, num_image_tokens)
+def encode_packed(tokenizer, qas, hints: list[bool],
+                  num_image_tokens: int = NUM_IMAGE_TOKENS) -> tuple[list[int], ...]:
+    """Several questions on one image packed in one training sequence, each as if asked alone.
+
+    The image prefix (``<s>USER: <image>``) is shared; every turn ``{question} ASSISTANT:
+    {answer}</s>`` follows it at the same positions a single-question prompt would use, and
+    :func:`packed_attention_mask` lets it see only the prefix and itself. A plain multi-turn
+    sequence let later turns copy earlier ones (the position question "is the red circle on
+    the left" says a red circle exists), and the model learnt to answer "yes" only to what
+    had been mentioned. Returns ``(ids, labels, positions, segments)``; segment 0 is the
+    prefix, turn ``k`` is segment ``k``; only answer tokens and their ``</s>`` carry labels.
+    """
+    prefix = tokenizer(IMAGE_PREFIX, add_special_tokens=False).input_ids
+    ids = [BOS_ID] + expand_image_tokens(prefix, num_image_tokens)
+    labels, positions, segments = [IGNORE] * len(ids), list(range(len(ids))), [0] * len(ids)
+    start = len(ids)
+    for turn, (qa, hint) in enumerate(zip(qas, hints), start=1):
+        prompt = tokenizer(question_text(qa.question, hint), add_special_tokens=False).input_ids
         answer = tokenizer(qa.answer, add_special_tokens=False).input_ids + [EOS_ID]
         ids += prompt + answer
         labels += [IGNORE] * len(prompt) + answer
-    return ids, labels
+        positions += range(start, start + len(prompt) + len(answer))
+        segments += [turn] * (len(prompt) + len(answer))
+    return ids, labels, positions, segments
+
+
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, L, L] mask for :func:`encode_packed` sequences (padding: segment -1):
+    causal, and a turn's tokens see the shared prefix (segment 0) and their own turn only."""
+    query, key = segments[:, :, None], segments[:, None, :]
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (causal & (key >= 0) & ((key == 0) | (key == query)))[:, None]
 
 
 def pad_right(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
@@ -67,19 +94,22 @@ def pad_right(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Ten
 
 
 def collate(tokenizer, conversations, counts: list[int],
-            rng) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded ``(input_ids, attention_mask, labels)`` of multi-turn training sequences:
-    each conversation's questions in a shuffled order, 30 % of turns with the short-answer
-    hint, ``counts[i]`` image tokens for conversation ``i``."""
-    ids, labels = [], []
+            rng) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded ``(input_ids, attention_mask [B, 1, L, L], position_ids, labels)`` of packed
+    training sequences (:func:`encode_packed`): each image's questions in a shuffled order,
+    30 % of turns with the short-answer hint, ``counts[i]`` image tokens for image ``i``."""
+    ids, labels, positions, segments = [], [], [], []
     for qas, n in zip(conversations, counts):
         qas = list(qas)
         rng.shuffle(qas)
-        seq, lab = encode_conversation(tokenizer, qas, [rng.random() < 0.3 for _ in qas], n)
+        seq, lab, pos, seg = encode_packed(tokenizer, qas, [rng.random() < 0.3 for _ in qas], n)
         ids.append(seq)
         labels.append(lab)
+        positions.append(pos)
+        segments.append(seg)
     # A few fixed widths instead of a new one every step: the training process's memory
     # grows with the number of distinct activation sizes (peak after 80 language steps:
     # 8.2 GB unpadded, 5.3 GB in buckets of 128; it still grows, more slowly).
-    input_ids = pad_right(ids, PAD_ID, SEQUENCE_BUCKET)
-    return input_ids, (input_ids != PAD_ID).long(), pad_right(labels, IGNORE, SEQUENCE_BUCKET)
+    pad = lambda seqs, value: pad_right(seqs, value, SEQUENCE_BUCKET)  # noqa: E731
+    return (pad(ids, PAD_ID), packed_attention_mask(pad(segments, -1)), pad(positions, 0),
+            pad(labels, IGNORE))

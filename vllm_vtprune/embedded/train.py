@@ -5,9 +5,12 @@
 Two stages, the way LLaVA itself is built from a pretrained CLIP:
 
 1. **Vision pretraining.** The CLIP tower and projector learn dense per-patch targets
-   (:class:`PatchProbe`): the colour and shape of the object under each patch, whether the
-   patch holds an object's centre, and on which side of the image that object lies. After
-   this stage every visual token says what it shows; the probe is not shipped.
+   (:class:`PatchProbe`): the colour, shape and colour x shape pair of the object under
+   each patch, whether the patch holds an object's centre, and on which side of the image
+   that object lies. After this stage every visual token says what it shows; the probe is
+   not shipped. The tower's position table starts from a smooth 2-D cosine basis
+   (:func:`grid_positions`); with CLIP's random table alone the side of the image was
+   never learnt.
 2. **Visual instruction tuning.** The tower is frozen and its features are computed once
    for the whole image pool; the projector and the Llama decoder learn ShapesVQA
    conversations (all of an image's questions as one multi-turn sequence). Most steps
@@ -312,12 +315,14 @@ def lm_loss(model, tok, pool: Pool, feats: torch.Tensor, idx: list[int], share: 
             rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss on answers, each image entering the LLM as its kept patches."""
     keep = [kept_patches(pool, i, share, gen) for i in idx]
-    input_ids, mask, labels = collate(tok, [pool.qas[i] for i in idx], [len(k) for k in keep], rng)
+    input_ids, mask, positions, labels = collate(tok, [pool.qas[i] for i in idx],
+                                                 [len(k) for k in keep], rng)
     visual = model.model.multi_modal_projector(feats[idx].float())
     embeds = model.get_input_embeddings()(input_ids)
     kept = torch.cat([v[k] for v, k in zip(visual, keep)])
     embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN_ID)[..., None], kept.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=positions).last_hidden_state
     logits = model.lm_head(hidden[:, :-1]).float()
     loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
     return loss, visual
@@ -411,8 +416,8 @@ def main() -> None:
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--shape-weight", type=float, default=2.0)
-    p.add_argument("--side-weight", type=float, default=1.0)
-    p.add_argument("--grid-scale", type=float, default=0.5,
+    p.add_argument("--side-weight", type=float, default=3.0)
+    p.add_argument("--grid-scale", type=float, default=5.0,
                    help="amplitude of the 2-D cosine position table added to CLIP's")
     p.add_argument("--add-grid-positions", action="store_true",
                    help="with --init: add the 2-D position table to the checkpoint's tower")
