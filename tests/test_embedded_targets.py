@@ -84,3 +84,23 @@ def test_grid_positions_is_the_cosine_basis_of_row_and_column():
     # Its first column feature is positive exactly on the left half of the image.
     left = np.array([1 + r * GRID + c for r in range(GRID) for c in range(GRID // 2)])
     assert (table[left, 0] > 0).all() and (np.delete(table[1:, 0], left - 1) < 0).all()
+
+
+@pytest.mark.parametrize("index", [0, 7, 19])
+def test_training_questions_limit_each_type_and_answer_from_the_objects(index):
+    import collections
+
+    from vllm_vtprune.embedded.train import training_questions
+
+    sample, qas = training_questions(index, exist_questions=6)
+    per_type = collections.Counter(qa.qtype for qa in qas)
+    assert per_type["exist"] <= 6 and all(per_type[t] <= 3 for t in ("color", "count", "position"))
+    assert len(set(qas)) == len(qas)
+    present = {(o.color, o.shape) for o in sample.objects}
+    for qa in qas:
+        if qa.qtype == "exist":
+            _, _, _, colour, shape, _ = qa.question.split()
+            assert qa.answer == ("yes" if (colour, shape) in present else "no")
+    # More existence questions than the other types get, where the image allows them.
+    many = [training_questions(i, 6)[1] for i in range(40)]
+    assert max(sum(q.qtype == "exist" for q in qs) for qs in many) > 3

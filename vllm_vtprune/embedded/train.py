@@ -13,7 +13,8 @@ Two stages, the way LLaVA itself is built from a pretrained CLIP:
    never learnt.
 2. **Visual instruction tuning.** The tower is frozen and its features are computed once
    for the whole image pool; the projector and the Llama decoder learn ShapesVQA
-   conversations (all of an image's questions as one multi-turn sequence). Most steps
+   conversations (all of an image's questions packed in one sequence, each turn seeing
+   only the image and its own question, as when served). Most steps
    feed the LLM every object patch plus a random share of the background, which is
    several times cheaper than 576 tokens and teaches the lookup first; a growing share of
    steps uses all 576 tokens, the way the model is served.
@@ -21,6 +22,7 @@ Two stages, the way LLaVA itself is built from a pretrained CLIP:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -105,15 +107,35 @@ def patch_targets(objs) -> dict[str, np.ndarray]:
     return dict(colour=colour, shape=shape, centre=centre, side=side, touched=touched)
 
 
-def _render(index: int) -> tuple:
-    s = sv.make_sample(sv.TRAIN_SEED, index, questions_per_type=3)
-    return np.asarray(s.image, dtype=np.uint8), s.objects, s.qas, patch_targets(s.objects)
+QUESTIONS_PER_TYPE = 3
 
 
-def render_pool(num: int, offset: int, workers: int) -> Pool:
+def training_questions(index: int, exist_questions: int) -> tuple:
+    """Image ``index`` of the training split with up to 3 questions of each type, and up to
+    ``exist_questions`` existence questions: binding colour to shape is learnt last, so it
+    gets more of the signal."""
+    s = sv.make_sample(sv.TRAIN_SEED, index, questions_per_type=max(QUESTIONS_PER_TYPE,
+                                                                    exist_questions))
+    limit = lambda qa: exist_questions if qa.qtype == "exist" else QUESTIONS_PER_TYPE  # noqa: E731
+    seen: dict[str, int] = {}
+    qas = []
+    for qa in s.qas:
+        seen[qa.qtype] = seen.get(qa.qtype, 0) + 1
+        if seen[qa.qtype] <= limit(qa):
+            qas.append(qa)
+    return s, qas
+
+
+def _render(index: int, exist_questions: int) -> tuple:
+    s, qas = training_questions(index, exist_questions)
+    return np.asarray(s.image, dtype=np.uint8), s.objects, qas, patch_targets(s.objects)
+
+
+def render_pool(num: int, offset: int, workers: int, exist_questions: int) -> Pool:
     """Render training images ``offset .. offset + num`` of the training split."""
+    render = functools.partial(_render, exist_questions=exist_questions)
     with multiprocessing.get_context("fork").Pool(workers) as p:
-        rows = p.map(_render, range(offset, offset + num), chunksize=64)
+        rows = p.map(render, range(offset, offset + num), chunksize=64)
     stack = lambda key: torch.from_numpy(np.stack([r[3][key] for r in rows]))  # noqa: E731
     return Pool(np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows],
                 stack("colour"), stack("shape"), stack("centre"), stack("side"),
@@ -385,7 +407,7 @@ def train(args) -> None:
     tok = build_tokenizer()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
-    pool = render_pool(args.pool, args.data_offset, args.threads)
+    pool = render_pool(args.pool, args.data_offset, args.threads, args.exist_questions)
     log("pool rendered")
     probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight,
                        args.side_weight)
@@ -412,6 +434,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pool", type=int, default=16000, help="training images rendered once")
     p.add_argument("--data-offset", type=int, default=0, help="first training image index")
+    p.add_argument("--exist-questions", type=int, default=6,
+                   help="existence questions per image (other types: 3)")
     p.add_argument("--vision-steps", type=int, default=1400)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=3e-3)
