@@ -200,8 +200,9 @@ class PatchProbe(torch.nn.Module):
     """Linear read-out of the projector outputs (training only, never shipped).
 
     Its targets make each visual token state, linearly, what the LLM will be asked about:
-    colour and shape of the object under it, whether it holds that object's centre (one
-    token per object, so counting objects is counting tokens), and the object's side.
+    colour, shape and colour x shape pair of the object under it, whether it holds that
+    object's centre (one token per object, so counting objects is counting tokens), and the
+    object's side.
     """
 
     def __init__(self, dim: int, shape_weight: float = 1.0, side_weight: float = 1.0):
@@ -462,6 +463,8 @@ def main() -> None:
     p.add_argument("--eval-num", type=int, default=400)
     p.add_argument("--out", type=Path, default=MODEL_DIR)
     args = p.parse_args()
+    if args.add_grid_positions and not args.init:
+        p.error("--add-grid-positions needs --init (a model built from seed always has the table)")
     args.command = "python -m vllm_vtprune.embedded.train " + " ".join(sys.argv[1:])
     train(args)
 
