@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-METHODS = ("resprune", "divprune", "visionzip", "polymorphic", "dcp")
 
 
 def run(llm, pairs, spec):
@@ -42,14 +41,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--budgets", default="192,128,64,32")
-    p.add_argument("--methods", default=",".join(METHODS))
+    from vllm_vtprune import registry
+
+    p.add_argument("--methods", default=",".join(registry.served()),
+                   help="comma-separated; default: every served method")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from vllm import LLM
 
-    from vllm_vtprune import LLAVA_ARCHITECTURE
+    from vllm_vtprune.families.llava import ARCHITECTURE as LLAVA_ARCHITECTURE
     from vllm_vtprune.data import shapes_vqa as sv
     from vllm_vtprune.embedded import model_path
 

@@ -1,12 +1,14 @@
 """Pruning figures in every completion's ``usage`` and in ``/metrics``.
 
-vLLM passes no per-request custom field from the engine to the response, but the
-figures are a deterministic function of the request: the number of images, the
-effective spec (the request's ``mm_processor_kwargs.vtprune`` or the server's) and the
-served model's shape. :class:`VTPruneUsageMiddleware` (installed by ``--vtprune``, or
-with ``--middleware vllm_vtprune.server.usage.VTPruneUsageMiddleware``) computes them in
-the API server and adds ``usage.vtprune`` to JSON responses and to the usage chunk of
-streamed ones (``stream_options.include_usage``)::
+The token counts are what the multimodal processor decided for each image of the
+request (its placeholder count, and the count the unpruned model would have used),
+handed over through :mod:`vllm_vtprune.server.decisions`: :class:`VTPruneUsageMiddleware`
+(installed by ``--vtprune``, or with ``--middleware
+vllm_vtprune.server.usage.VTPruneUsageMiddleware``) tags each request with images, and
+adds ``usage.vtprune`` to JSON responses and to the usage chunk of streamed ones
+(``stream_options.include_usage``). A server started without
+``--trust-request-mm-kwargs`` cannot be tagged; its figures are then derived from the
+spec and the family's patch grid (exact for families with a fixed count per image)::
 
     "vtprune": {"method": "resprune", "budget": 64, "images": 1,
                 "visual_tokens_before": 576, "visual_tokens_after": 64,
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 
 from prometheus_client import Counter
 
+from vllm_vtprune import families
 from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.server import decisions
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 IMAGE_PART_TYPES = ("image_url", "input_image", "image_pil", "image")
@@ -41,9 +46,8 @@ class ModelShape:
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ModelShape":
         mc = vllm_config.model_config
-        hf = mc.hf_config
-        vision = hf.vision_config
-        per_image = (vision.image_size // vision.patch_size) ** 2
+        rows, cols = families.for_config(mc.hf_config).grid(mc.hf_config)
+        per_image = rows * cols
         # Whole-model figures: every layer and every KV head, whatever the parallelism.
         layers = mc.hf_text_config.num_hidden_layers
         kv_heads = mc.get_total_num_kv_heads()
@@ -67,14 +71,24 @@ def _kv_dtype_bytes(vllm_config) -> float:
 
 
 def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape) -> dict:
-    """The ``usage.vtprune`` object of a request."""
-    before = num_images * shape.tokens_per_image
+    """The ``usage.vtprune`` object derived from the spec (untagged requests)."""
     kept = shape.tokens_per_image if spec is None else spec.tokens_for(shape.tokens_per_image)
-    after = num_images * kept
+    return _figures(spec.method if spec is not None else "none",
+                    spec.budget if spec is not None else None, num_images,
+                    num_images * shape.tokens_per_image, num_images * kept, shape)
+
+
+def decided_figures(decision: decisions.Decision, shape: ModelShape) -> dict:
+    """The ``usage.vtprune`` object from what the processor decided for each image."""
+    return _figures(decision.method, decision.budget, len(decision.tokens_after),
+                    sum(decision.tokens_before), sum(decision.tokens_after), shape)
+
+
+def _figures(method, budget, images: int, before: int, after: int, shape: ModelShape) -> dict:
     return {
-        "method": spec.method if spec is not None else "none",
-        "budget": spec.budget if spec is not None else None,
-        "images": num_images,
+        "method": method,
+        "budget": budget,
+        "images": images,
         "visual_tokens_before": before,
         "visual_tokens_after": after,
         "kv_cache_tokens_saved": before - after,
@@ -108,7 +122,11 @@ def record(fig: dict) -> None:
     KV_BYTES_SAVED.labels(m).inc(fig["kv_cache_bytes_saved"])
 
 
-def inject_usage(payload: dict, fig: dict) -> bool:
+def inject_usage(payload, fig: dict) -> bool:
+    """Add the figures to ``payload["usage"]``; False when there is none to add to
+    (vLLM answers a request whose client went away with a JSON ``null`` body)."""
+    if not isinstance(payload, dict):
+        return False
     usage = payload.get("usage")
     if isinstance(usage, dict):
         usage["vtprune"] = fig
@@ -119,8 +137,9 @@ def inject_usage(payload: dict, fig: dict) -> bool:
 class _SSERewriter:
     """Adds the figures to the ``data:`` event that carries usage (split-safe)."""
 
-    def __init__(self, fig: dict):
-        self.fig = fig
+    def __init__(self, fig):
+        self._fig = fig  # called once, when the usage event is written
+        self.fig = None
         self.buffer = b""
         self.injected = False
 
@@ -137,7 +156,9 @@ class _SSERewriter:
         if not event.startswith(b"data: {"):
             return event
         payload = json.loads(event[len(b"data: "):])
-        if inject_usage(payload, self.fig):
+        if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+            self.fig = self._fig()
+            inject_usage(payload, self.fig)
             self.injected = True
             return b"data: " + json.dumps(payload).encode()
         return event
@@ -162,24 +183,64 @@ class VTPruneUsageMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or scope["path"] not in PATHS:
             return await self.app(scope, receive, send)
-        body, replay = await _read_body(receive)
+        body = await _read_body(receive)
         try:
             request = json.loads(body or b"{}")
             shape, server_spec = self._model(scope)
-            fig = figures(request_spec(request, server_spec), count_images(request), shape)
+            spec = request_spec(request, server_spec)
+            fallback = figures(spec, count_images(request), shape)
         except (ValueError, AttributeError, TypeError):
             # Malformed requests are vLLM's to reject (HTTP 400); add nothing.
-            return await self.app(scope, replay, send)
-        await self.app(scope, replay, _ResponseRewriter(send, fig))
+            return await self.app(scope, _replay(body, receive), send)
+        key = _tag(request, scope) if fallback["images"] else None
+        if key is not None:
+            body = json.dumps(request).encode()
+            scope = _with_content_length(scope, len(body))
+
+        taken: list[dict] = []
+
+        def fig() -> dict:  # once per request: every usage chunk carries the same figures
+            if not taken:
+                decision = decisions.take(key) if key is not None else None
+                taken.append(decided_figures(decision, shape) if decision is not None
+                             else fallback)
+            return taken[0]
+
+        try:
+            await self.app(scope, _replay(body, receive), _ResponseRewriter(send, fig))
+        finally:
+            if key is not None:
+                decisions.take(key)  # a request that failed or was abandoned
 
 
-async def _read_body(receive):
+def _tag(request: dict, scope) -> str | None:
+    """Tag a request so the processor records its decisions under the returned key;
+    None where vLLM would refuse per-request mm_processor_kwargs."""
+    renderer = getattr(scope["app"].state, "online_renderer", None)
+    kwargs = request.get("mm_processor_kwargs") or {}
+    if not getattr(renderer, "trust_request_mm_kwargs", False) or not isinstance(kwargs, dict):
+        return None
+    key = uuid.uuid4().hex
+    request["mm_processor_kwargs"] = {**kwargs, decisions.REQUEST_KEY: key}
+    return key
+
+
+def _with_content_length(scope, length: int):
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    return {**scope, "headers": headers + [(b"content-length", str(length).encode())]}
+
+
+async def _read_body(receive) -> bytes:
     chunks, more = [], True
     while more:
         message = await receive()
         chunks.append(message.get("body", b""))
         more = message.get("more_body", False)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """``receive`` that gives ``body`` first, then whatever the client sends next."""
     sent = False
 
     async def replay():
@@ -189,15 +250,15 @@ async def _read_body(receive):
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return body, replay
+    return replay
 
 
 class _ResponseRewriter:
     """Wraps ``send``: buffers JSON bodies, rewrites SSE streams, counts successes."""
 
-    def __init__(self, send, fig: dict):
+    def __init__(self, send, fig):
         self.send = send
-        self.fig = fig
+        self._fig = fig  # called once, when the usage is written
         self.start: dict | None = None
         self.kind = "other"
         self.json_chunks: list[bytes] = []
@@ -212,7 +273,7 @@ class _ResponseRewriter:
         if self.kind == "sse":
             data = self.sse.feed(message.get("body", b""), final)
             if final and self.sse.injected:
-                record(self.fig)
+                record(self.sse.fig)
             return await self.send({**message, "body": data})
         self.json_chunks.append(message.get("body", b""))
         if final:
@@ -225,15 +286,17 @@ class _ResponseRewriter:
             self.kind, self.start = "json", message
             return None
         if message["status"] == 200 and ctype.startswith(b"text/event-stream"):
-            self.kind, self.sse = "sse", _SSERewriter(self.fig)
+            self.kind, self.sse = "sse", _SSERewriter(self._fig)
         return await self.send(message)
 
     async def _send_json(self):
         body = b"".join(self.json_chunks)
         try:
             payload = json.loads(body)
-            if inject_usage(payload, self.fig):
-                record(self.fig)
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                fig = self._fig()
+                inject_usage(payload, fig)
+                record(fig)
                 body = json.dumps(payload).encode()
         except ValueError:
             pass

@@ -14,7 +14,8 @@ import torch
 from prometheus_client import REGISTRY
 
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune.server import usage
+from vllm_vtprune.server import decisions, usage
+from vllm_vtprune.server.usage import VTPruneUsageMiddleware
 
 # A LLaVA-1.5-7B-like shape: 336 px / 14 px patches, 32 layers, 32 KV heads of 128, bf16.
 IMAGE, PATCH = 336, 14
@@ -100,8 +101,10 @@ def test_figures_zero_images():
 class _ModelConfig:
     def __init__(self, dtype=torch.bfloat16, vtprune=None, image=IMAGE, patch=PATCH,
                  layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM):
-        vision = SimpleNamespace(image_size=image, patch_size=patch)
-        self.hf_config = SimpleNamespace(vision_config=vision)
+        vision = SimpleNamespace(image_size=image, patch_size=patch,
+                                 model_type="clip_vision_model")
+        self.hf_config = SimpleNamespace(vision_config=vision, model_type="llava",
+                                         vision_feature_select_strategy="default")
         self.hf_text_config = SimpleNamespace(num_hidden_layers=layers)
         if vtprune is not None:
             self.hf_config.vtprune = vtprune
@@ -530,3 +533,62 @@ def test_middleware_prometheus_counters_json_and_sse():
     endpoint, _ = _json_endpoint(status=500)
     _run(usage.VTPruneUsageMiddleware(endpoint), _scope(), json.dumps(req).encode())
     assert {m: _metric(m, "polymorphic") for m in METRICS} == after
+
+
+# ---------------------------------------------------------------- figures as decided
+def _trusted_scope(trusted=True):
+    scope = _scope()
+    scope["app"].state.online_renderer = SimpleNamespace(trust_request_mm_kwargs=trusted)
+    return scope
+
+
+class _DecidingEndpoint(_Endpoint):
+    """Answers like vLLM after its processor recorded counts under the request's tag."""
+
+    def __init__(self, before, after, **kw):
+        raw = json.dumps(CHAT_RESPONSE).encode()
+        super().__init__(200, [(b"content-type", b"application/json")], [raw])
+        self.decision = decisions.Decision("resprune", 64, tuple(before), tuple(after))
+        self.tag = None
+
+    async def __call__(self, scope, receive, send):
+        body = json.loads(await _read_all(receive))
+        self.tag = body["mm_processor_kwargs"][decisions.REQUEST_KEY]
+        decisions.record(self.tag, self.decision)
+        self.received = body
+        for message in [{"type": "http.response.start", "status": 200,
+                         "headers": self.headers}] + [
+                {"type": "http.response.body", "body": b, "more_body": False}
+                for b in self.bodies]:
+            await send(message)
+
+
+def test_figures_come_from_what_the_processor_decided():
+    # Counts no formula on the config gives (an image-size-dependent family, say).
+    endpoint = _DecidingEndpoint(before=[1000, 300], after=[64, 64])
+    request = dict(CHAT_REQUEST, mm_processor_kwargs={"vtprune": "resprune:64"})
+    sent = _run(VTPruneUsageMiddleware(endpoint), _trusted_scope(), json.dumps(request).encode())
+    fig = json.loads(_body_of(sent))["usage"]["vtprune"]
+    assert fig["visual_tokens_before"] == 1300 and fig["visual_tokens_after"] == 128
+    assert fig["images"] == 2 and fig["kv_cache_tokens_saved"] == 1300 - 128
+    assert fig["kv_cache_bytes_saved"] == (1300 - 128) * KV_BYTES
+    assert endpoint.received["mm_processor_kwargs"]["vtprune"] == "resprune:64"
+    assert decisions.take(endpoint.tag) is None, "the decision was left behind"
+
+
+def test_untrusted_server_is_not_tagged_and_falls_back_to_the_spec():
+    endpoint, _ = _json_endpoint()
+    sent = _run(VTPruneUsageMiddleware(endpoint), _trusted_scope(False),
+                json.dumps(CHAT_REQUEST).encode())
+    assert "mm_processor_kwargs" not in json.loads(endpoint.received)
+    assert json.loads(_body_of(sent))["usage"]["vtprune"] == _expected("resprune", 64, 2, 64)
+
+
+def test_abandoned_request_null_body_passes_without_error():
+    """vLLM answers a request whose client went away with a JSON null body."""
+    endpoint = _Endpoint(200, [(b"content-type", b"application/json")], [b"null"])
+    sent = _run(VTPruneUsageMiddleware(endpoint), _trusted_scope(),
+                json.dumps(CHAT_REQUEST).encode())
+    assert _body_of(sent) == b"null"
+    tag = json.loads(endpoint.received)["mm_processor_kwargs"][decisions.REQUEST_KEY]
+    assert decisions.take(tag) is None

@@ -12,6 +12,8 @@
         Print the embedded model's directory.
     vtprune check-spec SPEC
         Validate a pruning spec and print its canonical form.
+    vtprune methods
+        List every pruning method: where it acts, whether it is served, its options.
 """
 from __future__ import annotations
 
@@ -76,7 +78,15 @@ def _model_path(args: list[str]) -> int:
     return 0
 
 
+def _methods(args: list[str]) -> int:
+    from vllm_vtprune import registry
+
+    print(registry.listing())
+    return 0
+
+
 COMMANDS = {
+    "methods": _methods,
     "serve": _serve,
     "vllm": vllm_main,
     "model-path": _model_path,

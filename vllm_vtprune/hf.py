@@ -15,7 +15,7 @@ import torch
 
 from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune.models.towers import HfClipTower
+from vllm_vtprune.families import llava as family
 
 
 class HfReference:
@@ -27,7 +27,8 @@ class HfReference:
         self.image_token_id = cfg.image_token_index
         tower = model.model.vision_tower
         # transformers 5 flattened CLIPVisionModel; 4.x kept it under .vision_model
-        self.tower = HfClipTower(getattr(tower, "vision_model", tower), cfg.vision_feature_layer)
+        self.tower = family.HfClipTower(getattr(tower, "vision_model", tower),
+                                        cfg.vision_config, cfg.vision_feature_layer)
 
     @classmethod
     def load(cls, path: str, dtype=torch.float32) -> "HfReference":
@@ -46,7 +47,8 @@ class HfReference:
         """One :class:`~vllm_vtprune.pipeline.PrunedImage` per image, as vLLM computes them."""
         text = None
         if pipeline.is_text_conditioned(spec):
-            ids = pipeline.prompt_noun_ids(self.tokenizer, prompt_ids, {self.image_token_id})
+            question = family.question_ids(self.tokenizer, prompt_ids)
+            ids = pipeline.noun_ids(self.tokenizer, question, {self.image_token_id})
             if ids:
                 text = self.model.get_input_embeddings()(torch.tensor(ids))
         return [pipeline.prune_image(self.tower, self.model.model.multi_modal_projector,

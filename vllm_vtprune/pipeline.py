@@ -1,11 +1,13 @@
 """Encoder-side pruning of one image, shared by the vLLM model class and the transformers
 reference path.
 
-Both adapters wrap their CLIP tower in a :class:`VisionTower` (embeddings, one call per
-encoder layer, and a probe that recomputes the CLS attention and keys of a layer, which
-vLLM's fused encoder attention does not return) and hand it, with their projector, to
-:func:`prune_image`. Everything method-specific lives here and in
-:mod:`vllm_vtprune.methods`, so the two serving paths cannot drift apart.
+Both paths wrap their vision tower in their family's :class:`VisionTower` adapter
+(embeddings, one call per encoder layer, and a probe that recomputes a layer's attention
+and keys, which vLLM's fused encoder attention does not return) and hand it, with their
+projector, to :func:`prune_image`. Which method runs and how is looked up in
+:mod:`vllm_vtprune.registry`; the method's own module holds its entry point, so the two
+serving paths cannot drift apart. Nothing here assumes a CLS token or a square grid:
+the tower says how many prefix tokens precede the patches and what the patch grid is.
 
 Images are processed one at a time: a batched matmul may round differently from a
 single-image one, and a greedy selection can flip on such a difference, which would make
@@ -19,30 +21,28 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from vllm_vtprune import registry
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune.methods import divprune, polymorphic, visionzip
-
-# Methods that run on the encoder side (before the LLM); the others prune inside the LLM.
-ENCODER_METHODS = ("resprune", "divprune", "visionzip", "polymorphic", "dcp")
-# Methods whose kept set depends on the prompt (their cache keys must include it).
-TEXT_CONDITIONED = ("resprune", "dcp")
 
 
 @dataclasses.dataclass
 class Probe:
-    """Attention of one encoder layer, recomputed from its own projections."""
+    """Attention of one encoder layer, recomputed from its own projections (prefix
+    tokens such as CLS first, then the patches)."""
 
-    cls_attn: Tensor  # [H, N+1]: softmax row of the CLS query (CLS column included)
-    keys: Tensor  # [H, N+1, head_dim]
-    attn: Tensor | None = None  # [H, N+1, N+1] full softmax attention when asked for
-    values: Tensor | None = None  # [H, N+1, head_dim] when asked for
+    cls_attn: Tensor | None  # [H, P+N]: softmax row of the CLS query; None without CLS
+    keys: Tensor  # [H, P+N, head_dim]
+    attn: Tensor | None = None  # [H, P+N, P+N] full softmax attention when asked for
+    values: Tensor | None = None  # [H, P+N, head_dim] when asked for
 
 
 class VisionTower(Protocol):
     num_layers: int
+    prefix: int  # tokens before the patches in the hidden states (1 for CLS, else 0)
+    grid: tuple[int, int]  # patch rows and columns, raster order
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        """[1, 3, H, W] -> [1, N+1, C] after the pre-layernorm."""
+        """[1, 3, H, W] -> [1, P+N, C] after any pre-layernorm."""
 
     def layer(self, i: int, hidden: Tensor) -> Tensor:
         """Encoder layer ``i`` on [1, M, C]."""
@@ -59,14 +59,62 @@ Projector = Callable[[Tensor], Tensor]
 
 @dataclasses.dataclass
 class PrunedImage:
-    tokens: Tensor  # [K, D] what the LLM receives, in order
-    kept: Tensor | None  # patch indices the tokens come from (None: not a plain subset)
+    """What the LLM receives for one image, and where each token came from."""
+
+    tokens: Tensor  # [K, D] in the order the LLM receives them
+    origins: Tensor  # [K] patch index each token stands at (a merged token: its representative)
+    kept: Tensor | None  # [K] patch indices when the tokens are a plain subset, else None
+    positions: Tensor | None = None  # [K, 2] (row, col) of each origin in the patch grid
+    #: Per-layer plan for methods that act inside the LLM ((layer, keep count), ...);
+    #: empty for encoder-side methods.
+    llm_plan: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def subset(cls, tokens: Tensor, kept: Tensor) -> "PrunedImage":
+        return cls(tokens, kept, kept)
+
+    @classmethod
+    def merged(cls, tokens: Tensor, origins: Tensor) -> "PrunedImage":
+        return cls(tokens, origins, None)
+
+
+@dataclasses.dataclass
+class ImageContext:
+    """Per-image state a method's entry point reads (signatures never change).
+
+    Encoder-output and projector-output methods get ``hidden`` (the feature layer's
+    output, prefix tokens first) and the ``probe`` of that layer; methods inside the
+    encoder get ``hidden = None`` and run the ``tower`` themselves.
+    """
+
+    tower: VisionTower
+    project: Projector
+    pixel_values: Tensor
+    spec: spec_mod.PruneSpec
+    text: Tensor | None  # [T, D] the prompt's nouns in the LLM's input space, or None
+    num_patches: int
+    budget: int  # tokens to keep (< num_patches)
+    hidden: Tensor | None = None  # [P+N, C]
+    probe: Probe | None = None
+
+    @property
+    def patches(self) -> Tensor:
+        return self.hidden[self.tower.prefix:]
+
+    @property
+    def patch_importance(self) -> Tensor:
+        """[N] attention the CLS query pays each patch, summed over heads."""
+        if self.probe.cls_attn is None:
+            raise ValueError(f"vtprune method {self.spec.method!r} needs CLS attention, "
+                             "which this model's vision tower does not have")
+        return self.probe.cls_attn.float().sum(0)[self.tower.prefix:]
+
+    def option(self, name: str):
+        return self.spec.value(name)
 
 
 def is_text_conditioned(spec: spec_mod.PruneSpec | None) -> bool:
-    if spec is None or spec.method not in TEXT_CONDITIONED:
-        return False
-    return not (spec.method == "resprune" and float(spec.option("alpha", 0.75)) == 0.0)
+    return spec is not None and spec.text_conditioned
 
 
 def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int) -> int:
@@ -75,11 +123,8 @@ def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int) -> int:
 
 
 def check_servable(spec: spec_mod.PruneSpec | None) -> None:
-    if spec is not None and spec.method not in ENCODER_METHODS:
-        raise ValueError(
-            f"vtprune method {spec.method!r} prunes inside the language model, which this "
-            f"version does not serve yet; encoder-side methods served: "
-            f"{', '.join(ENCODER_METHODS)}")
+    if spec is not None:
+        registry.check_served(spec.method)
 
 
 def run_layers(tower: VisionTower, hidden: Tensor, start: int, stop: int) -> Tensor:
@@ -89,7 +134,7 @@ def run_layers(tower: VisionTower, hidden: Tensor, start: int, stop: int) -> Ten
 
 
 def run_with_last_probe(tower: VisionTower, pixel_values: Tensor) -> tuple[Tensor, Probe]:
-    """Feature-layer output [N+1, C] (CLS first) and the probe of that last layer."""
+    """Feature-layer output [P+N, C] and the probe of that last layer."""
     h = tower.embed(pixel_values)
     last = tower.num_layers - 1
     h = run_layers(tower, h, 0, last)
@@ -98,123 +143,54 @@ def run_with_last_probe(tower: VisionTower, pixel_values: Tensor) -> tuple[Tenso
     return h[0], probe
 
 
+def grid_positions(origins: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(row, col) of raster patch indices in a ``grid`` of (rows, cols)."""
+    cols = grid[1]
+    origins = origins.to(torch.int64).cpu()
+    return torch.stack([origins // cols, origins % cols], dim=1)
+
+
 def prune_image(tower: VisionTower, project: Projector, pixel_values: Tensor,
                 spec: spec_mod.PruneSpec | None, text: Tensor | None = None) -> PrunedImage:
     """Visual tokens of one image ([1, 3, H, W]) as the LLM receives them: [K, D]."""
-    if spec is None:
-        return _unpruned(project, run_layers(tower, tower.embed(pixel_values), 0,
-                                             tower.num_layers)[0])
+    image = _prune(tower, project, pixel_values, spec, text)
+    image.positions = grid_positions(image.origins, tower.grid)
+    return image
+
+
+def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
     check_servable(spec)
-    if spec.method == "dcp":
-        return _dcp(tower, project, pixel_values, spec, text)
-    hidden, probe = run_with_last_probe(tower, pixel_values)
-    num_patches = hidden.shape[0] - 1
-    k = spec.tokens_for(num_patches)
+    num_patches = tower.grid[0] * tower.grid[1]
+    k = kept_tokens(spec, num_patches)
     if k >= num_patches:
-        return _unpruned(project, hidden)
-    return _ENCODER_OUTPUT_METHODS[spec.method](hidden, probe, project, spec, k, text)
+        return unpruned(tower, project, run_layers(tower, tower.embed(pixel_values), 0,
+                                                   tower.num_layers)[0])
+    method = registry.get(spec.method)
+    ctx = ImageContext(tower, project, pixel_values, spec, text, num_patches, k)
+    if method.where is not registry.Where.INSIDE_ENCODER:
+        ctx.hidden, ctx.probe = run_with_last_probe(tower, pixel_values)
+    return method.prune(ctx)
 
 
-def _unpruned(project: Projector, hidden: Tensor) -> PrunedImage:
-    return PrunedImage(project(hidden[1:]), torch.arange(hidden.shape[0] - 1))
+def unpruned(tower: VisionTower, project: Projector, hidden: Tensor) -> PrunedImage:
+    """Every patch of the feature-layer output ``hidden`` [P+N, C], projected."""
+    patches = hidden[tower.prefix:]
+    return PrunedImage.subset(project(patches), torch.arange(patches.shape[0]))
 
 
-def _resprune(hidden, probe, project, spec, k, text):
-    """ResPrune on projector outputs, seeded by the highest CLS attention (Sec. IV-A1)."""
-    from vllm_vtprune.kernels import resprune_select
+def noun_ids(tokenizer, question_ids: list[int], exclude: set[int],
+             limit: int = 32) -> list[int]:
+    """LLM-vocabulary ids of the question's nouns (ResPrune Eq. 13's text tokens).
 
-    tokens = project(hidden[1:])
-    seed = int(torch.argmax(probe.cls_attn.float().sum(0)[1:]))
-    alpha = float(spec.option("alpha", 0.75))
-    if spec.option("seed", "cls") == "norm":
-        seed = None
-    idx = resprune_select(tokens, k, text=text, alpha=alpha, seed=seed)
-    return PrunedImage(tokens[idx], idx)
-
-
-def _divprune(hidden, probe, project, spec, k, text):
-    tokens = project(hidden[1:])
-    idx = divprune.select(tokens, k)
-    return PrunedImage(tokens[idx], idx)
-
-
-def _visionzip(hidden, probe, project, spec, k, text):
-    contextual = spec.option("contextual", None)
-    tokens, _ = visionzip.select(hidden, probe.cls_attn, probe.keys.float().mean(0), k,
-                                 keep_cls=False,
-                                 contextual=int(contextual) if contextual is not None else None)
-    return PrunedImage(project(tokens.to(hidden.dtype)), None)
-
-
-def _polymorphic(hidden, probe, project, spec, k, text):
-    knn = spec.option("knn", None)
-    kwargs = {} if knn is None else {"knn": int(knn)}
-    tokens, _, _ = polymorphic.stage1(hidden[1:], probe.cls_attn.float().sum(0)[1:], k, **kwargs)
-    return PrunedImage(project(tokens.to(hidden.dtype)), None)
-
-
-_ENCODER_OUTPUT_METHODS = {
-    "resprune": _resprune,
-    "divprune": _divprune,
-    "visionzip": _visionzip,
-    "polymorphic": _polymorphic,
-}
-
-
-def _dcp(tower, project, pixel_values, spec, text):
-    """DCP-Prune inside the tower: an ACGR stage after every second layer, shrinking
-    uniformly to the budget (Sec. 3.2), the last one switching to TATCS when
-    kappa > delta (Sec. 3.3); TATCS compares projector outputs with the noun embeddings."""
-    from vllm_vtprune.methods import dcp
-
-    h = tower.embed(pixel_values)
-    n = h.shape[1] - 1
-    k = spec.tokens_for(n)
-    if k >= n:
-        return _unpruned(project, run_layers(tower, h, 0, tower.num_layers)[0])
-    targets = dcp.schedule(n, k, tower.num_layers, every=2)
-    positions = dcp.grid_positions(n)
-    origin = torch.arange(n)
-    graph = dict(k_n=int(spec.option("kn", dcp.K_N)), tau=float(spec.option("tau", dcp.TAU)))
-    for i in range(tower.num_layers):
-        stage = (i + 1) // 2 - 1
-        if (i + 1) % 2 or stage >= len(targets):
-            h = tower.layer(i, h)
-            continue
-        probe = tower.probe(i, h, full=True)
-        x_att, x_out = tower.layer_parts(i, h)
-        scores = dict(cls_attn=probe.cls_attn[:, 1:], x_in=h[0, 1:], x_att=x_att[0, 1:],
-                      x_ffn=x_out[0, 1:], attn=probe.attn[:, 1:, 1:],
-                      values=probe.values[:, 1:])
-        y = x_out[0, 1:]
-        if stage == len(targets) - 1:
-            kept, new, _ = dcp.final_stage(
-                y, targets[stage], positions, text, **scores, **graph,
-                delta=float(spec.option("delta", dcp.DELTA)),
-                text_space_tokens=project(y) if text is not None else None)
-        else:
-            kept, new = dcp.acgr_stage(y, targets[stage], positions, **scores, **graph)
-        positions, origin = positions[kept.cpu()], origin[kept.cpu()]
-        h = torch.cat([x_out[:, :1], new[None].to(h.dtype)], dim=1)
-    return PrunedImage(project(h[0, 1:]), origin)
-
-
-def prompt_noun_ids(tokenizer, prompt_ids: list[int], exclude: set[int],
-                    limit: int = 32) -> list[int]:
-    """LLM-vocabulary ids of the prompt's nouns (ResPrune Eq. 13's text tokens).
-
-    The prompt is decoded without special tokens; its last user turn (LLaVA's
-    ``USER: ... ASSISTANT:`` format), without answer-format instructions, gives the nouns;
-    every sub-word id of every noun is kept (a multi-token noun contributes
-    all of its pieces), first ``limit`` ids.
+    ``question_ids`` is the last user turn (the family finds it); it is decoded without
+    special tokens and stripped of answer-format instructions; every sub-word id of
+    every noun is kept (a multi-token noun contributes all of its pieces), first
+    ``limit`` ids.
     """
     from vllm_vtprune import text as text_mod
 
-    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    # The question being answered is the last user turn; earlier turns would crowd it out.
-    prompt = prompt.rsplit("USER:", 1)[-1].split("ASSISTANT:", 1)[0]
-    prompt = prompt.replace("SYSTEM:", " ")
-    nouns = text_mod.extract_nouns(text_mod.clean_prompt(prompt))
+    question = tokenizer.decode(question_ids, skip_special_tokens=True)
+    nouns = text_mod.extract_nouns(text_mod.clean_prompt(question))
     if not nouns:
         return []
     ids = tokenizer.encode(" ".join(nouns), add_special_tokens=False)
@@ -236,4 +212,5 @@ def trace(spec: spec_mod.PruneSpec | None, text_ids: list[int], image: PrunedIma
     kept = image.kept.tolist() if image.kept is not None else None
     with open(path, "a") as f:
         f.write(json.dumps({"spec": str(spec) if spec else "none", "text_ids": text_ids,
-                            "num_tokens": int(image.tokens.shape[0]), "kept": kept}) + "\n")
+                            "num_tokens": int(image.tokens.shape[0]), "kept": kept,
+                            "origins": image.origins.tolist()}) + "\n")

@@ -1,8 +1,8 @@
 """vLLM general plugin (entry point ``vllm.general_plugins: vtprune``).
 
 vLLM calls :func:`register` in every process it starts (API server, engine core,
-workers). It registers the pruning LLaVA class under its own architecture name, so stock
-LLaVA stays untouched unless a spec selects ours, and teaches vLLM's argument parser the
+workers). It registers each family's pruning class under its own architecture name, so
+stock classes stay untouched unless a spec selects ours, and teaches vLLM's argument parser the
 ``--vtprune`` flag (:mod:`vllm_vtprune.vllm_flag`).
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    from vllm_vtprune import LLAVA_ARCHITECTURE, vllm_flag
+    from vllm_vtprune import families, vllm_flag
 
     # "module:Class" keeps vLLM's model code out of processes that never build the model.
-    ModelRegistry.register_model(
-        LLAVA_ARCHITECTURE, "vllm_vtprune.models.llava:VTPruneLlavaForConditionalGeneration")
+    for family in families.families():
+        ModelRegistry.register_model(family.architecture, family.vllm_class)
     vllm_flag.install()
     _registered = True

@@ -8,7 +8,9 @@ Grammar::
 Examples: ``resprune:128``, ``resprune:0.25,alpha=0.75,seed=cls``, ``dcp:16,delta=0.1``,
 ``fastv:192,layer=2``, ``visionzip:64,contextual=10``, ``rcp:64,ckpt=/path,layers=2-14-26``.
 
-``None``, ``""`` and ``"none"`` (any case) mean "no pruning": :func:`parse` returns None.
+``None`` (no spec given) and ``"none"`` (any case) mean "no pruning": :func:`parse`
+returns None. An empty or blank string is an error (it is almost always a shell variable
+that was not set), whose message says that ``none`` turns pruning off.
 Values of list-like options (``layers``) are written with ``-`` between the items since
 ``,`` separates options; they are kept as strings and interpreted by the method.
 """
@@ -17,81 +19,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+
+from vllm_vtprune import registry
 
 __all__ = ["PruneSpec", "parse", "METHODS", "OPTIONS"]
 
 Value = str | int | float
 
 
-def _to_float(v: str, requirement: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise ValueError(f"must be {requirement}") from None
-    if f != f or f in (float("inf"), float("-inf")):
-        raise ValueError(f"must be {requirement}")
-    return f
+def __getattr__(name: str):
+    # Derived from the registry on first use (the registry imports the method modules).
+    if name == "METHODS":
+        return registry.names()
+    if name == "OPTIONS":
+        return {m.name: {o.name: o.parse for o in m.options}
+                for m in registry.methods().values()}
+    raise AttributeError(name)
 
-
-def _float_ge0(v: str) -> float:
-    f = _to_float(v, "a finite float >= 0")
-    if f < 0:
-        raise ValueError("must be a finite float >= 0")
-    return f
-
-
-def _float_pos(v: str) -> float:
-    f = _to_float(v, "a finite float > 0")
-    if f <= 0:
-        raise ValueError("must be a finite float > 0")
-    return f
-
-
-def _int_ge(lo: int) -> Callable[[str], int]:
-    def conv(v: str) -> int:
-        if not re.fullmatch(r"[+]?\d+", v):
-            raise ValueError(f"must be an integer >= {lo}")
-        i = int(v)
-        if i < lo:
-            raise ValueError(f"must be an integer >= {lo}")
-        return i
-
-    return conv
-
-
-def _choice(*names: str) -> Callable[[str], str]:
-    def conv(v: str) -> str:
-        if v not in names:
-            raise ValueError(f"must be one of {', '.join(names)}")
-        return v
-
-    return conv
-
-
-def _layers(v: str) -> str:
-    if not re.fullmatch(r"\d+(-\d+)*", v):
-        raise ValueError("must be layer numbers joined by '-', e.g. 2-14-26")
-    return v
-
-
-def _path(v: str) -> str:
-    if not v:
-        raise ValueError("must be a non-empty path")
-    return v
-
-
-#: Accepted option keys per method, with the converter that validates each value.
-OPTIONS: dict[str, dict[str, Callable[[str], Value]]] = {
-    "dcp": {"delta": _float_ge0, "kn": _int_ge(1), "tau": _float_pos},
-    "divprune": {},
-    "fastv": {"layer": _int_ge(0)},
-    "polymorphic": {"knn": _int_ge(1), "layers": _layers},
-    "rcp": {"ckpt": _path, "layers": _layers},
-    "resprune": {"alpha": _float_ge0, "seed": _choice("cls", "norm")},
-    "visionzip": {"contextual": _int_ge(0)},
-}
-METHODS = tuple(sorted(OPTIONS))
 
 _INT_BUDGET = re.compile(r"[1-9]\d*")
 _RATIO_BUDGET = re.compile(r"(?:0?\.\d+|1\.0*|0\.\d*|1\.)")
@@ -106,8 +50,7 @@ class PruneSpec:
     options: tuple[tuple[str, Value], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.method not in OPTIONS:
-            raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
+        registry.get(self.method)  # raises naming the accepted methods
         b = self.budget
         ok_int = isinstance(b, int) and not isinstance(b, bool) and b >= 1
         ok_ratio = isinstance(b, float) and 0 < b <= 1
@@ -122,6 +65,16 @@ class PruneSpec:
             if key == name:
                 return value
         return default
+
+    def value(self, name: str) -> Value | None:
+        """The option's value, or the default the method declares for it."""
+        return self.option(name, registry.get(self.method).option(name).default)
+
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether the kept set depends on the prompt (then the caches must key on it)."""
+        m = registry.get(self.method)
+        return m.text_conditioned(m.resolved(dict(self.options)))
 
     def tokens_for(self, n: int) -> int:
         """Tokens to keep out of ``n``: min(budget, n) or max(1, round(ratio * n)).
@@ -165,7 +118,7 @@ def _parse_budget(spec: str, text: str) -> int | float:
 
 
 def parse(spec: str | None) -> PruneSpec | None:
-    """Parse ``METHOD:BUDGET[,key=value...]``; None/""/"none" give None (no pruning).
+    """Parse ``METHOD:BUDGET[,key=value...]``; None and "none" give None (no pruning).
 
     Raises ValueError naming the bad part and listing what is accepted.  Options are
     stored sorted by key, so equivalent specs compare equal and print identically.
@@ -175,17 +128,20 @@ def parse(spec: str | None) -> PruneSpec | None:
     if not isinstance(spec, str):
         raise ValueError(f"vtprune spec must be a string, got {type(spec).__name__}")
     text = spec.strip()
-    if text == "" or text.lower() == "none":
+    if text == "":
+        raise _fail(spec, "empty spec", "METHOD:BUDGET[,key=value...], or none to turn "
+                    f"pruning off; methods: {', '.join(registry.names())}")
+    if text.lower() == "none":
         return None
     head, _, rest = text.partition(",")
     method, colon, budget_text = head.partition(":")
     method = method.strip().lower()
-    if method not in OPTIONS:
-        raise _fail(spec, f"unknown method {method!r}", ", ".join(METHODS))
+    if method not in registry.methods():
+        raise _fail(spec, f"unknown method {method!r}", ", ".join(registry.names()))
     if not colon:
         raise _fail(spec, f"missing budget after method {method!r}", "METHOD:BUDGET[,key=value...]")
     budget = _parse_budget(spec, budget_text.strip())
-    allowed = OPTIONS[method]
+    allowed = {o.name: o.parse for o in registry.get(method).options}
     accepted_keys = ", ".join(sorted(allowed)) or f"no options for {method}"
     options: dict[str, Value] = {}
     for item in rest.split(",") if rest else []:

@@ -5,8 +5,11 @@ from a fixed list of argument groups). It does load general plugins while it bui
 parser, before parsing, so :func:`install` (called by the plugin) wraps
 ``FlexibleArgumentParser.parse_args`` to rewrite the flag into options vLLM already has:
 
-* ``--hf-overrides {"architectures": ["VTPruneLlavaForConditionalGeneration"],
-  "vtprune": SPEC}``, merged into a JSON ``--hf-overrides`` the user gave;
+* ``--hf-overrides {"architectures": [ARCH], "vtprune": SPEC}``, merged into a JSON
+  ``--hf-overrides`` the user gave; ARCH is the pruning class of the served model's
+  family (:mod:`vllm_vtprune.families`), read from its config when it is a local
+  checkpoint or in the Hugging Face cache, else LLaVA-1.5's (whose class checks the
+  config again at startup and names the supported families);
 * ``--middleware vllm_vtprune.server.usage.VTPruneUsageMiddleware`` (pruning figures in
   every response's usage);
 * ``--trust-request-mm-kwargs`` (per-request ``mm_processor_kwargs={"vtprune": ...}``).
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 
-from vllm_vtprune import LLAVA_ARCHITECTURE
+from vllm_vtprune.families import llava as default_family
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 FLAG = "--vtprune"
@@ -117,21 +120,28 @@ def _model_arg(argv: list[str]) -> str | None:
     return None
 
 
-def _check_local_model(argv: list[str]) -> None:
-    """Refuse a local checkpoint the pruning class cannot serve, before vLLM starts.
-
-    Remote names are checked later, by the model class and its processor.
-    """
+def _served_config(model: str | None):
+    """The served model's config when it can be read without a download, else None."""
     import os
 
-    model = _model_arg(argv)
-    if model is None or not os.path.isfile(os.path.join(model, "config.json")):
-        return
+    if model is None:
+        return None
     from transformers import AutoConfig
 
-    from vllm_vtprune.models.checks import check_supported
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return AutoConfig.from_pretrained(model)
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception:  # not cached: the model class checks it at startup
+        return None
 
-    check_supported(AutoConfig.from_pretrained(model))
+
+def _family(argv: list[str]):
+    """The served model's family; refuses a model no family serves, before vLLM starts."""
+    from vllm_vtprune import families
+
+    config = _served_config(_model_arg(argv))
+    return default_family.FAMILY if config is None else families.for_config(config)
 
 
 def expand(argv: list[str]) -> list[str]:
@@ -142,11 +152,14 @@ def expand(argv: list[str]) -> list[str]:
     rest, value = _split_flag(list(argv), FLAG)
     if value is None:
         return list(argv)
+    if not value.strip():
+        raise ValueError(f"{FLAG} got an empty spec; give METHOD:BUDGET (e.g. resprune:128) "
+                         "or none to serve without pruning")
     spec = spec_mod.parse(value)
     check_servable(spec)
-    _check_local_model(rest)
+    family = _family(rest)
     rest, overrides = _pop_hf_overrides(rest)
-    overrides.update({"architectures": [LLAVA_ARCHITECTURE],
+    overrides.update({"architectures": [family.architecture],
                       "vtprune": str(spec) if spec else "none"})
     rest += ["--hf-overrides", json.dumps(overrides)]
     names = {_option_name(a).partition("=")[0] for a in rest}
@@ -176,7 +189,7 @@ def install() -> None:
                 self.error(
                     f"--vtprune was tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)}, "
                     f"found {vllm.__version__}; use the plain-vLLM form instead: "
-                    f"--hf-overrides '{{\"architectures\": [\"{LLAVA_ARCHITECTURE}\"], "
+                    f"--hf-overrides '{{\"architectures\": [\"{default_family.ARCHITECTURE}\"], "
                     f"\"vtprune\": \"SPEC\"}}' --middleware {MIDDLEWARE}")
             try:
                 argv = expand(argv)

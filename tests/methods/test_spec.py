@@ -28,7 +28,7 @@ def test_options_typed_sorted_and_round_trip():
     assert s.option("alpha") == 0.3 and s.option("missing", 7) == 7
     assert str(s) == "resprune:64,alpha=0.3,seed=norm"
     assert parse(str(s)) == s
-    for text in ["dcp:16,delta=0.1,kn=5,tau=10", "polymorphic:0.5,knn=7,layers=3-7-16",
+    for text in ["dcp:16,delta=0.1,kn=5,tau=10", "polymorphic:0.5,knn=7",
                  "rcp:64,ckpt=/tmp/x.pt,layers=2-14-26", "fastv:192,layer=2",
                  "visionzip:64,contextual=10", "divprune:32"]:
         s = parse(text)
@@ -43,9 +43,30 @@ def test_frozen():
         s.budget = 4
 
 
-@pytest.mark.parametrize("text", [None, "", "none", "NONE", "  "])
+@pytest.mark.parametrize("text", [None, "none", "NONE", " none "])
 def test_none_means_no_pruning(text):
     assert parse(text) is None
+
+
+@pytest.mark.parametrize("text", ["", "  "])
+def test_empty_spec_is_an_error_that_names_none(text):
+    with pytest.raises(ValueError, match="empty spec") as err:
+        parse(text)
+    assert "none to turn pruning off" in str(err.value)
+
+
+def test_option_that_does_nothing_is_refused():
+    # polymorphic serves stage 1 only: stage-2 layers would be silently ignored
+    with pytest.raises(ValueError, match="unknown option 'layers' for method 'polymorphic'"):
+        parse("polymorphic:64,layers=3-7-16")
+
+
+def test_declared_defaults_and_text_conditioning():
+    assert parse("resprune:8").value("alpha") == 0.75
+    assert parse("resprune:8,alpha=0.3").value("alpha") == 0.3
+    assert parse("resprune:8").text_conditioned
+    assert not parse("resprune:8,alpha=0").text_conditioned
+    assert parse("dcp:8").text_conditioned and not parse("divprune:8").text_conditioned
 
 
 @pytest.mark.parametrize(
@@ -68,7 +89,7 @@ def test_none_means_no_pruning(text):
         ("resprune:12,alpha=1,alpha=2", "duplicate option"),
         ("dcp:12,kn=0", "option 'kn'"),
         ("dcp:12,kn=2.5", "option 'kn'"),
-        ("polymorphic:12,layers=3,7", "bad option '7'"),
+        ("rcp:12,layers=3,7", "bad option '7'"),
         ("fastv:12,contextual=3", "unknown option 'contextual'"),
         ("divprune:12,x=1", "no options for divprune"),
     ],
@@ -85,7 +106,8 @@ def test_unknown_method_lists_accepted():
         parse("foo:12")
     for m in METHODS:
         assert m in str(err.value)
-    assert set(METHODS) == {"resprune", "dcp", "polymorphic", "rcp", "fastv", "visionzip", "divprune"}
+    assert {"resprune", "dcp", "polymorphic", "rcp", "fastv", "visionzip",
+            "divprune"} <= set(METHODS)
 
 
 def test_unknown_option_lists_accepted_keys():

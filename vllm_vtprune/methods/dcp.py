@@ -1,7 +1,7 @@
 """DCP-Prune: Anchor-Context Graph Recovery (ACGR) + Text-Aware Token Cluster Selection.
 
 Implements Xue et al., "DCP-Prune: Ultra-Low Token Pruning with Distribution Consistency
-Preservation" (papers/dcp-prune.md):
+Preservation" (no arXiv id in the published text; cited by title):
 
 * :func:`kappa` -- distribution-consistency metric, Eq. 1 / Eq. 24;
 * :func:`cls_score`, :func:`cosine_score`, :func:`variation_score`, :func:`ablation_score`
@@ -34,6 +34,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from vllm_vtprune.registry import Method, Option, Where, float_ge0, float_pos, int_ge
 
 from ._common import EPS, check_budget, check_finite, check_tokens, cosine_matrix, stable_topk
 
@@ -424,3 +426,61 @@ def schedule(num_tokens: int, budget: int, num_layers: int, every: int = 2) -> l
     if stages < 1:
         raise ValueError(f"num_layers={num_layers} with every={every} gives no pruning stage")
     return [int(round(n - (n - k) * s / stages)) for s in range(1, stages + 1)]
+
+
+def prune(ctx) -> "PrunedImage":
+    """Served entry point inside the tower: an ACGR stage after every second layer,
+    shrinking uniformly to the budget (Sec. 3.2), the last one switching to TATCS when
+    kappa > delta (Sec. 3.3); TATCS compares projector outputs with the noun embeddings.
+
+    ``ctx.tower`` runs one layer at a time; its ``prefix`` tokens (CLS) are carried
+    through every stage unpruned, and its ``grid`` gives the patch positions of Eq. 3.
+    """
+    from vllm_vtprune.pipeline import PrunedImage
+
+    tower, p = ctx.tower, ctx.tower.prefix
+    h = tower.embed(ctx.pixel_values)
+    targets = schedule(ctx.num_patches, ctx.budget, tower.num_layers, every=2)
+    positions = grid_positions(ctx.num_patches, width=tower.grid[1])
+    origin = torch.arange(ctx.num_patches)
+    graph = dict(k_n=int(ctx.option("kn")), tau=float(ctx.option("tau")))
+    for i in range(tower.num_layers):
+        stage = (i + 1) // 2 - 1
+        if (i + 1) % 2 or stage >= len(targets):
+            h = tower.layer(i, h)
+            continue
+        probe = tower.probe(i, h, full=True)
+        x_att, x_out = tower.layer_parts(i, h)
+        cls_attn = probe.cls_attn[:, p:] if probe.cls_attn is not None else None
+        scores = dict(cls_attn=cls_attn, x_in=h[0, p:], x_att=x_att[0, p:],
+                      x_ffn=x_out[0, p:], attn=probe.attn[:, p:, p:], values=probe.values[:, p:])
+        y = x_out[0, p:]
+        if stage == len(targets) - 1:
+            kept, new, _ = final_stage(
+                y, targets[stage], positions, ctx.text, **scores, **graph,
+                delta=float(ctx.option("delta")),
+                text_space_tokens=ctx.project(y) if ctx.text is not None else None)
+        else:
+            kept, new = acgr_stage(y, targets[stage], positions, **scores, **graph)
+        positions, origin = positions[kept.cpu()], origin[kept.cpu()]
+        h = torch.cat([x_out[:, :p], new[None].to(h.dtype)], dim=1)
+    return PrunedImage.merged(ctx.project(h[0, p:]), origin)
+
+
+def _uses_text(options) -> bool:
+    return True  # TATCS compares with the prompt's nouns whenever kappa > delta
+
+
+METHOD = Method(
+    name="dcp",
+    where=Where.INSIDE_ENCODER,
+    summary="ACGR every 2 encoder layers; TATCS at the last stage when kappa > delta",
+    paper='Xue et al., "DCP-Prune: Ultra-Low Token Pruning with Distribution Consistency '
+          'Preservation", Secs. 3.2-3.3, Eqs. 1-8 and Appendix A',
+    options=(Option("delta", float_ge0, DELTA, "kappa threshold that switches to TATCS"),
+             Option("kn", int_ge(1), K_N, "anchor neighbours per context token (Eq. 3)"),
+             Option("tau", float_pos, TAU, "edge temperature (Eq. 3)")),
+    needs=frozenset({"encoder_layers", "cls_attention", "text"}),
+    text_conditioned=_uses_text,
+    prune=prune,
+)

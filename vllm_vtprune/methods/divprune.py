@@ -1,7 +1,7 @@
 """DivPrune: diversity-based visual token selection (max-min distance).
 
-Implements the selection rule of DivPrune (Alvar et al., CVPR 2025) as summarised in
-``PRIOR_ART.md``: with d(i, j) = 1 - cos(x_i, x_j), the first token is
+Implements the selection rule of DivPrune (Alvar et al., "DivPrune: Diversity-based
+Visual Token Pruning for Large Multimodal Models", CVPR 2025, arXiv 2503.02175): with d(i, j) = 1 - cos(x_i, x_j), the first token is
 argmax_j min_{i != j} d(i, j); every further token maximises its minimum distance to
 the already-selected set (a greedy solution of the Max-Min Diversity Problem).
 Ties go to the lowest index; kept indices are returned in ascending (original) order.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from vllm_vtprune.registry import Method, Where
 
 from ._common import check_budget, check_tokens, cosine_matrix
 
@@ -52,3 +54,22 @@ def select(tokens: Tensor, budget: int) -> Tensor:
         taken[nxt] = True
         min_dist = torch.minimum(min_dist, d[nxt])
     return torch.sort(torch.tensor(chosen, dtype=torch.long)).values.to(tokens.device)
+
+
+def prune(ctx) -> "PrunedImage":
+    """Served entry point: max-min diversity on the projector outputs."""
+    from vllm_vtprune.pipeline import PrunedImage
+
+    tokens = ctx.project(ctx.patches)
+    idx = select(tokens, ctx.budget)
+    return PrunedImage.subset(tokens[idx], idx)
+
+
+METHOD = Method(
+    name="divprune",
+    where=Where.PROJECTOR_OUTPUT,
+    summary="greedy max-min cosine diversity of the projector outputs",
+    paper='Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large '
+          'Multimodal Models", CVPR 2025, arXiv 2503.02175',
+    prune=prune,
+)

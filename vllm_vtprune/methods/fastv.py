@@ -1,6 +1,7 @@
 """FastV baseline: attention-based visual token pruning inside the LLM.
 
-Selection rule as FastV's code does it (Chen et al., ECCV 2024; ``PRIOR_ART.md``): at
+Selection rule as FastV's code does it (Chen et al., "An Image is Worth 1/2 Tokens After
+Layer 2", ECCV 2024, arXiv 2403.06764): at
 decoder layer K (2 or 3), take the previous layer's softmax attention, average it over
 heads, take the row of the last prompt token restricted to the image-token columns,
 and keep the top-k image tokens.  Kept indices are returned ascending so that the
@@ -10,6 +11,8 @@ original position ids can be kept; ties go to the lowest index.
 from __future__ import annotations
 
 from torch import Tensor
+
+from vllm_vtprune.registry import Method, Option, Where, int_ge
 
 from ._common import check_budget, check_finite, check_vector, stable_topk
 
@@ -48,3 +51,14 @@ def select(attn_to_image: Tensor, budget: int) -> Tensor:
         scores = check_vector(attn_to_image, name="attn_to_image")
     k = min(check_budget(budget), scores.shape[0])
     return stable_topk(scores, k).to(attn_to_image.device)
+
+
+METHOD = Method(
+    name="fastv",
+    where=Where.INSIDE_LLM,
+    summary="top-k image tokens by the last prompt token's attention at decoder layer K",
+    paper='Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play '
+          'Inference Acceleration for Large Vision-Language Models", ECCV 2024, arXiv 2403.06764',
+    options=(Option("layer", int_ge(0), 2, "decoder layer K after which tokens are pruned"),),
+    needs=frozenset({"llm_attention"}),
+)

@@ -1,7 +1,7 @@
 """Polymorphic: density-peak token merging + rater-guided cross-modal pruning.
 
 Implements "Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs"
-(papers/polymorphic.md):
+(anonymous submission under double-blind review; no arXiv id):
 
 * stage 1 (encoder output): :func:`pairwise_distance` (Eqs. 1-2), :func:`local_density`
   (Eq. 3, kNN form), :func:`prominence` (Eq. 5), :func:`density_peak_merge` (Eqs. 6-7)
@@ -33,6 +33,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from vllm_vtprune.registry import Method, Option, Where, int_ge
 
 from ._common import check_budget, check_finite, check_tokens, check_vector, stable_topk
 
@@ -222,3 +224,35 @@ def stage2_schedule(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if average(mid) < k else (lo, mid)
     return counts(lo)
+
+
+def prune(ctx) -> "PrunedImage":
+    """Served entry point: stage 1 at the encoder output, the whole budget (stage 2,
+    inside the LLM, is not served yet). A merged token stands at the lowest patch index
+    of its cluster (the position M-RoPE families give it)."""
+    from vllm_vtprune.pipeline import PrunedImage
+
+    out, retained, assignment = stage1(ctx.patches, ctx.patch_importance, ctx.budget,
+                                       knn=int(ctx.option("knn")))
+    origins = torch.cat([retained.cpu(), _cluster_origins(assignment.cpu())])
+    return PrunedImage.merged(ctx.project(out.to(ctx.hidden.dtype)), origins)
+
+
+def _cluster_origins(assignment: Tensor) -> Tensor:
+    """Lowest member index of each merged cluster (``assignment`` -1: retained)."""
+    members = torch.nonzero(assignment >= 0).flatten()
+    count = int(assignment.max().item()) + 1 if members.numel() else 0
+    first = torch.full((count,), assignment.shape[0], dtype=torch.int64)
+    return first.scatter_reduce(0, assignment[members], members, reduce="amin")
+
+
+METHOD = Method(
+    name="polymorphic",
+    where=Where.ENCODER_OUTPUT,
+    summary="stage 1: CLS-attention retained tokens plus density-peak merged tokens",
+    paper='"Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs" '
+          "(anonymous submission under review; no arXiv id), Sec. 3.2, Eqs. 1-7",
+    options=(Option("knn", int_ge(1), KNN, "neighbours in the local density (Eq. 3)"),),
+    needs=frozenset({"cls_attention"}),
+    prune=prune,
+)

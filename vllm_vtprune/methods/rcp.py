@@ -1,7 +1,7 @@
 """RCP: Representation Consistency Pruner (residual cross-attention pruner + DRA).
 
 Implements Zhang et al., "RCP: Representation Consistency Pruner for Mitigating
-Distribution Shift in Large Vision-Language Models" (papers/rcp.txt, arXiv 2604.04972):
+Distribution Shift in Large Vision-Language Models" (arXiv 2604.04972):
 
 * :class:`ResidualCrossAttentionPruner` -- Eqs. 1-8 (question-conditioned pruning
   queries, learnable aggregation, per-token MLP score, intrinsic-attention baseline,
@@ -42,6 +42,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vllm_vtprune.registry import Method, Option, Where, layer_list, path
 
 from ._common import EPS, check_finite
 
@@ -308,3 +310,16 @@ def sparsity_loss(masks: dict[int, Tensor], num_layers: int, num_tokens: int, ta
     """
     r_bar = retention_rates(masks, num_layers, num_tokens).mean(dim=-1)
     return (r_bar - target).abs().mean()
+
+
+METHOD = Method(
+    name="rcp",
+    where=Where.INSIDE_LLM,
+    summary="learned cross-attention pruners with cumulative masks plus delayed repair adapters",
+    paper='Zhang et al., "RCP: Representation Consistency Pruner for Mitigating Distribution '
+          'Shift in Large Vision-Language Models", arXiv 2604.04972',
+    options=(Option("ckpt", path, None, "trained pruner and adapter weights"),
+             Option("layers", layer_list, "2-14-26", "pruning layers")),
+    needs=frozenset({"llm_attention", "checkpoint", "text"}),
+    text_conditioned=lambda options: True,
+)

@@ -1,6 +1,7 @@
 """VisionZip baseline: dominant + contextual visual tokens from the vision encoder.
 
-Selection rule as VisionZip's code does it (Yang et al., CVPR 2025; ``PRIOR_ART.md``),
+Selection rule as VisionZip's code does it (Yang et al., "VisionZip: Longer is Better
+but Not Necessary in Vision Language Models", CVPR 2025, arXiv 2412.04467),
 on vision-encoder layer -2 (CLS included at row 0):
 
 * dominant: CLS attention to patches summed over heads; the top patches (plus CLS when
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from vllm_vtprune.registry import Method, Option, Where, int_ge
 
 from ._common import EPS, check_budget, check_finite, check_tokens, stable_topk
 
@@ -77,6 +80,12 @@ def dominant_indices(cls_attn: Tensor, num_rows: int, dominant: int, keep_cls: b
     return idx
 
 
+def target_rows(num_rows: int, contextual: int) -> Tensor:
+    """Rows ``0, step, 2*step, ...`` (first ``contextual``), ``step = max(1, R // C)``."""
+    step = max(1, num_rows // contextual)
+    return torch.arange(0, num_rows, step)[:contextual]
+
+
 def contextual_merge(hidden: Tensor, keys: Tensor, contextual: int) -> Tensor:
     """Merge ``hidden`` [R, C] into ``contextual`` tokens using ``keys`` [R, Dk] as metric.
 
@@ -89,8 +98,7 @@ def contextual_merge(hidden: Tensor, keys: Tensor, contextual: int) -> Tensor:
     contextual = min(contextual, r)
     if contextual == 0:
         return hidden.new_zeros((0, hidden.shape[1]))
-    step = max(1, r // contextual)
-    targets = torch.arange(0, r, step)[:contextual]
+    targets = target_rows(r, contextual)
     is_target = torch.zeros(r, dtype=torch.bool)
     is_target[targets] = True
     metric = keys / keys.norm(dim=-1, keepdim=True).clamp_min(EPS)
@@ -148,3 +156,45 @@ def select(
     ctx_tokens = contextual_merge(h[rest], k[rest], ctx)
     out = torch.cat([h[dom_rows], ctx_tokens], dim=0)
     return out.to(device=hidden.device, dtype=hidden.dtype), dom_rows.to(hidden.device)
+
+
+def prune(ctx) -> "PrunedImage":
+    """Served entry point on the feature layer (LLaVA's layer -2), CLS dropped.
+
+    A contextual token stands at its target's patch (its position for M-RoPE families).
+    """
+    from vllm_vtprune.pipeline import PrunedImage
+
+    if ctx.tower.prefix != 1:
+        raise ValueError("vtprune method 'visionzip' needs a CLS token in the vision tower")
+    contextual = ctx.option("contextual")
+    keys = ctx.probe.keys.float().mean(0)
+    tokens, dom_rows = select(ctx.hidden, ctx.probe.cls_attn, keys, ctx.budget,
+                              keep_cls=False, contextual=contextual)
+    return PrunedImage.merged(ctx.project(tokens.to(ctx.hidden.dtype)),
+                              _origins(ctx.hidden.shape[0], dom_rows, ctx.budget, contextual))
+
+
+def _origins(num_rows: int, dom_rows: Tensor, budget: int, contextual: int | None) -> Tensor:
+    """Patch index of every output token: the dominant patches, then the targets."""
+    _, ctx_count = split_budget(min(budget, num_rows - 1), contextual)
+    rest = torch.ones(num_rows, dtype=torch.bool)
+    rest[0] = False
+    rest[dom_rows.cpu()] = False
+    rest_rows = torch.nonzero(rest).flatten()
+    ctx_count = min(ctx_count, rest_rows.shape[0])
+    targets = rest_rows[target_rows(rest_rows.shape[0], ctx_count)] if ctx_count else rest_rows[:0]
+    return torch.cat([dom_rows.cpu(), targets]) - 1
+
+
+METHOD = Method(
+    name="visionzip",
+    where=Where.ENCODER_OUTPUT,
+    summary="dominant tokens by CLS attention plus contextual merges (encoder layer -2)",
+    paper='Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language '
+          'Models", CVPR 2025, arXiv 2412.04467',
+    options=(Option("contextual", int_ge(0), None,
+                    "contextual tokens (default: VisionZip's 54:10 split of the budget)"),),
+    needs=frozenset({"cls_attention", "keys"}),
+    prune=prune,
+)

@@ -40,12 +40,13 @@ from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_supported,
                                         server_spec)
-from vllm_vtprune.models.towers import VllmClipTower
+from vllm_vtprune.families import llava as family
+from vllm_vtprune.server import decisions
 
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
 SPEC_BYTES = 96
 MAX_TEXT_IDS = 32
-_VTPRUNE_KWARGS = (SPEC_KEY, TEXT_IDS_KEY)
+_VTPRUNE_KWARGS = (SPEC_KEY, TEXT_IDS_KEY, decisions.REQUEST_KEY)
 
 
 def encode_spec(spec: spec_mod.PruneSpec | None) -> torch.Tensor:
@@ -89,9 +90,9 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
         return pipeline.kept_tokens(spec, full)
 
     def noun_token_ids(self, prompt_ids: list[int]) -> list[int]:
-        return pipeline.prompt_noun_ids(self.get_tokenizer(), prompt_ids,
-                                        {self.get_hf_config().image_token_index},
-                                        MAX_TEXT_IDS)
+        tokenizer = self.get_tokenizer()
+        return pipeline.noun_ids(tokenizer, family.question_ids(tokenizer, prompt_ids),
+                                 {self.get_hf_config().image_token_index}, MAX_TEXT_IDS)
 
 
 def _refuse_foreign_request_kwargs(inputs) -> None:
@@ -110,13 +111,29 @@ class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
         # multimodal hash (processor, encoder and prefix caches), see module docstring.
         _refuse_foreign_request_kwargs(inputs)
         kwargs = dict(inputs.hf_processor_mm_kwargs)
+        # The middleware's tag is no part of the request's identity: out of the hash.
+        request_key = kwargs.pop(decisions.REQUEST_KEY, None)
         spec = self.info.effective_spec(kwargs)
         kwargs[SPEC_KEY] = str(spec) if spec is not None else "none"
         kwargs.pop(TEXT_IDS_KEY, None)
         if pipeline.is_text_conditioned(spec):
             kwargs[TEXT_IDS_KEY] = tuple(self.info.noun_token_ids(list(inputs.prompt)))
-        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs),
-                             timing_ctx)
+        out = super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs),
+                            timing_ctx)
+        if request_key is not None:
+            decisions.record(str(request_key), self._decision(inputs, out, spec))
+        return out
+
+    def _decision(self, inputs, out, spec) -> decisions.Decision:
+        """Per image: the placeholder count vLLM got, and the unpruned count."""
+        items = inputs.mm_data_items
+        sizes = ([items.get_items("image", ImageProcessorItems).get_image_size(i)
+                  for i in range(items.get_count("image"))] if "image" in items else [])
+        before = tuple(self.info.get_num_image_tokens(image_width=s.width, image_height=s.height)
+                       for s in sizes)
+        after = tuple(p.length for p in out["mm_placeholders"].get("image", []))
+        return decisions.Decision(spec.method if spec is not None else "none",
+                                  spec.budget if spec is not None else None, before, after)
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         kwargs = {k: v for k, v in hf_kwargs.items() if k not in _VTPRUNE_KWARGS}
@@ -160,10 +177,13 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """Stock vLLM LLaVA whose image embeddings are pruned per :mod:`vllm_vtprune.pipeline`."""
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        check_supported(vllm_config.model_config.hf_config)
+        if check_supported(vllm_config.model_config.hf_config) is not family.FAMILY:
+            raise ValueError(f"vtprune: {family.ARCHITECTURE} serves {family.FAMILY.name} "
+                             "models only; leave the architecture to --vtprune")
         check_parallelism(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._tower = VllmClipTower(self.vision_tower.vision_model)
+        self._tower = family.VllmClipTower(self.vision_tower.vision_model,
+                                           vllm_config.model_config.hf_config.vision_config)
 
     def embed_multimodal(self, **kwargs: object):
         specs = kwargs.pop("vtprune_spec", None)

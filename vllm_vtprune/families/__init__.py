@@ -1,0 +1,52 @@
+"""Model families: everything specific to one kind of served model, one module each.
+
+A family module defines ``FAMILY`` (a :class:`Family`): which served configs it matches,
+the vLLM architecture name of its pruning class, its patch grid and placeholder count
+per image, its vision-tower adapters (:class:`vllm_vtprune.pipeline.VisionTower`) and
+how the question of a prompt is found. The pipeline and the methods assume none of it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+__all__ = ["Family", "families", "for_config", "for_architecture"]
+
+_MODULES = ("llava",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str  # what users call it, e.g. "LLaVA-1.5"
+    description: str  # what it matches, for error messages
+    architecture: str  # vLLM architecture name of the pruning class
+    vllm_class: str  # "module:Class" of that class (imports vLLM; loaded lazily)
+    matches: Callable[[object], bool]  # hf_config -> whether this family serves it
+    check: Callable[[object], None]  # hf_config -> raises on unsupported variants
+    grid: Callable[[object], tuple[int, int]]  # hf_config -> patch (rows, cols) per image
+    question_ids: Callable[[object, list[int]], list[int]]  # (tokenizer, prompt ids)
+
+
+def families() -> tuple[Family, ...]:
+    return tuple(importlib.import_module(f"{__name__}.{m}").FAMILY for m in _MODULES)
+
+
+def supported() -> str:
+    return "; ".join(f"{f.name} ({f.description})" for f in families())
+
+
+def for_config(hf_config) -> Family:
+    """The family serving ``hf_config``; a clear error naming the supported ones if none."""
+    for family in families():
+        if family.matches(hf_config):
+            family.check(hf_config)
+            return family
+    vision = getattr(hf_config, "vision_config", None)
+    raise ValueError(
+        f"vtprune: model type {getattr(hf_config, 'model_type', None)!r} with vision tower "
+        f"{getattr(vision, 'model_type', None)!r} is not supported; supported: {supported()}")
+
+
+def for_architecture(architecture: str) -> Family | None:
+    return next((f for f in families() if f.architecture == architecture), None)

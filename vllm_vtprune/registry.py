@@ -1,0 +1,196 @@
+"""The registry of pruning methods: every fact about a method, declared once.
+
+Each module of :mod:`vllm_vtprune.methods` that defines ``METHOD = Method(...)`` is a
+method (found by :func:`methods`, no list to edit). Spec parsing and its errors, the
+servable/refused decision, the pipeline's dispatch, text conditioning (which keys the
+caches), the benches' method lists, the parity tests and ``vtprune methods`` all read
+it from here.
+
+A method is *served* when it declares an entry point (``prune``) for where it acts; the
+others (inside the LLM) are declared so that specs naming them parse, and are refused
+with a message that says which methods are served.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import pkgutil
+import re
+from typing import Callable, Mapping
+
+Value = str | int | float
+
+__all__ = ["Where", "Option", "Method", "methods", "get", "names", "served",
+           "float_ge0", "float_pos", "int_ge", "choice", "layer_list", "path"]
+
+
+class Where(str, enum.Enum):
+    """Where a method acts; encoder-side methods run in the pipeline, the others in the LLM."""
+
+    INSIDE_ENCODER = "inside the vision encoder"
+    ENCODER_OUTPUT = "encoder output"
+    PROJECTOR_OUTPUT = "projector output"
+    INSIDE_LLM = "inside the language model"
+
+    @property
+    def encoder_side(self) -> bool:
+        return self is not Where.INSIDE_LLM
+
+
+# ---------------------------------------------------------------- option converters
+def _to_float(v: str, requirement: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(f"must be {requirement}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"must be {requirement}")
+    return f
+
+
+def float_ge0(v: str) -> float:
+    f = _to_float(v, "a finite float >= 0")
+    if f < 0:
+        raise ValueError("must be a finite float >= 0")
+    return f
+
+
+def float_pos(v: str) -> float:
+    f = _to_float(v, "a finite float > 0")
+    if f <= 0:
+        raise ValueError("must be a finite float > 0")
+    return f
+
+
+def int_ge(lo: int) -> Callable[[str], int]:
+    def conv(v: str) -> int:
+        if not re.fullmatch(r"[+]?\d+", v):
+            raise ValueError(f"must be an integer >= {lo}")
+        i = int(v)
+        if i < lo:
+            raise ValueError(f"must be an integer >= {lo}")
+        return i
+
+    return conv
+
+
+def choice(*names: str) -> Callable[[str], str]:
+    def conv(v: str) -> str:
+        if v not in names:
+            raise ValueError(f"must be one of {', '.join(names)}")
+        return v
+
+    return conv
+
+
+def layer_list(v: str) -> str:
+    if not re.fullmatch(r"\d+(-\d+)*", v):
+        raise ValueError("must be layer numbers joined by '-', e.g. 2-14-26")
+    return v
+
+
+def path(v: str) -> str:
+    if not v:
+        raise ValueError("must be a non-empty path")
+    return v
+
+
+# ---------------------------------------------------------------- declarations
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Value]
+    default: Value | None
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What a method is. ``prune`` is its encoder-side entry point
+    (``prune(ctx: pipeline.ImageContext) -> pipeline.PrunedImage``); None: not served."""
+
+    name: str
+    where: Where
+    summary: str
+    paper: str
+    options: tuple[Option, ...] = ()
+    #: What it reads besides the tokens: "cls_attention", "keys", "encoder_layers",
+    #: "text" (the prompt's nouns), "llm_attention", "checkpoint".
+    needs: frozenset[str] = frozenset()
+    #: Whether the kept set depends on the prompt, given the spec's options.
+    text_conditioned: Callable[[Mapping[str, Value]], bool] = lambda options: False
+    prune: Callable | None = None
+
+    @property
+    def served(self) -> bool:
+        return self.prune is not None and self.where.encoder_side
+
+    def option(self, name: str) -> Option:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        raise KeyError(name)
+
+    def resolved(self, given: Mapping[str, Value]) -> dict[str, Value]:
+        """Every option's value: the given ones, defaults for the rest."""
+        return {opt.name: given.get(opt.name, opt.default) for opt in self.options}
+
+
+_METHODS: dict[str, Method] | None = None
+
+
+def methods() -> dict[str, Method]:
+    """Every declared method by name (sorted), discovered in :mod:`vllm_vtprune.methods`."""
+    global _METHODS
+    if _METHODS is None:
+        import vllm_vtprune.methods as pkg
+
+        found: dict[str, Method] = {}
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name.startswith("_"):
+                continue
+            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            method = getattr(module, "METHOD", None)
+            if isinstance(method, Method):
+                if method.name in found:
+                    raise RuntimeError(f"two modules declare method {method.name!r}")
+                found[method.name] = method
+        _METHODS = dict(sorted(found.items()))
+    return _METHODS
+
+
+def names() -> tuple[str, ...]:
+    return tuple(methods())
+
+
+def served() -> tuple[str, ...]:
+    return tuple(n for n, m in methods().items() if m.served)
+
+
+def get(name: str) -> Method:
+    try:
+        return methods()[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(names())}") from None
+
+
+def check_served(method: str) -> None:
+    """Refuse a declared method that this version does not serve, naming those it does."""
+    m = get(method)
+    if not m.served:
+        raise ValueError(
+            f"vtprune method {method!r} prunes {m.where.value}, which this version does "
+            f"not serve yet; methods served: {', '.join(served())}")
+
+
+def listing() -> str:
+    """The ``vtprune methods`` table."""
+    rows = []
+    for m in methods().values():
+        opts = ", ".join(f"{o.name}={o.default}" if o.default is not None else o.name
+                         for o in m.options) or "-"
+        state = "served" if m.served else "not served yet"
+        rows.append(f"{m.name:12} {m.where.value:26} {state:15} options: {opts}\n"
+                    f"{'':12} {m.summary}\n{'':12} {m.paper}")
+    return "\n".join(rows)
