@@ -1,0 +1,106 @@
+"""The method registry and the family adapters: what every other part derives from."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from vllm_vtprune import cli, families, pipeline, registry
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.embedded import model_path
+from vllm_vtprune.families import llava
+
+
+def test_every_served_method_is_in_the_vllm_parity_test():
+    from tests.serving.test_offline import PARITY_SPECS
+
+    covered = {s.split(":")[0] for s in PARITY_SPECS}
+    assert set(registry.served()) <= covered
+    assert {"resprune", "divprune", "visionzip", "polymorphic", "dcp"} <= set(registry.served())
+
+
+def test_methods_inside_the_llm_are_declared_but_refused_naming_the_served_ones():
+    for name in ("fastv", "rcp"):
+        assert name in registry.names() and name not in registry.served()
+        with pytest.raises(ValueError) as err:
+            pipeline.check_servable(spec_mod.parse(f"{name}:64"))
+        assert "inside the language model" in str(err.value)
+        assert all(m in str(err.value) for m in registry.served())
+
+
+def test_vtprune_methods_lists_every_method(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for m in registry.methods().values():
+        assert m.name in out and m.where.value in out
+
+
+def test_unsupported_family_fails_naming_the_supported():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(model_type="qwen2_vl", vision_config=SimpleNamespace(model_type="x"))
+    with pytest.raises(ValueError, match="'qwen2_vl'.*supported: LLaVA-1.5"):
+        families.for_config(cfg)
+
+
+def test_unpruned_and_subset_results_carry_origins_and_grid_positions():
+    origins = torch.tensor([0, 5, 24, 575])
+    pos = pipeline.grid_positions(origins, (24, 24))
+    assert pos.tolist() == [[0, 0], [0, 5], [1, 0], [23, 23]]
+    # a non-square grid: rows and columns are the tower's, not sqrt(N)
+    assert pipeline.grid_positions(torch.tensor([7]), (2, 5)).tolist() == [[1, 2]]
+
+
+# ---------------------------------------------------------------- the question
+def _case_keeping_tokenizer():
+    """A word-level tokenizer that keeps case, with llava-hf's chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "<s> </s> <unk> <image> USER ASSISTANT : user is the a red circle ? what did " \
+            "say about square".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = AutoTokenizer.from_pretrained(model_path()).chat_template
+    return fast
+
+
+def _question(tokenizer, prompt):
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    return tokenizer.decode(llava.question_ids(tokenizer, ids), skip_special_tokens=True)
+
+
+def test_role_words_are_not_nouns_with_the_lower_casing_embedded_tokenizer():
+    tok = AutoTokenizer.from_pretrained(model_path())
+    assert tok("USER").input_ids[-1] == tok("user").input_ids[-1]  # it lower-cases
+    prompt = "USER: <image>\nis there a red circle ? ASSISTANT:"
+    words = _question(tok, prompt).split()
+    assert "user" not in words and "assistant" not in words and words[-2:] == ["circle", "?"]
+    ids = tok(prompt).input_ids
+    nouns = tok.convert_ids_to_tokens(
+        pipeline.noun_ids(tok, llava.question_ids(tok, ids), {tok.convert_tokens_to_ids("<image>")}))
+    assert nouns == ["red", "circle"]
+
+
+def test_last_user_turn_of_a_multi_turn_prompt():
+    tok = AutoTokenizer.from_pretrained(model_path())
+    prompt = ("USER: <image>\nwhat color is the square ? ASSISTANT: red</s>"
+              "USER: is there a circle ? ASSISTANT:")
+    assert "square" not in _question(tok, prompt) and "circle" in _question(tok, prompt)
+
+
+def test_case_keeping_tokenizer_keeps_the_word_user_in_a_question():
+    tok = _case_keeping_tokenizer()
+    assert llava.role_markers(tok) == ("USER:", "ASSISTANT:")
+    question = _question(tok, "USER: what did the user say about the red circle ? ASSISTANT:")
+    assert question.split()[:3] == ["what", "did", "the"] and "user" in question.split()
+    assert "USER" not in question and "ASSISTANT" not in question
+
+
+def test_tokenizer_without_chat_template_uses_the_llava_format():
+    tok = _case_keeping_tokenizer()
+    tok.chat_template = None
+    assert llava.role_markers(tok) == llava.DEFAULT_ROLES
+    assert "circle" in _question(tok, "USER: is the red circle ? ASSISTANT:")
