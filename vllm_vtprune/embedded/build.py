@@ -79,14 +79,18 @@ def build_tokenizer():
         chat_template=CHAT_TEMPLATE, model_max_length=2048)
 
 
+# OpenAI CLIP's pixel normalisation (what LLaVA-1.5's image processor uses).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 def build_processor():
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
         do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711])
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
                           patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)

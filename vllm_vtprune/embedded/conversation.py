@@ -6,11 +6,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vllm_vtprune.embedded import build
 from vllm_vtprune.embedded.build import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
 
 NUM_IMAGE_TOKENS = 576
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+CLIP_MEAN = torch.tensor(build.CLIP_MEAN).view(3, 1, 1)
+CLIP_STD = torch.tensor(build.CLIP_STD).view(3, 1, 1)
 # LLaVA-1.5's short-answer instruction; training sometimes appends it so that benchmark-style
 # prompts are in distribution.
 FORMAT_HINT = "Answer the question using a single word or phrase."

@@ -21,6 +21,7 @@ __all__ = [
     "check_budget",
     "cosine_matrix",
     "stable_topk",
+    "segment_mean",
 ]
 
 #: Added to norms and denominators; the papers' "epsilon" where they name one.
@@ -95,3 +96,15 @@ def stable_topk(scores: Tensor, k: int) -> Tensor:
     """
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return torch.sort(order).values
+
+
+def segment_mean(x: Tensor, segment: Tensor, num_segments: int) -> tuple[Tensor, Tensor]:
+    """Mean of the rows of ``x`` [N, C] in each of ``num_segments`` segments
+    (``segment`` [N] int64 ids), in ``x``'s dtype, and the segment sizes (float).
+
+    An empty segment's mean is 0; callers decide what it stands for. One matmul with a
+    one-hot matrix, so the sum order does not depend on the segment layout.
+    """
+    one_hot = torch.nn.functional.one_hot(segment, num_segments).to(x.dtype)  # [N, S]
+    counts = one_hot.sum(dim=0)
+    return (one_hot.T @ x) / counts.clamp_min(1).unsqueeze(1), counts

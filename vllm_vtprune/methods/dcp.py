@@ -37,7 +37,8 @@ from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, float_ge0, float_pos, int_ge
 
-from ._common import EPS, check_budget, check_finite, check_tokens, cosine_matrix, stable_topk
+from ._common import (EPS, check_budget, check_finite, check_tokens, cosine_matrix,
+                      segment_mean, stable_topk)
 
 __all__ = [
     "kappa",
@@ -322,10 +323,7 @@ def text_aware_similarity(tokens: Tensor, centers: Tensor, text: Tensor) -> Tens
 
 def _update_centers(x: Tensor, assign: Tensor, centers: Tensor) -> Tensor:
     """Eq. 8: each center becomes the mean of its tokens; an empty cluster keeps its center."""
-    k = centers.shape[0]
-    one_hot = torch.nn.functional.one_hot(assign, k).float()  # [N, K]
-    counts = one_hot.sum(dim=0)
-    means = (one_hot.T @ x) / counts.clamp_min(1).unsqueeze(1)
+    means, counts = segment_mean(x.float(), assign, centers.shape[0])
     return torch.where((counts > 0).unsqueeze(1), means, centers)
 
 

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, int_ge
 
-from ._common import check_budget, check_finite, check_tokens, check_vector, stable_topk
+from ._common import (check_budget, check_finite, check_tokens, check_vector, segment_mean,
+                      stable_topk)
 
 __all__ = [
     "KNN",
@@ -109,8 +110,7 @@ def density_peak_merge(x: Tensor, num_clusters: int, knn: int = KNN) -> tuple[Te
     centers = stable_topk(prominence(dist, local_density(dist, knn)), k)
     assignment = dist[:, centers].argmin(dim=1)
     assignment[centers] = torch.arange(k)
-    one_hot = torch.nn.functional.one_hot(assignment, k).float()
-    merged = (one_hot.T @ xf) / one_hot.sum(dim=0).unsqueeze(1)
+    merged, _ = segment_mean(xf, assignment, k)  # no cluster is empty: centers are members
     return merged.to(device=x.device, dtype=x.dtype), assignment.to(x.device)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, int_ge
 
-from ._common import EPS, check_budget, check_finite, check_tokens, stable_topk
+from ._common import EPS, check_budget, check_finite, check_tokens, segment_mean, stable_topk
 
 __all__ = ["split_budget", "dominant_indices", "contextual_merge", "select"]
 
@@ -105,10 +105,8 @@ def contextual_merge(hidden: Tensor, keys: Tensor, contextual: int) -> Tensor:
     sim = metric[~is_target] @ metric[targets].T
     merged = hidden[targets].clone()
     if sim.shape[0] > 0:
-        assign = sim.argmax(dim=1)
-        one_hot = torch.nn.functional.one_hot(assign, contextual).to(hidden.dtype)
-        counts = one_hot.sum(dim=0).clamp_min(1).unsqueeze(-1)
-        merged = merged + (one_hot.T @ hidden[~is_target]) / counts
+        means, _ = segment_mean(hidden[~is_target], sim.argmax(dim=1), contextual)
+        merged = merged + means
     return merged
 
 
