@@ -7,8 +7,9 @@
 * ``triton``: always the kernel (CPU tensors then need ``TRITON_INTERPRET=1``);
 * ``torch``: always the torch path.
 
-Both paths share the preprocessing (validation, fp32 upcast, Gram matrix, gate of
-Eq. (13)/(15), seed), so on fp32 inputs they return the same indices; the only
+Both paths share the preprocessing (:func:`vllm_vtprune.methods.resprune.prepare_inputs`:
+validation, fp32 upcast, Gram matrix, gate of Eq. (13)/(15), floored initial energies,
+seed) and the restart rule, so on fp32 inputs they return the same indices; the only
 difference is the summation order of ``sum_j L[j, p] L[j, :]`` (BLAS vs. a sequential
 loop in the kernel), i.e. ulp-level differences that can only matter on near-ties.
 """
@@ -73,27 +74,23 @@ def resprune_order_batch(
     if bsz == 0:
         _rp.check_budget(budget)
         return torch.empty(0, 0, dtype=torch.int64, device=tokens.device)
-    grams, gates, diags, e0s, seed_idx = [], [], [], [], []
-    k = None
-    for i in range(bsz):
-        v, k, t, a = _rp._prep(tokens[i], budget, texts[i], alpha)
-        g = _rp.gram(v)
-        dg = torch.diagonal(g).clone()
-        grams.append(g)
-        gates.append(_rp.gate(v, t, a))
-        diags.append(dg)
-        e0s.append(torch.where(dg <= _rp.RTOL * dg, torch.zeros_like(dg), dg))
-        seed_idx.append(_rp.seed_index(g, seed_list[i]))
+    # the same preparation (G, gate, floored initial energies, seed) as the torch path
+    prep = [
+        _rp.prepare_inputs(tokens[i], budget, texts[i], alpha, seed_list[i])
+        for i in range(bsz)
+    ]
     from vllm_vtprune.kernels._resprune_triton import launch_greedy
 
-    dev = tokens.device
+    def stacked(field):
+        return torch.stack([getattr(p, field) for p in prep]).contiguous()
+
     order = launch_greedy(
-        torch.stack(grams).contiguous(),
-        torch.stack(gates).contiguous(),
-        torch.stack(diags).contiguous(),
-        torch.stack(e0s).contiguous(),
-        torch.tensor(seed_idx, dtype=torch.int32, device=dev),
-        k,
+        stacked("gram"),
+        stacked("gate"),
+        stacked("diag"),
+        stacked("e0"),
+        torch.tensor([p.seed for p in prep], dtype=torch.int32, device=tokens.device),
+        prep[0].k,
         block=block,
         scan=block,
         persistent=persistent,

@@ -2,7 +2,8 @@
 
 The torch path itself is checked against a float64 lstsq reference in
 tests/methods/test_resprune.py; here the kernel must reproduce its picks (in order)
-exactly on fp32 inputs, and up to ties on fp16/bf16.
+exactly on fp32 inputs, also when the picks exhaust the tokens' span and new rounds
+start (restart rule), and up to ties on fp16/bf16.
 """
 
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 import triton  # noqa: F401  -- a missing triton must fail these tests, not skip them
 
+from tests.reference import assert_resprune_order_up_to_ties, resprune_reference_order
 from vllm_vtprune import kernels
 from vllm_vtprune.kernels import resprune as kdispatch
 from vllm_vtprune.methods import resprune
@@ -25,28 +27,6 @@ def torch_orders(x, k, texts, alpha, seeds):
     ]
 
 
-def check_up_to_ties(tokens, got, text, alpha, seed, rel=1e-3):
-    """Each pick is a near-argmax (float64 energies along the kernel's own picks)."""
-    v = tokens.to(torch.float64)
-    n = v.shape[0]
-    if text is None:
-        g = torch.ones(n, dtype=torch.float64)
-    else:
-        t = text.to(torch.float64)
-        cos = (v @ t.T) / (v.norm(dim=1, keepdim=True) * t.norm(dim=1) + 1e-300)
-        g = cos.max(dim=1).values.clamp_min(0) ** alpha
-    assert len(set(got)) == len(got)
-    for step in range(1, len(got)):
-        a = v[got[:step]].T
-        proj = a @ torch.linalg.lstsq(a, v.T, driver="gelsd").solution
-        e = ((v.T - proj) ** 2).sum(0)
-        e = torch.where(e <= 1e-4 * (v * v).sum(1), 0.0, e)
-        s = g * e
-        s[got[:step]] = -1
-        use = s if s.max() > 0 else torch.where(s < 0, -1.0, e)
-        assert use[got[step]] >= use.max() * (1 - rel), (step, got[step])
-
-
 @pytest.mark.parametrize(
     "b,n,d,k,block",
     [
@@ -54,7 +34,8 @@ def check_up_to_ties(tokens, got, text, alpha, seed, rel=1e-3):
         (1, 37, 24, 37, 16),  # K = N
         (3, 50, 32, 1, 16),  # K = 1
         (2, 64, 40, 30, 64),  # exact multiple, single block
-        (1, 300, 16, 40, 128),  # K > D: rank exhaustion -> fallback by lowest index
+        (1, 300, 16, 40, 128),  # K > D: rank exhaustion -> restarts (new rounds)
+        (2, 40, 8, 37, 16),  # K close to N, N > D: several rounds
     ],
 )
 @pytest.mark.parametrize("use_text", [False, True])
@@ -71,6 +52,30 @@ def test_kernel_matches_torch_fp32(b, n, d, k, block, use_text, persistent):
     assert got.tolist() == torch_orders(x, k, texts, 0.75, seeds)
 
 
+def check_kernel(x, k, texts, seeds, block, persistent, alpha=0.75):
+    """Kernel picks == torch picks (in order) == float64 reference; returns them."""
+    got = kernels.resprune_order_batch(
+        x, k, texts, alpha, seeds, block=block, persistent=persistent
+    ).tolist()
+    assert got == torch_orders(x, k, texts, alpha, seeds)
+    for b in range(x.shape[0]):
+        assert got[b] == resprune_reference_order(x[b], k, texts[b], alpha, seeds[b])
+    return got
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_kernel_low_rank_new_rounds(persistent):
+    # 20 tokens of rank 5, budget 12: rounds of 5, 5 and 2 picks; one text-gated image,
+    # one with an explicit seed, so the round starts differ between the images
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(3, 20, 5, generator=gen) @ torch.randn(3, 5, 24, generator=gen)
+    texts = [None, torch.randn(2, 24, generator=gen), None]
+    got = check_kernel(x, 12, texts, [None, None, 7], 8, persistent)
+    perm = torch.randperm(20, generator=gen)  # the tail follows the tokens, not positions
+    back = check_kernel(x[:1, perm], 12, [None], [None], 8, persistent)[0]
+    assert [int(perm[i]) for i in back] == got[0]
+
+
 @pytest.mark.parametrize("persistent", [False, True])
 def test_kernel_duplicates_zeros_collinear(persistent):
     gen = torch.Generator().manual_seed(11)
@@ -80,17 +85,25 @@ def test_kernel_duplicates_zeros_collinear(persistent):
     )  # 20 tokens: duplicates, zeros, multiples
     x = x.unsqueeze(0)
     for k in (1, 9, 14, 21, 30):
-        got = kernels.resprune_order_batch(x, k, None, 0.75, None, block=8, persistent=persistent)
-        assert got[0].tolist() == torch_orders(x, k, [None], 0.75, [None])[0]
-        assert len(set(got[0].tolist())) == min(k, x.shape[1])
-    allsame = torch.randn(12, generator=gen).repeat(10, 1).unsqueeze(0)
-    got = kernels.resprune_order_batch(
-        allsame, 10, None, 0.75, None, block=4, persistent=persistent
-    )
-    assert got[0].tolist() == list(range(10))  # all tied -> lowest index order
+        got = check_kernel(x, k, [None], [None], 8, persistent)
+        assert len(set(got[0])) == min(k, x.shape[1])
+    assert got[0][-3:] == [13, 14, 15]  # only zero vectors left: restart, lowest index
+    # one direction: every step restarts, so the picks go by norm (ties: lowest index)
+    v = torch.randn(12, generator=gen)
+    coll = torch.stack([c * v for c in [1.0, -2.0, 0.5, 3.0, 3.0, 1.0, 0.0]]).unsqueeze(0)
+    assert check_kernel(coll, 7, [None], [None], 4, persistent)[0] == [3, 4, 1, 0, 5, 2, 6]
+    allsame = v.repeat(10, 1).unsqueeze(0)  # all tied on every restart -> lowest index
+    assert check_kernel(allsame, 10, [None], [None], 4, persistent)[0] == list(range(10))
     z = torch.zeros(1, 6, 5)
-    got = kernels.resprune_order_batch(z, 4, None, 0.75, None, block=4, persistent=persistent)
-    assert got[0].tolist() == [0, 1, 2, 3]
+    assert check_kernel(z, 4, [None], [None], 4, persistent)[0] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_kernel_restart_gate_then_ungated_fallback(persistent):
+    e = torch.eye(4)
+    x = torch.stack([-e[0], -2 * e[0], 0.5 * e[0], -3 * e[0]]).unsqueeze(0)
+    got = check_kernel(x, 4, [e[:1]], [None], 2, persistent)
+    assert got[0] == [3, 2, 1, 0]  # positive gate first, then by ungated energy
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -103,17 +116,19 @@ def test_kernel_half_inputs_same_set_up_to_ties(dtype, persistent):
     for b in range(2):
         ref = resprune.select_order(x[b], 15, t, 0.3).tolist()
         if sorted(got[b].tolist()) != sorted(ref):
-            check_up_to_ties(x[b].float(), got[b].tolist(), t.float(), 0.3, None)
+            assert_resprune_order_up_to_ties(
+                x[b].float(), got[b].tolist(), t.float(), 0.3, rel=1e-3
+            )
 
 
 def test_checker_can_fail():
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(20, 16, generator=gen)
     good = resprune.select_order(x, 6).tolist()
-    check_up_to_ties(x, good, None, 0.75, None)
+    assert_resprune_order_up_to_ties(x, good, rel=1e-3)
     bad = good[:2] + [i for i in range(20) if i not in good][:4]
     with pytest.raises(AssertionError):
-        check_up_to_ties(x, bad, None, 0.75, None)
+        assert_resprune_order_up_to_ties(x, bad, rel=1e-3)
 
 
 def test_dispatch_env(monkeypatch):

@@ -5,17 +5,10 @@ import math
 import pytest
 import torch
 
+from tests.reference import cosine
 from vllm_vtprune.methods import dcp
 
 EPS = 1e-8
-
-
-def _cos(a, b):
-    na = math.sqrt(sum(v * v for v in a))
-    nb = math.sqrt(sum(v * v for v in b))
-    if na < EPS or nb < EPS:
-        return 0.0
-    return sum(x * y for x, y in zip(a, b)) / (na * nb)
 
 
 def _norm(a):
@@ -38,11 +31,11 @@ def ref_scores(y, cls_attn, x_in, x_att, x_ffn, attn, values):
     heads = len(cls_attn)
     a_cls = [sum(cls_attn[h][i].item() for h in range(heads)) / heads for i in range(m)]
     s_cls = [a / (sum(a_cls) + EPS) for a in a_cls]
-    c = [1 - sum(_cos(y[i], y[j]) for j in range(m) if j != i) / (m - 1) for i in range(m)]
+    c = [1 - sum(cosine(y[i], y[j]) for j in range(m) if j != i) / (m - 1) for i in range(m)]
     s_cos = [v / (sum(c) + EPS) for v in c]
     s_var = [0.0] * m
     for xb in (xa, xf):
-        dist = [1 - _cos(xi[i], xb[i]) for i in range(m)]
+        dist = [1 - cosine(xi[i], xb[i]) for i in range(m)]
         z = sum(math.exp(v) for v in dist)
         for i in range(m):
             s_var[i] += math.exp(dist[i]) / z * _norm(xb[i]) / (_norm(xi[i]) + EPS)
@@ -67,7 +60,7 @@ def ref_graph_update(y, anchors, context, pos, k_n=5, tau=10.0, alpha=0.1):
         edges = []
         for i in context:
             sq = sum((pos[i][q] - pos[j][q]) ** 2 for q in range(2))
-            edges.append((_cos(y[i], y[j]) * math.exp(-sq / tau), i))
+            edges.append((cosine(y[i], y[j]) * math.exp(-sq / tau), i))
         top = sorted(edges, key=lambda e: (-e[0], e[1]))[:k_n]
         top = [(max(e, 0.0), i) for e, i in top]
         total = sum(e for e, _ in top)
@@ -189,8 +182,8 @@ def ref_greedy(x, k, cls_attn):
     while len(S) < k:
         best, pick = -math.inf, None
         for i in U:
-            g = sum(_cos(rows[i], rows[j]) for j in U) / len(U)
-            g -= max((_cos(rows[i], rows[p]) for p in S), default=0.0)
+            g = sum(cosine(rows[i], rows[j]) for j in U) / len(U)
+            g -= max((cosine(rows[i], rows[p]) for p in S), default=0.0)
             g += a[i]
             if g > best:
                 best, pick = g, i
@@ -206,7 +199,7 @@ def ref_tatcs(x, t, k, cls_attn, iters=3):
     centers = [list(rows[i]) for i in ref_greedy(x, k, cls_attn)]
 
     def sim(i, z):
-        return _cos(rows[i], z) - abs(_cos(rows[i], t) - _cos(z, t))
+        return cosine(rows[i], z) - abs(cosine(rows[i], t) - cosine(z, t))
 
     def assign(centers):
         out = []

@@ -1,26 +1,17 @@
 """DivPrune against a loop reference of PRIOR_ART's max-min rule."""
 
-import math
-
 import pytest
 import torch
 
+from tests.reference import cosine
 from vllm_vtprune.methods.divprune import select
-
-
-def _cos(a, b):
-    na = math.sqrt(sum(v * v for v in a))
-    nb = math.sqrt(sum(v * v for v in b))
-    if na < 1e-8 or nb < 1e-8:
-        return 0.0
-    return sum(x * y for x, y in zip(a, b)) / (na * nb)
 
 
 def reference(tokens, budget):
     rows = tokens.double().tolist()
     n = len(rows)
     k = min(budget, n)
-    d = [[round(1.0 - _cos(rows[i], rows[j]), 6) for j in range(n)] for i in range(n)]
+    d = [[round(1.0 - cosine(rows[i], rows[j]), 6) for j in range(n)] for i in range(n)]
     if n == 1:
         return [0]
     best, first = -1.0, None

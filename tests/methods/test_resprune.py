@@ -1,91 +1,35 @@
 """ResPrune torch path against a slow reference written straight from the definition.
 
-The reference (float64) projects every token onto the span of the selected tokens with
-``torch.linalg.lstsq`` at every step and takes the argmax of the gated residual energy
-in an explicit Python loop (Eq. (10)-(16) of the paper); it shares no code with
-``vllm_vtprune.methods.resprune`` beyond the documented conventions (clamped gate,
-relative round-off floor RTOL, fallback, lowest-index ties).
+The reference (``tests/reference.py``, float64) projects every token onto the span of
+the current round's picks with ``torch.linalg.lstsq`` at every step and takes the argmax
+of the gated residual energy in an explicit Python loop (Eq. (10)-(16) of the paper);
+it shares no code with ``vllm_vtprune.methods.resprune`` beyond the documented
+conventions (clamped gate, relative round-off floor RTOL, fallback, restart rule,
+lowest-index ties).
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from tests.reference import (
+    assert_resprune_order_up_to_ties,
+    resprune_reference_order as ref_order,
+    resprune_reference_trace,
+)
 from vllm_vtprune.methods import resprune
-
-RTOL = 1e-4  # the documented round-off floor, restated (not imported) on purpose
-TIE = 1e-5  # documented relative tie window
-
-
-def ref_argmax(cand, score):
-    m = max(score[i] for i in cand)
-    return min(i for i in cand if score[i] >= m * (1 - TIE))
-
-
-# ----------------------------------------------------------------------------- reference
-def ref_gate(v: torch.Tensor, text, alpha: float) -> list[float]:
-    n = v.shape[0]
-    if text is None or text.shape[0] == 0 or alpha == 0:
-        return [1.0] * n
-    dots = v @ text.T  # [N, T]
-    den = v.norm(dim=1, keepdim=True) * text.norm(dim=1).unsqueeze(0)
-    cos = torch.where(den > 0, dots / torch.where(den > 0, den, 1.0), 0.0)
-    return [max(float(c), 0.0) ** alpha for c in cos.max(dim=1).values]
-
-
-def ref_residual_energy(v: torch.Tensor, selected: list[int], i: int) -> float:
-    x = v[i]
-    if selected:
-        a = v[selected].T  # [D, k]
-        coef = torch.linalg.lstsq(a, x.unsqueeze(1), driver="gelsd").solution
-        x = x - (a @ coef).squeeze(1)
-    e = float(x @ x)
-    return 0.0 if e <= RTOL * float(v[i] @ v[i]) else e
-
-
-def ref_order(tokens, budget, text=None, alpha=0.75, seed=None, trace=None):
-    v = tokens.detach().to(torch.float64)
-    t = None if text is None else text.detach().to(torch.float64)
-    n = v.shape[0]
-    k = min(budget, n)
-    g = ref_gate(v, t, alpha)
-    if seed is None:
-        norms = [float(v[i] @ v[i]) for i in range(n)]
-        seed = ref_argmax(range(n), norms)
-    order = [seed]
-    while len(order) < k:
-        cand = [i for i in range(n) if i not in order]
-        e = {i: ref_residual_energy(v, order, i) for i in cand}
-        score = {i: g[i] * e[i] for i in cand}
-        if trace is not None:
-            trace.append(score)
-        best = ref_argmax(cand, score)
-        if not score[best] > 0:
-            best = ref_argmax(cand, e)
-        order.append(best)
-    return order
-
-
-def assert_same_order_up_to_ties(tokens, got, text=None, alpha=0.75, seed=None, rel=1e-4):
-    """Each pick of ``got`` must be a (near-)argmax of the reference score at that step."""
-    v = tokens.detach().to(torch.float64)
-    g = ref_gate(v, None if text is None else text.to(torch.float64), alpha)
-    got = [int(i) for i in got]
-    assert len(set(got)) == len(got)
-    for step in range(1, len(got)):
-        prefix = got[:step]
-        cand = [i for i in range(v.shape[0]) if i not in prefix]
-        e = {i: ref_residual_energy(v, prefix, i) for i in cand}
-        s = {i: g[i] * e[i] for i in cand}
-        m = max(s.values())
-        use = s if m > 0 else e
-        m = max(use.values())
-        assert use[got[step]] >= m - rel * m, (step, got[step], use[got[step]], m)
 
 
 def order(tokens, budget, text=None, alpha=0.75, seed=None):
     return resprune.select_order(tokens, budget, text, alpha, seed).tolist()
+
+
+def low_rank(n, rank, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -102,16 +46,42 @@ def test_matches_reference_random(n, d, k, use_text):
     assert sel.tolist() == sorted(got)
 
 
-def test_low_rank_exhaustion_then_lowest_index():
-    # rank 5: after 5 picks all residuals are 0 -> remaining picks by lowest index
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 5, generator=gen) @ torch.randn(5, 32, generator=gen)
+def gated_norm_argmax(x, rest, text, alpha=0.75):
+    """Hand-derived first pick of a new round: the largest gate * ||v||^2 among rest."""
+    g = torch.ones(x.shape[0])
+    if text is not None:
+        cos = torch.nn.functional.cosine_similarity(x[:, None], text[None], dim=2)
+        g = cos.max(dim=1).values.clamp_min(0) ** alpha
+    score = g * (x * x).sum(1)
+    return max(rest, key=lambda i: (float(score[i]), -i))
+
+
+@pytest.mark.parametrize("use_text", [False, True])
+def test_low_rank_exhaustion_starts_a_new_round(use_text):
+    # rank 5, budget 12: picks 1-5 span every token, so picks 6-10 are a second greedy
+    # round over the remaining 15 tokens (seeded by the largest gated norm among them)
+    # and picks 11-12 a third one over the last 10 -- not the lowest unselected indices
+    x = low_rank(20, 5, 32, seed=1)
+    text = torch.randn(2, 32, generator=torch.Generator().manual_seed(2)) if use_text else None
+    got = order(x, 12, text)
+    assert got == ref_order(x, 12, text)
+    assert int(torch.linalg.matrix_rank(x[got[:5]])) == 5
+    for lo, hi in ((5, 10), (10, 12)):
+        rest = [i for i in range(20) if i not in got[:lo]]
+        first = gated_norm_argmax(x, rest, text)
+        again = order(x[rest], hi - lo, text, seed=rest.index(first))
+        assert got[lo:hi] == [rest[j] for j in again], lo
+    assert got[5:] != [i for i in range(20) if i not in got[:5]][:7]  # old raster tail
+
+
+def test_exhaustion_tail_follows_the_tokens_not_their_positions():
+    # no ties: permuting the rows permutes every pick, the tail after exhaustion too
+    x = low_rank(20, 5, 32, seed=3)
     got = order(x, 12)
-    ref = ref_order(x, 12)
-    assert got == ref
-    first = got[:5]
-    rest = [i for i in range(20) if i not in first][:7]
-    assert got[5:] == rest
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        perm = torch.randperm(20, generator=gen)
+        assert [int(perm[i]) for i in order(x[perm], 12)] == got
 
 
 def test_duplicates_and_zero_vectors():
@@ -122,19 +92,78 @@ def test_duplicates_and_zero_vectors():
         got = order(x, k)
         assert got == ref_order(x, k)
         assert len(set(got)) == min(k, 12)
-    # the first 6 picks span everything; copies/zeros never come earlier, and of the
-    # collinear pair (4, 11 = 3 * token 4) the one with 9x the energy is taken
-    assert sorted(order(x, 6)) == [0, 1, 2, 3, 5, 11]
+    got = order(x, 12)
+    # round 1 spans everything: copies/zeros never come earlier, and of the collinear
+    # pair (4, 11 = 3 * token 4) the one with 9x the energy is taken
+    assert sorted(got[:6]) == [0, 1, 2, 3, 5, 11]
+    # round 2: token 4 and the copies 6-8 (independent of each other) in greedy order;
+    # then only zero vectors are left: every step restarts and takes the lowest index
+    rest = [4, 6, 7, 8]
+    assert got[6:10] == [rest[j] for j in order(x[rest], 4)]
+    assert got[10:] == [9, 10]
 
 
 def test_all_collinear_and_all_zero():
     v = torch.randn(16, generator=torch.Generator().manual_seed(4))
     x = torch.stack([c * v for c in [1.0, -2.0, 0.5, 3.0, 3.0, 1.0]])
-    assert order(x, 6) == [3, 0, 1, 2, 4, 5]  # seed = first largest norm, then lowest
-    assert ref_order(x, 6) == [3, 0, 1, 2, 4, 5]
+    # one direction: every step exhausts it and restarts, so the picks go by norm
+    # (largest first, ties to the lowest index), not by position
+    assert order(x, 6) == [3, 4, 1, 0, 5, 2]
+    assert ref_order(x, 6) == [3, 4, 1, 0, 5, 2]
     z = torch.zeros(5, 8)
     assert order(z, 3) == [0, 1, 2]
     assert resprune.select(z, 9).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_restart_ranks_by_gate_then_ungated_fallback():
+    e = torch.eye(4)
+    x = torch.stack([-e[0], -2 * e[0], 0.5 * e[0], -3 * e[0]])  # one direction
+    text = e[:1]
+    # seed 3 (largest norm); each later step restarts: the only token with a positive
+    # gate (2) first, then the gate-0 tokens by ungated energy (1 before 0)
+    assert order(x, 4, text) == [3, 2, 1, 0]
+    assert ref_order(x, 4, text) == [3, 2, 1, 0]
+
+
+def test_reference_trace_margins():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 40, generator=gen)
+    t = torch.randn(2, 40, generator=gen)
+    got, margins = resprune_reference_trace(x, 10, t, seed=4)
+    assert got == ref_order(x, 10, t, seed=4) == order(x, 10, t, seed=4)
+    assert len(margins) == 10 and margins[0] == math.inf
+    assert all(0.0 < m < math.inf for m in margins[1:])
+    # ties decided by the lowest index have margin 0: seed 3 vs 4, then 0 vs 5
+    v = torch.randn(16, generator=gen)
+    x = torch.stack([c * v for c in [1.0, -2.0, 0.5, 3.0, 3.0, 1.0]])
+    got, margins = resprune_reference_trace(x, 6)
+    assert got == [3, 4, 1, 0, 5, 2]
+    assert margins[0] == 0.0 and margins[3] == 0.0
+    assert margins[1] == pytest.approx(5 / 9) and margins[2] == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("c,want", [(0.0101, [0, 1, 2]), (0.0099, [0, 2, 1])])
+def test_reference_trace_margin_sees_a_token_near_its_floor(c, want):
+    # token 1's residual after token 0 is c^2, within 2 % of its floor RTOL * ||v_1||^2:
+    # above it, token 1 is the only one outside the span and is picked next; below it,
+    # the round is exhausted and a new one starts with the larger token 2
+    e = torch.eye(3)
+    x = torch.stack([2 * e[0], e[0] + c * e[2], 1.2 * e[0]])
+    got, margins = resprune_reference_trace(x, 3)
+    assert got == order(x, 3) == want
+    assert margins[1] < 0.05
+    far = torch.stack([2 * e[0], e[0] + 0.5 * e[2], 1.2 * e[0]])
+    assert resprune_reference_trace(far, 3)[1][1] > 0.5
+
+
+def test_reference_trace_margin_sees_a_gate_at_the_clamp():
+    # token 1 wins the gated stage only through a cosine of 1e-6: another float path
+    # may clamp it to gate 0 and fall back to the ungated stage (token 2)
+    e = torch.eye(4)
+    x = torch.stack([3 * e[0], e[1] + 1e-6 * e[2], 2 * e[3]])
+    got, margins = resprune_reference_trace(x, 2, e[2:3])
+    assert got == order(x, 2, e[2:3]) == [0, 1]
+    assert margins[1] < 1e-5
 
 
 def test_single_token_and_budget_ge_n():
@@ -275,7 +304,14 @@ def test_reference_checker_can_fail():
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(20, 32, generator=gen)
     good = ref_order(x, 6)
-    assert_same_order_up_to_ties(x, good)
+    assert_resprune_order_up_to_ties(x, good)
     bad = good[:3] + [i for i in range(20) if i not in good][:3]
     with pytest.raises(AssertionError):
-        assert_same_order_up_to_ties(x, bad)
+        assert_resprune_order_up_to_ties(x, bad)
+    # after exhaustion it follows the new round, and rejects the old raster-order tail
+    x = low_rank(20, 5, 32, seed=1)
+    good = ref_order(x, 12)
+    assert_resprune_order_up_to_ties(x, good)
+    raster = good[:5] + [i for i in range(20) if i not in good[:5]][:7]
+    with pytest.raises(AssertionError):
+        assert_resprune_order_up_to_ties(x, raster)

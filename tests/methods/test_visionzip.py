@@ -1,19 +1,10 @@
 """VisionZip against a loop reference of PRIOR_ART's dominant + contextual rule."""
 
-import math
-
 import pytest
 import torch
 
+from tests.reference import cosine
 from vllm_vtprune.methods.visionzip import select, split_budget
-
-
-def _cos(a, b):
-    na = math.sqrt(sum(v * v for v in a))
-    nb = math.sqrt(sum(v * v for v in b))
-    if na < 1e-8 or nb < 1e-8:
-        return 0.0
-    return sum(x * y for x, y in zip(a, b)) / (na * nb)
 
 
 def reference(hidden, cls_attn_heads, keys, dominant, contextual, keep_cls):
@@ -34,7 +25,7 @@ def reference(hidden, cls_attn_heads, keys, dominant, contextual, keep_cls):
         for pos, j in enumerate(rest):
             if pos in targets:
                 continue
-            sims = [_cos(kk[j], kk[rest[t]]) for t in targets]
+            sims = [cosine(kk[j], kk[rest[t]]) for t in targets]
             best = max(range(len(targets)), key=lambda q: (sims[q], -q))
             groups[targets[best]].append(j)
         for t in targets:

@@ -27,11 +27,28 @@ Gram-Schmidt on the tokens is the same computation as **pivoted Cholesky on the 
 matrix** ``G = V V^T``.  With ``L[k, :] = <q_k, v_:>`` (q_k the k-th Gram-Schmidt basis
 vector), selecting pivot p at step k gives
 
-    L[k, :] = (G[p, :] - sum_{j<k} L[j, p] L[j, :]) / sqrt(E_p)
+    L[k, :] = (G[p, :] - sum_{r0<=j<k} L[j, p] L[j, :]) / sqrt(E_p)
     E      <- E - L[k, :]**2
 
-so after computing G once (O(N^2 D), one matmul, fp32) every step costs O(k N),
-independent of the embedding width D.
+(r0: the step at which the current round began, see "Restart" below; r0 = 0 until the
+first restart) so after computing G once (O(N^2 D), one matmul, fp32) every step costs
+O(k N), independent of the embedding width D.
+
+Restart (when the picks span every remaining token): once every unselected token has
+residual energy exactly 0 after the round-off floor below (the budget exceeds the
+numerical rank: more tokens than the LLM width, duplicates, images with little
+content), Eq. (12)/(16) has nothing left to rank.  A new **round** of the same greedy
+expansion then starts on the tokens not yet chosen: the basis is reset (the sum above
+runs over the rows of the current round only, ``j >= r0`` with ``r0`` = this step), every
+unselected token's residual energy is reset to its initial (floored) energy
+``E_i = G[i, i]``, and the pivot is taken by the usual rule on these energies (gated
+argmax, then the fallbacks below).  So each round is Eq. (12)/(16) applied to the tokens
+not yet chosen, and a second round takes the next most energetic/relevant directions.
+This replaces an earlier "lowest unselected index" fill, which ranked tokens by raster
+order and let last-bit rounding (which token is still a hair above the floor differs
+between CPUs and serving paths) decide the tail.  It happens on real models whenever
+the budget exceeds the rank.  If only zero vectors remain, every step restarts and takes
+the lowest unselected index.
 
 Conventions (shared bit-for-bit with the Triton kernel in ``vllm_vtprune.kernels``):
 
@@ -45,27 +62,30 @@ Conventions (shared bit-for-bit with the Triton kernel in ``vllm_vtprune.kernels
   token that lies in the span (duplicates, collinear or zero tokens), it leaves noise of
   order eps * ||v_i||^2.  A residual energy ``E_i <= RTOL * ||v_i||^2`` (``RTOL`` =
   1e-4, i.e. a residual norm below 1 % of the token's own norm) is therefore set to
-  exactly 0 ("the token is in the span").  Negative values are likewise 0.
-* Pivot with zero energy: its new row is 0 (it adds no direction to the span).
-* Fallback when every unselected token has gated energy 0 (all residuals 0 because the
-  tokens are exhausted/collinear/duplicates, or all gates 0): take the unselected token
-  with the largest *ungated* residual energy; if those are all 0 too, the lowest
-  unselected index.  So the result always has ``min(budget, N)`` distinct indices and is
-  deterministic.
+  exactly 0 ("the token is in the span").  Negative values are likewise 0.  One helper
+  applies it, in the greedy loop and to the initial energies of :func:`prepare_inputs`
+  (whose outputs the Triton host code hands to the kernel), so it is defined once.
+* Pivot with zero energy (a zero-vector seed, or a zero vector picked after a restart):
+  its new row is 0 (it adds no direction to the span).
+* Fallback when every unselected token has gated energy 0 but some has a positive
+  residual (all gates of those tokens 0): take the unselected token with the largest
+  *ungated* residual energy.  With the restart rule the result always has
+  ``min(budget, N)`` distinct indices and is deterministic.
 * Seed: ``seed`` (e.g. the highest-CLS-attention token, passed by the vLLM adapter), or
   when None the largest-norm token (largest ``G[i, i]``, lowest index on ties), as the
-  paper does for Qwen2.5-VL (Sec. IV-A1).  The seed is always the first pick, whatever
-  its gate.
+  paper does for Qwen2.5-VL (Sec. IV-A1).  The seed is always the first pick (of
+  round 1), whatever its gate.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from vllm_vtprune import registry as _registry
 from vllm_vtprune.methods._common import check_budget, check_tokens, cosine_matrix
 
 __all__ = [
@@ -80,6 +100,8 @@ __all__ = [
     "gram",
     "seed_index",
     "greedy_order_from_gram",
+    "GreedyInputs",
+    "prepare_inputs",
 ]
 
 #: Relative round-off floor on residual energies (see module docstring).
@@ -141,44 +163,59 @@ def seed_index(g: Tensor, seed) -> int:
     return seed
 
 
+def _floor_energy(e: Tensor, diag: Tensor) -> Tensor:
+    """Round-off floor: ``E_i <= RTOL * G[i, i]`` (negatives too) becomes exactly 0."""
+    return torch.where(e <= RTOL * diag, torch.zeros_like(e), e)
+
+
+def _pick(e: Tensor, gvec: Tensor, sel: Tensor) -> int:
+    """Eq. (14)/(16) over the unselected tokens, ties to the lowest index; if every
+    gated score is 0, the largest ungated energy (lowest index if those are 0 too)."""
+    neg = torch.full_like(e, -1.0)
+    score = torch.where(sel, neg, gvec * e)
+    p = argmax_lowest(score)
+    if not score[p].item() > 0.0:
+        p = argmax_lowest(torch.where(sel, neg, e))
+    return p
+
+
+def _gs_step(g: Tensor, L: Tensor, e: Tensor, diag: Tensor, p: int, r0: int, step: int):
+    """One Gram-Schmidt step on G (Eq. (17)) with the rows of the current round only
+    (``L[r0:step]``); writes ``L[step]`` and returns the updated, floored energies."""
+    d = e[p]
+    if not d.item() > 0.0:
+        return e  # pivot already in the span: it adds no direction, its row stays 0
+    row = (g[p] - L[r0:step, p] @ L[r0:step]) / torch.sqrt(d)
+    L[step] = row
+    return _floor_energy(e - row * row, diag)  # Eq. (11) updated for S + {p}
+
+
 def greedy_order_from_gram(g: Tensor, gvec: Tensor, k: int, seed: int) -> Tensor:
     """Gated greedy selection (Eq. (12), (14), (16)) as pivoted Cholesky on ``g``.
 
     ``g``: float32 Gram matrix [N, N]; ``gvec``: gate g(r) [N]; ``k`` <= N picks;
     ``seed``: the first pick.  Returns int64 [k] indices **in pick order**.
-    Each step costs O(j N) (Sec. III-E, Eq. (17)), independent of D.
+    Each step costs O(j N) (Sec. III-E, Eq. (17)), independent of D.  When the current
+    round's picks span every unselected token a new round starts (module docstring).
     """
     n = g.shape[0]
     dev = g.device
     diag = torch.diagonal(g).clone()
-    floor = RTOL * diag
-    e = diag.clone()
-    e = torch.where(e <= floor, torch.zeros_like(e), e)  # Eq. (11) at S = {}
+    e0 = _floor_energy(diag, diag)  # Eq. (11) at S = {}
+    e = e0
     L = torch.zeros(k, n, dtype=torch.float32, device=dev)
     sel = torch.zeros(n, dtype=torch.bool, device=dev)
-    neg = torch.full_like(e, -1.0)
     order = torch.empty(k, dtype=torch.int64, device=dev)
+    r0 = 0  # step at which the current round began
     for step in range(k):
         if step == 0:
             p = seed
         else:
-            score = torch.where(sel, neg, gvec * e)  # Eq. (14), selected excluded
-            p = argmax_lowest(score)  # Eq. (16), ties -> lowest index
-            if not score[p].item() > 0.0:
-                # every gated energy is 0: largest ungated residual, else lowest index
-                p = argmax_lowest(torch.where(sel, neg, e))
+            if not bool((e[~sel] > 0.0).any()):
+                r0, e = step, e0  # restart: new round on the tokens not yet chosen
+            p = _pick(e, gvec, sel)
         order[step] = p
-        d = e[p]
-        if d.item() > 0.0:
-            # one Gram-Schmidt step expressed on G: L[step] = <q_step, v_:>
-            if step > 0:
-                row = g[p] - L[:step, p] @ L[:step]
-            else:
-                row = g[p].clone()
-            row = row / torch.sqrt(d)
-            L[step] = row
-            e = e - row * row  # Eq. (11) updated for S + {p}
-            e = torch.where(e <= floor, torch.zeros_like(e), e)
+        e = _gs_step(g, L, e, diag, p, r0, step)
         sel[p] = True
     return order
 
@@ -203,6 +240,37 @@ def _prep(tokens: Tensor, budget: int, text: Optional[Tensor], alpha: float):
     return v, k, t, float(alpha)
 
 
+class GreedyInputs(NamedTuple):
+    """What the greedy loop starts from (see :func:`prepare_inputs`)."""
+
+    gram: Tensor  #: float32 [N, N] Gram matrix G
+    gate: Tensor  #: float32 [N] gate g(r) of Eq. (15)
+    diag: Tensor  #: float32 [N] diag(G) = ||v_i||^2 (the floor is RTOL * diag)
+    e0: Tensor  #: float32 [N] initial residual energies, floored
+    seed: int  #: the first pick
+    k: int  #: number of picks, min(budget, N)
+
+
+def prepare_inputs(
+    tokens: Tensor,
+    budget: int,
+    text: Optional[Tensor] = None,
+    alpha: float = 0.75,
+    seed: Optional[int] = None,
+) -> GreedyInputs:
+    """Validate and prepare one image's greedy inputs (same arguments as :func:`select`).
+
+    Shared by the torch path and the Triton host code, so both start from identical G,
+    gate, floor and seed.
+    """
+    v, k, t, alpha = _prep(tokens, budget, text, alpha)
+    g = gram(v)
+    diag = torch.diagonal(g).clone()
+    return GreedyInputs(
+        g, gate(v, t, alpha), diag, _floor_energy(diag, diag), seed_index(g, seed), k
+    )
+
+
 def select_order(
     tokens: Tensor,
     budget: int,
@@ -211,11 +279,8 @@ def select_order(
     seed: Optional[int] = None,
 ) -> Tensor:
     """Like :func:`select` but the indices come in pick order (seed first)."""
-    v, k, t, alpha = _prep(tokens, budget, text, alpha)
-    g = gram(v)
-    gv = gate(v, t, alpha)
-    s = seed_index(g, seed)
-    return greedy_order_from_gram(g, gv, k, s)
+    p = prepare_inputs(tokens, budget, text, alpha, seed)
+    return greedy_order_from_gram(p.gram, p.gate, p.k, p.seed)
 
 
 def select(
@@ -291,3 +356,38 @@ def select_batch(
         for i in range(tokens.shape[0])
     ]
     return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- served entry point
+def prune(ctx) -> "PrunedImage":
+    """ResPrune on projector outputs, seeded by the highest CLS attention (Sec. IV-A1),
+    or by the largest norm (``seed=norm``; towers without CLS)."""
+    from vllm_vtprune.kernels import resprune_select
+    from vllm_vtprune.pipeline import PrunedImage
+
+    tokens = ctx.project(ctx.patches)
+    seed = None
+    if ctx.option("seed") == "cls" and ctx.probe.cls_attn is not None:
+        seed = int(torch.argmax(ctx.patch_importance))
+    idx = resprune_select(tokens, ctx.budget, text=ctx.text, alpha=float(ctx.option("alpha")),
+                          seed=seed)
+    return PrunedImage.subset(tokens[idx], idx)
+
+
+def _uses_text(options) -> bool:
+    return float(options["alpha"]) != 0.0  # alpha 0: uniform gate, the prompt is unused
+
+
+METHOD = _registry.Method(
+    name="resprune",
+    where=_registry.Where.PROJECTOR_OUTPUT,
+    summary="greedy residual-energy subspace selection gated by the prompt's nouns",
+    paper='Li et al., "ResPrune: Text-Conditioned Subspace Reconstruction for Visual Token '
+          'Pruning in Large Vision-Language Models", arXiv 2603.21105, Eqs. 10-17',
+    options=(_registry.Option("alpha", _registry.float_ge0, 0.75, "gate strength (Eq. 15)"),
+             _registry.Option("seed", _registry.choice("cls", "norm"), "cls",
+                              "first pick: highest CLS attention or largest norm")),
+    needs=frozenset({"cls_attention", "text"}),
+    text_conditioned=_uses_text,
+    prune=prune,
+)
