@@ -6,6 +6,7 @@ import urllib.request
 
 import openai
 import pytest
+import torch
 
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
@@ -140,9 +141,48 @@ def _trace_lines(path):
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
+# Two float32 paths (vLLM's CLIP and transformers') differ in the last bits of every
+# token (different attention kernels, BLAS blocking, CPU vector width: AVX2, AVX-512,
+# AMX). A greedy pick is only asserted identical where the float64 reference's decision
+# margin (relative gap to the runner-up, distance from the round-off floor) is well above
+# that noise; relative differences of the tokens are ~1e-6, of energies ~1e-5.
+PICK_MARGIN = 1e-3
+# At least this many leading picks must be decided by such a margin, or the comparison
+# would say nothing (64-token budget on the embedded model: 25 of 64 measured).
+MIN_CONFIDENT_PICKS = 16
+
+
+def _reference_picks(reference, image, question: str):
+    """The float64 reference's ResPrune order and margins on transformers' tokens."""
+    from tests.reference import resprune_reference_trace
+    from vllm_vtprune import pipeline
+    from vllm_vtprune.families import llava
+
+    spec = spec_mod.parse(SERVER_SPEC)
+    ids = reference.tokenizer(f"USER: <image>\n{question} ASSISTANT:").input_ids
+    nouns = pipeline.noun_ids(reference.tokenizer, llava.question_ids(reference.tokenizer, ids),
+                              {reference.image_token_id})
+    with torch.no_grad():
+        hidden, probe = pipeline.run_with_last_probe(reference.tower,
+                                                     reference.pixel_values([image]))
+        tokens = reference.model.model.multi_modal_projector(hidden[1:])
+        text = reference.model.get_input_embeddings()(torch.tensor(nouns)) if nouns else None
+    seed = int(torch.argmax(probe.cls_attn.float().sum(0)[1:]))
+    return resprune_reference_trace(tokens, spec.tokens_for(FULL_TOKENS), text,
+                                    float(spec.value("alpha")), seed)
+
+
+def _confident_prefix(margins) -> int:
+    n = 0
+    while n < len(margins) and margins[n] > PICK_MARGIN:
+        n += 1
+    return n
+
+
 def test_question_dependent_pruning_is_not_reused_across_prompts(client, trace_file,
                                                                  reference, questions):
-    """Same image, two questions: two kept sets, each the reference's; a repeat hits the cache."""
+    """Same image, two questions: two kept sets, each the reference's where its picks are
+    decided by a margin above rounding noise; a repeat hits the cache."""
     image = questions[8][0]
     prompts = ["is there a red circle ?", "what color is the square ?"]
     kept = []
@@ -152,11 +192,12 @@ def test_question_dependent_pruning_is_not_reused_across_prompts(client, trace_f
         lines = _trace_lines(trace_file)[n:]
         assert len(lines) == 1, "the image was not encoded for a new question"
         kept.append(lines[0]["kept"])
-        ref_prompt = f"USER: <image>\n{q} ASSISTANT:"
-        ref = reference.image_tokens(reference.pixel_values([image]),
-                                     spec_mod.parse(SERVER_SPEC),
-                                     reference.tokenizer(ref_prompt).input_ids)[0]
-        assert lines[0]["kept"] == ref.kept.tolist()
+        order, margins = _reference_picks(reference, image, q)
+        confident = _confident_prefix(margins)
+        assert confident >= MIN_CONFIDENT_PICKS, (confident, margins[:confident + 1])
+        assert set(order[:confident]) <= set(lines[0]["kept"]), (q, confident)
+        # beyond the confident picks the sets may differ only in the undecided ones
+        assert len(set(order) & set(lines[0]["kept"])) >= confident
     assert kept[0] != kept[1]
     n = len(_trace_lines(trace_file))
     ask(client, prompts[0], [image])
