@@ -72,10 +72,15 @@ def trace_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, trace_file):
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "serve.log"
+
+
+@pytest.fixture(scope="session")
+def server(server_log, trace_file):
     """`vllm serve EMBEDDED --vtprune resprune:64` on a free loopback port."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+    log = server_log
     vllm_bin = Path(sys.executable).parent / "vllm"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VTPRUNE_TRACE=str(trace_file))
     cmd = [str(vllm_bin), "serve", model_path(), "--vtprune", SERVER_SPEC,

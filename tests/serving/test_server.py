@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import openai
@@ -208,3 +209,27 @@ def test_completions_endpoint_reports_zero_visual_tokens(client):
     r = client.completions.create(model=MODEL_NAME, prompt="USER: hi ASSISTANT:", max_tokens=2)
     assert r.usage.vtprune["images"] == 0
     assert r.usage.vtprune["kv_cache_tokens_saved"] == 0
+
+
+def test_abandoned_requests_log_no_error_and_the_server_keeps_serving(server, server_log,
+                                                                       client, questions):
+    """Clients that go away mid-request (vLLM then answers with a JSON null body)."""
+    import socket
+
+    image, qa = questions[9]
+    body = json.dumps({"model": MODEL_NAME, "max_tokens": 200, "temperature": 0,
+                       "ignore_eos": True,
+                       "messages": chat_messages(qa.question, [image])}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    before = server_log.read_text()
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.5)  # the request is being processed; hang up
+    time.sleep(2)
+    r = ask(client, qa.question, [image])
+    assert r.usage.vtprune["visual_tokens_after"] == 64
+    new = server_log.read_text()[len(before):]
+    assert "Traceback" not in new and "AttributeError" not in new, new[-3000:]

@@ -1,0 +1,76 @@
+"""Encoder-side pruning results on the embedded checkpoint (transformers tower): the
+tokens, where each one came from, and its grid position, for every served method."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_vtprune import pipeline, registry
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+from vllm_vtprune.embedded import model_path
+
+BUDGET = 32
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from vllm_vtprune.hf import HfReference
+
+    return HfReference.load(model_path())
+
+
+@pytest.fixture(scope="module")
+def image_state(reference):
+    image, qa = next(iter(sv.iter_questions(sv.HELDOUT_SEED, 1, start=9000)))
+    pixels = reference.pixel_values([image])
+    with torch.no_grad():
+        hidden, _ = pipeline.run_with_last_probe(reference.tower, pixels)
+        projected = reference.model.model.multi_modal_projector(hidden[1:])
+    ids = reference.tokenizer(f"USER: <image>\n{qa.question} ASSISTANT:").input_ids
+    return pixels, ids, hidden, projected
+
+
+def _prune(reference, pixels, ids, text):
+    return reference.image_tokens(pixels, spec_mod.parse(text), ids)[0]
+
+
+@pytest.mark.parametrize("method", registry.served())
+def test_every_served_method_gives_budget_tokens_with_origins_and_positions(
+        reference, image_state, method):
+    pixels, ids, _, _ = image_state
+    image = _prune(reference, pixels, ids, f"{method}:{BUDGET}")
+    rows, cols = reference.tower.grid
+    assert image.tokens.shape == (BUDGET, reference.model.config.text_config.hidden_size)
+    assert image.origins.shape == (BUDGET,) and len(set(image.origins.tolist())) == BUDGET
+    assert 0 <= int(image.origins.min()) and int(image.origins.max()) < rows * cols
+    expected = [[int(o) // cols, int(o) % cols] for o in image.origins]
+    assert image.positions.tolist() == expected
+    assert image.llm_plan == ()  # encoder-side: nothing to do inside the LLM
+
+
+@pytest.mark.parametrize("method", ["resprune", "divprune", "random"])
+def test_subset_methods_give_the_projected_patches_they_name(reference, image_state, method):
+    pixels, ids, _, projected = image_state
+    image = _prune(reference, pixels, ids, f"{method}:{BUDGET}")
+    assert torch.equal(image.kept, image.origins)
+    assert image.kept.tolist() == sorted(image.kept.tolist())
+    torch.testing.assert_close(image.tokens, projected[image.kept], rtol=1e-5, atol=1e-6)
+
+
+def test_visionzip_dominant_tokens_are_their_origin_patches(reference, image_state):
+    pixels, ids, hidden, projected = image_state
+    image = _prune(reference, pixels, ids, f"visionzip:{BUDGET}")
+    dominant = 27  # VisionZip's 54:10 split of 32 (round(32 * 10 / 64) = 5 contextual)
+    assert image.kept is None
+    torch.testing.assert_close(image.tokens[:dominant], projected[image.origins[:dominant]],
+                               rtol=1e-5, atol=1e-6)
+    # a contextual token is its target patch plus the mean of the patches merged into it
+    assert not torch.allclose(image.tokens[dominant:], projected[image.origins[dominant:]])
+
+
+def test_budget_at_or_above_the_patch_count_keeps_every_patch_in_order(reference, image_state):
+    pixels, ids, _, projected = image_state
+    image = _prune(reference, pixels, ids, "dcp:1000")
+    assert image.origins.tolist() == list(range(576))
+    torch.testing.assert_close(image.tokens, projected, rtol=1e-5, atol=1e-6)
