@@ -104,3 +104,17 @@ def test_tokenizer_without_chat_template_uses_the_llava_format():
     tok.chat_template = None
     assert llava.role_markers(tok) == llava.DEFAULT_ROLES
     assert "circle" in _question(tok, "USER: is the red circle ? ASSISTANT:")
+
+
+def test_a_method_needing_what_the_family_lacks_is_refused_naming_the_usable():
+    from dataclasses import replace
+
+    no_cls = replace(llava.FAMILY, name="CLS-free", provides=frozenset({"text", "keys"}))
+    with pytest.raises(ValueError) as err:
+        pipeline.check_servable(spec_mod.parse("visionzip:64"), no_cls)
+    msg = str(err.value)
+    assert "needs cls_attention" in msg and "CLS-free models" in msg
+    assert "resprune" in msg and "random" in msg and "polymorphic" not in msg
+    pipeline.check_servable(spec_mod.parse("resprune:64"), no_cls)  # seeds by norm
+    for name in registry.served():
+        pipeline.check_servable(spec_mod.parse(f"{name}:8"), llava.FAMILY)

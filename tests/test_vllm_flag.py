@@ -123,6 +123,21 @@ def test_expand_refuses_in_llm_methods(spec, method):
     assert "resprune" in msg
 
 
+@pytest.mark.parametrize("value", ["", "   "])
+def test_expand_empty_spec_is_an_error_naming_none(value):
+    with pytest.raises(ValueError, match="empty spec.*none to serve without pruning"):
+        vllm_flag.expand(["serve", "M", "--vtprune", value])
+
+
+def test_expand_maps_a_local_checkpoint_to_its_family_class():
+    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.families import llava
+
+    out = vllm_flag.expand(["serve", model_path(), "--vtprune", "random:16"])
+    overrides = json.loads(out[out.index("--hf-overrides") + 1])
+    assert overrides["architectures"] == [llava.ARCHITECTURE]
+
+
 def test_expand_flag_without_value():
     with pytest.raises(ValueError, match="needs a value"):
         vllm_flag.expand(["serve", "M", "--vtprune"])

@@ -122,9 +122,11 @@ def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int) -> int:
     return num_tokens if spec is None else spec.tokens_for(num_tokens)
 
 
-def check_servable(spec: spec_mod.PruneSpec | None) -> None:
+def check_servable(spec: spec_mod.PruneSpec | None, family=None) -> None:
+    """Refuse a spec this version cannot serve (on ``family``'s models, when given)."""
     if spec is not None:
-        registry.check_served(spec.method)
+        registry.check_served(spec.method, family.provides if family else None,
+                              f"{family.name} models" if family else "this model")
 
 
 def run_layers(tower: VisionTower, hidden: Tensor, start: int, stop: int) -> Tensor:

@@ -175,13 +175,21 @@ def get(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; accepted: {', '.join(names())}") from None
 
 
-def check_served(method: str) -> None:
-    """Refuse a declared method that this version does not serve, naming those it does."""
+def check_served(method: str, provides: frozenset[str] | None = None,
+                 model: str = "this model") -> None:
+    """Refuse a declared method that this version does not serve, naming those it does,
+    and one that needs what the served model (``provides``) does not have."""
     m = get(method)
     if not m.served:
         raise ValueError(
             f"vtprune method {method!r} prunes {m.where.value}, which this version does "
             f"not serve yet; methods served: {', '.join(served())}")
+    missing = m.needs - provides if provides is not None else set()
+    if missing:
+        usable = [n for n in served() if get(n).needs <= provides]
+        raise ValueError(
+            f"vtprune method {method!r} needs {', '.join(sorted(missing))}, which {model} "
+            f"does not provide; methods served for it: {', '.join(usable)}")
 
 
 def listing() -> str:

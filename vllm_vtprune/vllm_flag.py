@@ -153,11 +153,12 @@ def expand(argv: list[str]) -> list[str]:
     if value is None:
         return list(argv)
     if not value.strip():
-        raise ValueError(f"{FLAG} got an empty spec; give METHOD:BUDGET (e.g. resprune:128) "
-                         "or none to serve without pruning")
+        raise ValueError(f"{FLAG} got an empty spec; accepted: METHOD:BUDGET (e.g. "
+                         "resprune:128), or none to serve without pruning")
     spec = spec_mod.parse(value)
     check_servable(spec)
     family = _family(rest)
+    check_servable(spec, family)
     rest, overrides = _pop_hf_overrides(rest)
     overrides.update({"architectures": [family.architecture],
                       "vtprune": str(spec) if spec else "none"})

@@ -26,6 +26,8 @@ class Family:
     check: Callable[[object], None]  # hf_config -> raises on unsupported variants
     grid: Callable[[object], tuple[int, int]]  # hf_config -> patch (rows, cols) per image
     question_ids: Callable[[object, list[int]], list[int]]  # (tokenizer, prompt ids)
+    #: What its towers give the methods (see ``registry.Method.needs``).
+    provides: frozenset[str] = frozenset()
 
 
 def families() -> tuple[Family, ...]:

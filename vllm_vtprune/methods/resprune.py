@@ -387,7 +387,8 @@ METHOD = _registry.Method(
     options=(_registry.Option("alpha", _registry.float_ge0, 0.75, "gate strength (Eq. 15)"),
              _registry.Option("seed", _registry.choice("cls", "norm"), "cls",
                               "first pick: highest CLS attention or largest norm")),
-    needs=frozenset({"cls_attention", "text"}),
+    # CLS attention seeds it where the tower has a CLS token, else the largest norm
+    needs=frozenset({"text"}),
     text_conditioned=_uses_text,
     prune=prune,
 )

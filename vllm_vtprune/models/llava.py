@@ -80,7 +80,7 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
                 spec = spec_mod.parse(mm_kwargs[SPEC_KEY])
             except ValueError as err:
                 raise ValueError(f"mm_processor_kwargs.vtprune: {err}") from None
-            pipeline.check_servable(spec)
+            pipeline.check_servable(spec, family.FAMILY)
             return spec
         return server_spec(self.get_hf_config())
 
