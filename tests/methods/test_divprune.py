@@ -1,4 +1,5 @@
-"""DivPrune against a loop reference of PRIOR_ART's max-min rule."""
+"""DivPrune against a loop reference of its max-min rule (Alvar et al., "DivPrune:
+Diversity-based Visual Token Pruning for Large Multimodal Models", arXiv 2503.02175)."""
 
 import pytest
 import torch

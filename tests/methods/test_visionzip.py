@@ -1,4 +1,5 @@
-"""VisionZip against a loop reference of PRIOR_ART's dominant + contextual rule."""
+"""VisionZip against a loop reference of its dominant + contextual rule (Yang et al.,
+"VisionZip: Longer is Better but Not Necessary in Vision Language Models", arXiv 2412.04467)."""
 
 import pytest
 import torch

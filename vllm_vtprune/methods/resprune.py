@@ -1,6 +1,7 @@
 """ResPrune: greedy residual-energy subspace selection gated by text relevance.
 
-Paper: "ResPrune" (see ``/work/shared/papers/resprune.txt``), Sections III-B to III-F.
+Paper: Li et al., "ResPrune: Text-Conditioned Subspace Reconstruction for Visual Token
+Pruning in Large Vision-Language Models", arXiv 2603.21105, Sections III-B to III-F.
 
 Definitions implemented here (equation numbers of the paper):
 

@@ -4,7 +4,7 @@ Selected with ``--hf-overrides '{"architectures": ["VTPruneLlavaForConditionalGe
 "vtprune": "resprune:128"}'`` (what ``--vtprune resprune:128`` expands to). A request may
 override the server's spec with ``mm_processor_kwargs={"vtprune": "resprune:64"}``.
 
-How the pieces fit (see ``VLLM_NOTES.md``):
+How the pieces fit (checked against vLLM 0.32's ``multimodal/processing`` source):
 
 * The processor decides the placeholder count: each image is expanded to the number of
   tokens the spec keeps, and carries two small per-image fields to the model: the spec
