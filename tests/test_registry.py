@@ -118,3 +118,12 @@ def test_a_method_needing_what_the_family_lacks_is_refused_naming_the_usable():
     pipeline.check_servable(spec_mod.parse("resprune:64"), no_cls)  # seeds by norm
     for name in registry.served():
         pipeline.check_servable(spec_mod.parse(f"{name}:8"), llava.FAMILY)
+
+
+def test_system_preamble_is_not_part_of_the_user_marker():
+    tok = _case_keeping_tokenizer()
+    tok.chat_template = "A chat between a user and an assistant. " + tok.chat_template
+    assert llava.role_markers(tok) == ("USER:", "ASSISTANT:")
+    prompt = ("A chat between a user and an assistant. USER: what did the user say ? "
+              "ASSISTANT: red</s>USER: is the red circle ? ASSISTANT:")
+    assert _question(tok, prompt).split() == ["is", "the", "red", "circle", "?"]

@@ -127,35 +127,75 @@ def grid(hf_config) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- the question
+def _render(tokenizer, turns: list[tuple[str, str]]) -> str | None:
+    """The chat template on ``turns`` (role, text) with a generation prompt, content
+    given as parts (llava-hf's templates iterate them) or, failing that, as strings;
+    None without a template or when the texts do not come out verbatim."""
+    for as_parts in (True, False):
+        messages = [{"role": role, "content": [{"type": "text", "text": text}]
+                     if as_parts else text} for role, text in turns]
+        try:
+            out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=False)
+        except Exception:  # no chat template, or one that refuses this form
+            continue
+        if all(text in out for _, text in turns):
+            return out
+    return None
+
+
+def _strip_specials(tokenizer, text: str) -> str:
+    for special in tokenizer.all_special_tokens:
+        text = text.replace(special, "")
+    return text.strip()
+
+
 def role_markers(tokenizer) -> tuple[str, str]:
     """(user, assistant) role markers as the chat template writes them.
 
-    Rendered from the template with a sentinel message, so a template with other role
-    words (or none: ``DEFAULT_ROLES``) is followed rather than assumed.
+    Read off a two-turn render with sentinel texts: the user marker is what stands
+    between the first answer and the second question (so a system preamble before the
+    first turn is not part of it), the assistant marker what follows the last question.
+    A tokenizer without a usable template gets llava-hf's format, ``DEFAULT_ROLES``.
     """
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
-            tokenize=False)
-    except Exception:  # no chat template: the llava-hf format
+    q1, a1, q2 = (_SENTINEL + str(i) for i in range(3))
+    text = _render(tokenizer, [("user", q1), ("assistant", a1), ("user", q2)])
+    if text is None:
         return DEFAULT_ROLES
-    before, _, after = text.partition(_SENTINEL)
-    for special in tokenizer.all_special_tokens:
-        before = before.replace(special, "")
-    user, assistant = before.strip(), after.strip()
+    user = _strip_specials(tokenizer, text.split(a1, 1)[1].split(q2, 1)[0])
+    assistant = _strip_specials(tokenizer, text.rsplit(q2, 1)[1])
     return (user, assistant) if user and assistant else DEFAULT_ROLES
 
 
+# Text a role marker may follow in a prompt: nothing, a space, a word, a line break.
+_CONTEXTS = ("", " ", "a ", "\n", "a\n")
+
+
 def _id_forms(tokenizer, marker: str) -> list[list[int]]:
-    """Token ids ``marker`` can have inside a prompt: alone, after a space, after text
-    (sub-word tokenizers write a word differently at the start and mid-sentence)."""
-    forms = [tokenizer.encode(marker, add_special_tokens=False),
-             tokenizer.encode(" " + marker, add_special_tokens=False)]
-    head = tokenizer.encode("a", add_special_tokens=False)
-    both = tokenizer.encode("a " + marker, add_special_tokens=False)
-    if both[:len(head)] == head:
-        forms.append(both[len(head):])
-    return [f for i, f in enumerate(forms) if f and f not in forms[:i]]
+    """Token ids ``marker`` can have inside a prompt, after each of ``_CONTEXTS`` and
+    after the end-of-turn token (sub-word tokenizers write a word differently at the
+    start, mid-sentence and after a line break)."""
+    contexts = _CONTEXTS + ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+    forms = []
+    for context in contexts:
+        head = tokenizer.encode(context, add_special_tokens=False) if context else []
+        both = tokenizer.encode(context + marker, add_special_tokens=False)
+        if both[:len(head)] == head and both[len(head):] not in forms:
+            forms.append(both[len(head):])
+    return [f for f in forms if f]
+
+
+def _marker_forms(tokenizer):
+    """The id forms of both markers, kept on the tokenizer (it lives as long as the
+    server) per chat template, so every request does not re-render the template."""
+    try:
+        cache = vars(tokenizer).setdefault("_vtprune_marker_forms", {})
+    except TypeError:  # a tokenizer with __slots__: no cache
+        cache = {}
+    key = str(getattr(tokenizer, "chat_template", None))
+    if key not in cache:
+        cache[key] = tuple(_id_forms(tokenizer, m) for m in role_markers(tokenizer))
+    return cache[key]
 
 
 def _find(ids: list[int], forms: list[list[int]], start: int = 0) -> list[tuple[int, int]]:
@@ -171,7 +211,7 @@ def question_ids(tokenizer, prompt_ids: list[int]) -> list[int]:
     lower-casing tokenizer's ``user`` is a role marker where it is one and a word where
     it is one. A prompt without markers is all question.
     """
-    user_forms, assistant_forms = (_id_forms(tokenizer, m) for m in role_markers(tokenizer))
+    user_forms, assistant_forms = _marker_forms(tokenizer)
     users = _find(prompt_ids, user_forms)
     start = max(end for _, end in users) if users else 0
     answers = _find(prompt_ids, assistant_forms, start)
