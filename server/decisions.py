@@ -6,7 +6,9 @@ it would have had unpruned; vLLM carries no custom per-request field from there 
 response. The middleware tags each request it forwards with a key in
 ``mm_processor_kwargs`` (:data:`REQUEST_KEY`); the processor removes the key before vLLM
 hashes the request (so caches are unaffected) and records its per-image counts under it;
-the middleware takes them when the response is written (and drops them if it never is).
+the middleware takes them when the response starts (and drops them if it never does).
+Only keys the middleware is expecting are recorded, so a request that was abandoned
+while it was being processed, or a tag sent to another endpoint, leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import threading
 
 REQUEST_KEY = "vtprune_request"
 _LOCK = threading.Lock()
-_DECIDED: dict[str, "Decision"] = {}
-_MAX_PENDING = 4096  # bounds memory if a tagged request is never answered
+_PENDING: dict[str, "Decision | None"] = {}  # expected keys, None until recorded
+_MAX_PENDING = 65536  # requests in flight at once; beyond it the oldest tag is dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +29,22 @@ class Decision:
     tokens_after: tuple[int, ...]  # per image, placeholder tokens actually given
 
 
-def record(key: str, decision: Decision) -> None:
+def expect(key: str) -> None:
+    """The middleware forwards a request tagged ``key``."""
     with _LOCK:
-        if len(_DECIDED) >= _MAX_PENDING:
-            _DECIDED.pop(next(iter(_DECIDED)))
-        _DECIDED[key] = decision
+        if len(_PENDING) >= _MAX_PENDING:
+            _PENDING.pop(next(iter(_PENDING)))
+        _PENDING[key] = None
+
+
+def record(key: str, decision: Decision) -> None:
+    """The processor's counts for ``key``; ignored unless the middleware expects it."""
+    with _LOCK:
+        if key in _PENDING:
+            _PENDING[key] = decision
 
 
 def take(key: str) -> Decision | None:
+    """The decision recorded for ``key`` (None if none was), no longer expected."""
     with _LOCK:
-        return _DECIDED.pop(key, None)
+        return _PENDING.pop(key, None)

@@ -222,6 +222,7 @@ def _tag(request: dict, scope) -> str | None:
         return None
     key = uuid.uuid4().hex
     request["mm_processor_kwargs"] = {**kwargs, decisions.REQUEST_KEY: key}
+    decisions.expect(key)
     return key
 
 
@@ -284,8 +285,10 @@ class _ResponseRewriter:
         ctype = headers.get(b"content-type", b"")
         if message["status"] == 200 and ctype.startswith(b"application/json"):
             self.kind, self.start = "json", message
+            self._fig()  # processing is over: take the decision now, not at the end
             return None
         if message["status"] == 200 and ctype.startswith(b"text/event-stream"):
+            self._fig()
             self.kind, self.sse = "sse", _SSERewriter(self._fig)
         return await self.send(message)
 

@@ -592,3 +592,13 @@ def test_abandoned_request_null_body_passes_without_error():
     assert _body_of(sent) == b"null"
     tag = json.loads(endpoint.received)["mm_processor_kwargs"][decisions.REQUEST_KEY]
     assert decisions.take(tag) is None
+
+
+def test_decisions_for_unexpected_or_abandoned_tags_are_not_kept():
+    d = decisions.Decision("resprune", 64, (576,), (64,))
+    decisions.record("never-tagged", d)  # a tag sent to another endpoint
+    assert decisions.take("never-tagged") is None
+    decisions.expect("abandoned")
+    assert decisions.take("abandoned") is None  # the middleware gave up on it...
+    decisions.record("abandoned", d)  # ...before the processor finished
+    assert decisions.take("abandoned") is None
