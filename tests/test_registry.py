@@ -12,11 +12,21 @@ from vllm_vtprune.families import llava
 
 
 def test_every_served_method_is_in_the_vllm_parity_test():
-    from tests.serving.test_offline import PARITY_SPECS
+    """As pytest collects it: the parity test runs each served method at two budgets."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    covered = {s.split(":")[0] for s in PARITY_SPECS}
-    assert set(registry.served()) <= covered
-    assert {"resprune", "divprune", "visionzip", "polymorphic", "dcp"} <= set(registry.served())
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "tests/serving/test_offline.py"],
+                         cwd=root, capture_output=True, text=True, timeout=120).stdout
+    ids = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines()
+           if "::test_greedy_outputs_match_transformers_reference[" in line]
+    for method in registry.served():
+        assert len([i for i in ids if i.startswith(method + ":")]) == 2, (method, ids)
+    assert {"resprune", "divprune", "visionzip", "polymorphic", "dcp",
+            "random"} <= set(registry.served())
 
 
 def test_methods_inside_the_llm_are_declared_but_refused_naming_the_served_ones():
@@ -116,6 +126,8 @@ def test_a_method_needing_what_the_family_lacks_is_refused_naming_the_usable():
     assert "needs cls_attention" in msg and "CLS-free models" in msg
     assert "resprune" in msg and "random" in msg and "polymorphic" not in msg
     pipeline.check_servable(spec_mod.parse("resprune:64"), no_cls)  # seeds by norm
+    with pytest.raises(ValueError, match="'resprune' needs cls_attention"):
+        pipeline.check_servable(spec_mod.parse("resprune:64,seed=cls"), no_cls)
     for name in registry.served():
         pipeline.check_servable(spec_mod.parse(f"{name}:8"), llava.FAMILY)
 

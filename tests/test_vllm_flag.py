@@ -129,13 +129,20 @@ def test_expand_empty_spec_is_an_error_naming_none(value):
         vllm_flag.expand(["serve", "M", "--vtprune", value])
 
 
-def test_expand_maps_a_local_checkpoint_to_its_family_class():
+def test_expand_maps_a_local_checkpoint_to_its_family_class(tmp_path):
+    from transformers import LlamaConfig
+
     from vllm_vtprune.embedded import model_path
     from vllm_vtprune.families import llava
 
     out = vllm_flag.expand(["serve", model_path(), "--vtprune", "random:16"])
     overrides = json.loads(out[out.index("--hf-overrides") + 1])
     assert overrides["architectures"] == [llava.ARCHITECTURE]
+    # the config is read: a model of no family is refused before vLLM starts
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model type 'llama'.*supported: LLaVA-1.5"):
+        vllm_flag.expand(["serve", str(tmp_path), "--vtprune", "random:16"])
 
 
 def test_expand_flag_without_value():

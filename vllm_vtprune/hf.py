@@ -40,7 +40,7 @@ class HfReference:
     def pixel_values(self, images) -> torch.Tensor:
         images = [_to_rgb(im) for im in images]
         out = self.processor.image_processor(images=images, return_tensors="pt")
-        return out["pixel_values"].to(self.model.dtype)
+        return out["pixel_values"]  # float32, as vLLM's processor gives them; the tower casts
 
     @torch.no_grad()
     def image_tokens(self, pixel_values: torch.Tensor, spec, prompt_ids: list[int]):

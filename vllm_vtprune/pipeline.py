@@ -42,7 +42,8 @@ class VisionTower(Protocol):
     grid: tuple[int, int]  # patch rows and columns, raster order
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        """[1, 3, H, W] -> [1, P+N, C] after any pre-layernorm."""
+        """[1, 3, H, W] float32 pixels (cast to the tower's dtype here) -> [1, P+N, C]
+        after any pre-layernorm."""
 
     def layer(self, i: int, hidden: Tensor) -> Tensor:
         """Encoder layer ``i`` on [1, M, C]."""
@@ -126,7 +127,8 @@ def check_servable(spec: spec_mod.PruneSpec | None, family=None) -> None:
     """Refuse a spec this version cannot serve (on ``family``'s models, when given)."""
     if spec is not None:
         registry.check_served(spec.method, family.provides if family else None,
-                              f"{family.name} models" if family else "this model")
+                              f"{family.name} models" if family else "this model",
+                              dict(spec.options))
 
 
 def run_layers(tower: VisionTower, hidden: Tensor, start: int, stop: int) -> Tensor:

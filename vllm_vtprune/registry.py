@@ -116,8 +116,9 @@ class Method:
     paper: str
     options: tuple[Option, ...] = ()
     #: What it reads besides the tokens: "cls_attention", "keys", "encoder_layers",
-    #: "text" (the prompt's nouns), "llm_attention", "checkpoint".
-    needs: frozenset[str] = frozenset()
+    #: "text" (the prompt's nouns), "llm_attention", "checkpoint"; given the spec's
+    #: options when it depends on them.
+    needs: frozenset[str] | Callable[[Mapping[str, Value]], frozenset[str]] = frozenset()
     #: Whether the kept set depends on the prompt, given the spec's options.
     text_conditioned: Callable[[Mapping[str, Value]], bool] = lambda options: False
     prune: Callable | None = None
@@ -131,6 +132,9 @@ class Method:
             if opt.name == name:
                 return opt
         raise KeyError(name)
+
+    def needs_for(self, given: Mapping[str, Value]) -> frozenset[str]:
+        return self.needs(self.resolved(given)) if callable(self.needs) else self.needs
 
     def resolved(self, given: Mapping[str, Value]) -> dict[str, Value]:
         """Every option's value: the given ones, defaults for the rest."""
@@ -176,7 +180,7 @@ def get(name: str) -> Method:
 
 
 def check_served(method: str, provides: frozenset[str] | None = None,
-                 model: str = "this model") -> None:
+                 model: str = "this model", options: Mapping[str, Value] = {}) -> None:
     """Refuse a declared method that this version does not serve, naming those it does,
     and one that needs what the served model (``provides``) does not have."""
     m = get(method)
@@ -184,9 +188,9 @@ def check_served(method: str, provides: frozenset[str] | None = None,
         raise ValueError(
             f"vtprune method {method!r} prunes {m.where.value}, which this version does "
             f"not serve yet; methods served: {', '.join(served())}")
-    missing = m.needs - provides if provides is not None else set()
+    missing = m.needs_for(options) - provides if provides is not None else set()
     if missing:
-        usable = [n for n in served() if get(n).needs <= provides]
+        usable = [n for n in served() if get(n).needs_for({}) <= provides]
         raise ValueError(
             f"vtprune method {method!r} needs {', '.join(sorted(missing))}, which {model} "
             f"does not provide; methods served for it: {', '.join(usable)}")

@@ -129,7 +129,10 @@ def _served_config(model: str | None):
     from transformers import AutoConfig
 
     if os.path.isfile(os.path.join(model, "config.json")):
-        return AutoConfig.from_pretrained(model)
+        try:
+            return AutoConfig.from_pretrained(model)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"vtprune: cannot read the config of {model!r}: {err}") from None
     try:
         return AutoConfig.from_pretrained(model, local_files_only=True)
     except Exception:  # not cached: the model class checks it at startup

@@ -196,9 +196,13 @@ def test_question_dependent_pruning_is_not_reused_across_prompts(client, trace_f
         order, margins = _reference_picks(reference, image, q)
         confident = _confident_prefix(margins)
         assert confident >= MIN_CONFIDENT_PICKS, (confident, margins[:confident + 1])
-        assert set(order[:confident]) <= set(lines[0]["kept"]), (q, confident)
-        # beyond the confident picks the sets may differ only in the undecided ones
-        assert len(set(order) & set(lines[0]["kept"])) >= confident
+        # the served (vLLM) and the transformers float32 paths both take every confident
+        # pick; beyond them the sets may differ in the undecided ones only
+        ref = reference.image_tokens(reference.pixel_values([image]),
+                                     spec_mod.parse(SERVER_SPEC),
+                                     reference.tokenizer(f"USER: <image>\n{q} ASSISTANT:").input_ids)
+        for name, got in (("vllm", lines[0]["kept"]), ("transformers", ref[0].kept.tolist())):
+            assert set(order[:confident]) <= set(got), (name, q, confident)
     assert kept[0] != kept[1]
     n = len(_trace_lines(trace_file))
     ask(client, prompts[0], [image])

@@ -56,7 +56,8 @@ class VllmClipTower:
         self.grid = clip_grid(vision_config)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        return self.vm.pre_layrnorm(self.vm.embeddings(pixel_values))
+        dtype = self.vm.embeddings.patch_embedding.weight.dtype
+        return self.vm.pre_layrnorm(self.vm.embeddings(pixel_values.to(dtype)))
 
     def layer(self, i: int, hidden: Tensor) -> Tensor:
         return self.vm.encoder.layers[i](hidden)
@@ -87,7 +88,8 @@ class HfClipTower:
         self.num_layers = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        return self.vm.pre_layrnorm(self.vm.embeddings(pixel_values))
+        dtype = self.vm.embeddings.patch_embedding.weight.dtype
+        return self.vm.pre_layrnorm(self.vm.embeddings(pixel_values.to(dtype)))
 
     def layer(self, i: int, hidden: Tensor) -> Tensor:
         out = self.vm.encoder.layers[i](hidden, None)

@@ -2,8 +2,10 @@
 method is compared against (the "random" rows of the VisionZip, DivPrune and ResPrune
 tables).
 
-The draw is seeded from the image itself (a SHA-256 of its pixel values), so a request
-is deterministic and batch invariant, and the same image gets the same patches whatever
+The draw is seeded from the image itself (a SHA-256 of the processor's float32 pixel
+values, hashed before the tower casts them to its dtype, so a bf16 server and the fp32
+transformers reference draw the same patches), so a request is deterministic and batch
+invariant, and the same image gets the same patches whatever
 the prompt: the choice depends on nothing else, so vLLM's caches may share it.
 """
 from __future__ import annotations

@@ -368,15 +368,25 @@ def prune(ctx) -> "PrunedImage":
 
     tokens = ctx.project(ctx.patches)
     seed = None
-    if ctx.option("seed") == "cls" and ctx.probe.cls_attn is not None:
+    if _seed_rule(ctx.option("seed"), ctx.probe.cls_attn is not None) == "cls":
         seed = int(torch.argmax(ctx.patch_importance))
     idx = resprune_select(tokens, ctx.budget, text=ctx.text, alpha=float(ctx.option("alpha")),
                           seed=seed)
     return PrunedImage.subset(tokens[idx], idx)
 
 
+def _seed_rule(option: str | None, has_cls: bool) -> str:
+    """``seed`` as given, else CLS attention where the tower has a CLS token (LLaVA),
+    the largest norm otherwise (the paper's choice for Qwen2.5-VL, Sec. IV-A1)."""
+    return option or ("cls" if has_cls else "norm")
+
+
 def _uses_text(options) -> bool:
     return float(options["alpha"]) != 0.0  # alpha 0: uniform gate, the prompt is unused
+
+
+def _needs(options) -> frozenset[str]:
+    return frozenset({"text", "cls_attention"} if options["seed"] == "cls" else {"text"})
 
 
 METHOD = _registry.Method(
@@ -386,10 +396,10 @@ METHOD = _registry.Method(
     paper='Li et al., "ResPrune: Text-Conditioned Subspace Reconstruction for Visual Token '
           'Pruning in Large Vision-Language Models", arXiv 2603.21105, Eqs. 10-17',
     options=(_registry.Option("alpha", _registry.float_ge0, 0.75, "gate strength (Eq. 15)"),
-             _registry.Option("seed", _registry.choice("cls", "norm"), "cls",
-                              "first pick: highest CLS attention or largest norm")),
-    # CLS attention seeds it where the tower has a CLS token, else the largest norm
-    needs=frozenset({"text"}),
+             _registry.Option("seed", _registry.choice("cls", "norm"), None,
+                              "first pick: cls (highest CLS attention; the default where "
+                              "the tower has a CLS token) or norm (largest norm)")),
+    needs=_needs,
     text_conditioned=_uses_text,
     prune=prune,
 )

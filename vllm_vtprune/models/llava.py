@@ -202,7 +202,6 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         ids = text_ids[text_ids >= 0]
         if pipeline.is_text_conditioned(spec) and ids.numel():
             text = self.language_model.model.embed_tokens(ids.to(pixel_values.device))
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
         image = pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
                                      spec, text)
         pipeline.trace(spec, ids.tolist(), image)
