@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_vtprune import pipeline
+from vllm_vtprune import pipeline, registry
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.families import llava as family
 
@@ -58,11 +58,18 @@ class HfReference:
     @torch.no_grad()
     def generate(self, prompt: str, images, spec: spec_mod.PruneSpec | None,
                  max_new_tokens: int = 4) -> tuple[str, list]:
-        """Greedy answer to ``prompt`` (one ``<image>`` per image) and the pruned images."""
+        """Greedy answer to ``prompt`` (one ``<image>`` per image) and the pruned images.
+
+        Methods that act inside the LLM get every visual token from the encoder and run
+        through :class:`vllm_vtprune.llm_loop.PrunedDecoder`, pruned rows removed."""
         prompt_ids = self.tokenizer(prompt).input_ids
-        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
+        inside = spec is not None and registry.get(spec.method).where is registry.Where.INSIDE_LLM
+        pruned = self.image_tokens(self.pixel_values(images), None if inside else spec,
+                                   prompt_ids)
         ids = _expand(prompt_ids, self.image_token_id, [p.tokens.shape[0] for p in pruned])
         feats = torch.cat([p.tokens for p in pruned]) if pruned else None
+        if inside:
+            return self._generate_in_llm(ids, feats, spec, max_new_tokens), pruned
         out: list[int] = []
         eos = self.tokenizer.eos_token_id
         for _ in range(max_new_tokens):
@@ -72,6 +79,30 @@ class HfReference:
                 break
             out.append(nxt)
         return self.tokenizer.decode(out, skip_special_tokens=True), pruned
+
+    def _generate_in_llm(self, ids: list[int], feats, spec, max_new_tokens: int) -> str:
+        from vllm_vtprune import llm_loop
+
+        method = registry.get(spec.method)
+        if method.llm_plan is None:
+            raise ValueError(f"vtprune method {spec.method!r} has no reference plan yet")
+        decoder = llm_loop.PrunedDecoder(self.model.model.language_model, self.model.lm_head)
+        plan = llm_loop.Plan(method.llm_plan(spec, image_spans(ids, self.image_token_id),
+                                             decoder.num_layers))
+        embed = self.model.get_input_embeddings()
+        embeds = embed(torch.tensor(ids))
+        if feats is not None:
+            embeds[torch.tensor(ids) == self.image_token_id] = feats.to(embeds.dtype)
+        logits, cache = decoder.prefill(embeds, plan)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = int(torch.argmax(logits))
+            if nxt == self.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            logits = decoder.decode(embed(torch.tensor([nxt]))[0], len(ids) + len(out) - 1,
+                                    cache)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
 
     def _last_logits(self, ids: list[int], feats: torch.Tensor | None) -> torch.Tensor:
         input_ids = torch.tensor([ids])
@@ -92,6 +123,19 @@ def _to_rgb(image):
     out = Image.new("RGB", rgba.size, (255, 255, 255))
     out.paste(rgba, mask=rgba.split()[3])
     return out
+
+
+def image_spans(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image placeholder tokens (one run per image)."""
+    spans: list[tuple[int, int]] = []
+    for i, t in enumerate(ids):
+        if t != image_token_id:
+            continue
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
 
 
 def _expand(prompt_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:

@@ -122,6 +122,9 @@ class Method:
     #: Whether the kept set depends on the prompt, given the spec's options.
     text_conditioned: Callable[[Mapping[str, Value]], bool] = lambda options: False
     prune: Callable | None = None
+    #: Methods inside the LLM: ``llm_plan(spec, image_spans, num_layers) -> {layer:
+    #: decide}`` for :class:`vllm_vtprune.llm_loop.Plan` (the transformers reference path).
+    llm_plan: Callable | None = None
 
     @property
     def served(self) -> bool:

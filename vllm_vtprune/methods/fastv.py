@@ -53,12 +53,60 @@ def select(attn_to_image: Tensor, budget: int) -> Tensor:
     return stable_topk(scores, k).to(attn_to_image.device)
 
 
+#: FastV's K for LLaVA-1.5-7B's 32 layers; other depths scale it.
+REFERENCE_LAYER, REFERENCE_DEPTH = 2, 32
+
+
+def decision_layer(option: int | None, num_layers: int) -> int:
+    """The layer whose input is pruned (the attention of the layer before it ranks):
+    ``layer=K`` as given, else K=2 scaled from 32 layers to ``num_layers`` (at least 1)."""
+    layer = option if option is not None else max(
+        1, round(REFERENCE_LAYER * num_layers / REFERENCE_DEPTH))
+    if not 1 <= layer < num_layers:
+        raise ValueError(f"fastv layer={layer} is outside the model's decoder; accepted: "
+                         f"1 to {num_layers - 1}")
+    return layer
+
+
+def decision(image_spans, budget_for):
+    """FastV's rule at the decision layer: the previous layer's attention of the last
+    prompt token, averaged over heads, ranks each image's tokens; each image keeps its
+    budget (``budget_for(num_tokens)``), every text token stays.
+
+    Returns ``decide(probs [H, T, T], rows [T]) -> kept row indices``; ``rows`` are the
+    prompt positions of the batch rows, ``image_spans`` [start, end) of each image.
+    """
+
+    def decide(probs: Tensor, rows: Tensor):
+        import torch
+
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        for start, end in image_spans:
+            cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
+            if cols.numel() == 0:
+                continue
+            chosen = select(probs[:, -1, cols], budget_for(end - start))
+            keep[cols] = False
+            keep[cols[chosen]] = True
+        return torch.nonzero(keep).flatten()
+
+    return decide
+
+
+def llm_plan(spec, image_spans, num_layers: int) -> dict:
+    """{decision layer: decide} of one request (see :mod:`vllm_vtprune.llm_loop`)."""
+    layer = decision_layer(spec.value("layer"), num_layers)
+    return {layer: decision(image_spans, spec.tokens_for)}
+
+
 METHOD = Method(
     name="fastv",
     where=Where.INSIDE_LLM,
     summary="top-k image tokens by the last prompt token's attention at decoder layer K",
     paper='Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play '
           'Inference Acceleration for Large Vision-Language Models", ECCV 2024, arXiv 2403.06764',
-    options=(Option("layer", int_ge(0), 2, "decoder layer K after which tokens are pruned"),),
+    options=(Option("layer", int_ge(1), None,
+                    "decoder layer K whose input is pruned (default 2 of 32, scaled by depth)"),),
     needs=frozenset({"llm_attention"}),
+    llm_plan=llm_plan,
 )

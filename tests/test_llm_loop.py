@@ -1,0 +1,142 @@
+"""The explicit decoder loop (in-LLM pruning reference) on the embedded checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_vtprune import llm_loop, spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+from vllm_vtprune.embedded import model_path
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from vllm_vtprune.hf import HfReference
+
+    return HfReference.load(model_path())
+
+
+@pytest.fixture(scope="module")
+def prompt(reference):
+    """Embeddings of a two-image prompt with all 576 tokens per image, and image spans."""
+    from vllm_vtprune.hf import _expand
+
+    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, 2, start=9100))
+    text = "USER: <image>\n<image>\nis there a red circle ? ASSISTANT:"
+    ids = reference.tokenizer(text).input_ids
+    pruned = reference.image_tokens(reference.pixel_values([p[0] for p in pairs]), None, ids)
+    full = _expand(ids, reference.image_token_id, [576, 576])
+    ids_t = torch.tensor(full)
+    with torch.no_grad():
+        embeds = reference.model.get_input_embeddings()(ids_t)
+        embeds[ids_t == reference.image_token_id] = torch.cat([p.tokens for p in pruned])
+    where = torch.nonzero(ids_t == reference.image_token_id).flatten()
+    spans = [(int(where[0]), int(where[0]) + 576), (int(where[576]), int(where[576]) + 576)]
+    return embeds, spans
+
+
+def _decoder(reference):
+    return llm_loop.PrunedDecoder(reference.model.model.language_model, reference.model.lm_head)
+
+
+def _greedy(decoder, embeds, plan, mode, steps, reference):
+    logits, cache = decoder.prefill(embeds, plan, mode)
+    out, all_logits = [], [logits]
+    pos = embeds.shape[0]
+    for _ in range(steps):
+        tok = int(torch.argmax(logits))
+        out.append(tok)
+        with torch.no_grad():
+            emb = reference.model.get_input_embeddings()(torch.tensor([tok]))[0]
+        logits = decoder.decode(emb, pos, cache)
+        all_logits.append(logits)
+        pos += 1
+    return out, torch.stack(all_logits)
+
+
+def test_without_pruning_the_loop_is_the_transformers_model(reference, prompt):
+    embeds, _ = prompt
+    ours, logits = _greedy(_decoder(reference), embeds, llm_loop.Plan(), "remove", 6, reference)
+    # transformers' own forward over the growing sequence, one full pass per token
+    seq = embeds
+    for step, tok in enumerate(ours):
+        with torch.no_grad():
+            hidden = reference.model.model.language_model(inputs_embeds=seq[None]).last_hidden_state
+            ref = reference.model.lm_head(hidden[0, -1])
+        torch.testing.assert_close(logits[step], ref, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            nxt = reference.model.get_input_embeddings()(torch.tensor([tok]))
+        seq = torch.cat([seq, nxt])
+
+
+def _fastv_plan(spans, budget=64, layer=2):
+    from vllm_vtprune.methods import fastv
+
+    spec = spec_mod.parse(f"fastv:{budget},layer={layer}")
+    return llm_loop.Plan(fastv.llm_plan(spec, spans, num_layers=8))
+
+
+def test_removing_pruned_rows_equals_masking_them(reference, prompt):
+    """Physical removal (the reference) and key masking (what vLLM can do) agree on every
+    kept token, in prefill and in 8 decode steps."""
+    embeds, spans = prompt
+    dec = _decoder(reference)
+    out_r, logits_r = _greedy(dec, embeds, _fastv_plan(spans), "remove", 8, reference)
+    out_m, logits_m = _greedy(dec, embeds, _fastv_plan(spans), "mask", 8, reference)
+    assert out_r == out_m
+    torch.testing.assert_close(logits_r, logits_m, rtol=1e-4, atol=1e-4)
+    unpruned = dec.prefill(embeds, llm_loop.Plan())[0]
+    assert (unpruned - logits_r[0]).abs().max() > 1e-3  # pruning changed the computation
+
+
+def test_fastv_keeps_the_most_attended_image_tokens_of_layer_k_minus_1(reference, prompt):
+    """Independent check: transformers' eager attention weights of layer 1, last prompt
+    row, head mean, top 64 of each image; the loop's deeper layers hold those and text."""
+    embeds, spans = prompt
+    lm = reference.model.model.language_model
+    old = lm.config._attn_implementation
+    lm.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attn = lm(inputs_embeds=embeds[None], output_attentions=True).attentions[1][0]
+    finally:
+        lm.config._attn_implementation = old
+    row = attn[:, -1].mean(0)
+    expected = set(range(embeds.shape[0]))
+    for start, end in spans:
+        ranked = torch.sort(row[start:end], descending=True, stable=True)
+        top = ranked.indices[:64]
+        # the 64th and 65th must differ by more than the two attention paths' rounding
+        assert (ranked.values[63] - ranked.values[64]) / ranked.values[63] > 1e-4
+        expected -= set(range(start, end)) - set((top + start).tolist())
+    _, cache = _decoder(reference).prefill(embeds, _fastv_plan(spans))
+    n = embeds.shape[0]
+    assert [kv.keys.shape[1] for kv in cache] == [n, n] + [n - 2 * (576 - 64)] * 6
+    assert set(cache[2].rows.tolist()) == expected
+    assert all(torch.equal(kv.rows, cache[2].rows) for kv in cache[2:])  # cumulative
+    _, masked = _decoder(reference).prefill(embeds, _fastv_plan(spans), "mask")
+    assert set(torch.nonzero(masked[2].alive).flatten().tolist()) == expected
+
+
+def test_fastv_decision_layer_scales_with_depth_and_is_checked():
+    from vllm_vtprune.methods import fastv
+
+    assert fastv.decision_layer(None, 32) == 2 and fastv.decision_layer(None, 8) == 1
+    assert fastv.decision_layer(None, 48) == 3 and fastv.decision_layer(3, 8) == 3
+    with pytest.raises(ValueError, match="layer=8 is outside.*1 to 7"):
+        fastv.decision_layer(8, 8)
+
+
+def test_image_spans_one_run_per_image():
+    from vllm_vtprune.hf import image_spans
+
+    assert image_spans([1, 4, 4, 4, 7, 4, 4, 9], 4) == [(1, 4), (5, 7)]
+    assert image_spans([1, 2, 3], 4) == []
+
+
+def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference):
+    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, 4, start=9200))
+    for image, qa in pairs:
+        prompt = f"USER: <image>\n{qa.question} ASSISTANT:"
+        vanilla, _ = reference.generate(prompt, [image], None)
+        assert reference.generate(prompt, [image], spec_mod.parse("fastv:1000"))[0] == vanilla

@@ -1,0 +1,161 @@
+"""An explicit decoder loop over a transformers Llama with visual tokens pruned inside
+the LLM: the reference path for methods that act there (FastV today; each method's
+module builds its :class:`Plan`, see ``registry.Method.llm_plan``).
+
+Layer by layer, in plain PyTorch (gpt-fast style), so that a decision taken after layer
+``l`` can act on the rows of the batch. Two ways to carry it out, meant to agree on every
+kept token (``tests/test_llm_loop.py`` checks that they do):
+
+* ``"remove"``: pruned rows leave the batch before the next layer (their QKV and MLP
+  work is skipped, and deeper layers keep no KV for them); kept tokens keep their
+  original position ids. This is how FastV, Polymorphic and RCP count their savings.
+* ``"mask"``: every row goes through every layer, but from the decision on, a pruned
+  token is attended by no query of the request but its own (its diagonal stays so its
+  softmax row is defined). This is what a serving engine with a fixed batch layout
+  (vLLM's per-step metadata is shared by all layers) can do.
+
+Decisions are cumulative: a token pruned after layer ``l`` stays pruned at every deeper
+layer, in prefill and in every decode step. Per-step state lives in a small
+:class:`Step` object the layers read, so layer signatures never change.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MODES = ("remove", "mask")
+
+
+@dataclasses.dataclass
+class LayerKV:
+    keys: Tensor  # [H_kv, S, d] after RoPE
+    values: Tensor  # [H_kv, S, d]
+    alive: Tensor  # [S] bool: may later queries attend this key ("mask" mode)
+    rows: Tensor  # [S] prompt positions of the prefill keys (generated ones not listed)
+
+
+@dataclasses.dataclass
+class Step:
+    """What the layers of one forward step read."""
+
+    positions: Tensor  # [T] position ids of the rows in the batch
+    causal: Tensor  # [T, S] bool: query t may attend key s (before pruning masks)
+    want_probs: bool = False  # the next layer decides: keep this layer's softmax
+
+
+#: A decision: (layer index it acts before, the rows of the prompt to keep given the
+#: previous layer's attention probabilities [H, T, T] and the rows still alive [T]).
+Decide = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-layer pruning plan of one request: decisions keyed by the layer they act before."""
+
+    decisions: dict[int, Decide] = dataclasses.field(default_factory=dict)
+
+
+class PrunedDecoder:
+    """Runs a transformers ``LlamaModel`` (``language_model``) and its ``lm_head``."""
+
+    def __init__(self, language_model, lm_head):
+        self.lm = language_model
+        self.lm_head = lm_head
+        cfg = language_model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.lm.layers)
+
+    # ---------------------------------------------------------------- one layer
+    def _layer(self, i: int, x: Tensor, step: Step, kv: LayerKV) -> tuple[Tensor, Tensor | None]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = self.lm.layers[i]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        t = h.shape[0]
+        q = attn.q_proj(h).view(t, self.num_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(h).view(t, self.num_kv, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(h).view(t, self.num_kv, self.head_dim).transpose(0, 1)
+        cos, sin = self.lm.rotary_emb(x[None], step.positions[None])
+        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        kv.keys = torch.cat([kv.keys, k[0]], dim=1)
+        kv.values = torch.cat([kv.values, v], dim=1)
+        rep = self.num_heads // self.num_kv
+        keys = kv.keys.repeat_interleave(rep, dim=0)
+        values = kv.values.repeat_interleave(rep, dim=0)
+        scores = (q[0] @ keys.transpose(1, 2)) * attn.scaling
+        allowed = step.causal & kv.alive[None, :]
+        allowed = allowed | _own_key(t, kv.keys.shape[1], allowed.device)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")).float(), dim=-1)
+        out = (probs.to(values.dtype) @ values).transpose(0, 1).reshape(t, -1)
+        x = x + attn.o_proj(out)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x, probs if step.want_probs else None
+
+    # ---------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def prefill(self, embeds: Tensor, plan: Plan, mode: str = "remove"):
+        """Logits [V] at the last prompt position, and the per-layer KV to decode with."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        n = embeds.shape[0]
+        x, rows = embeds, torch.arange(n)
+        alive = torch.ones(n, dtype=torch.bool)  # "mask" mode: rows not pruned so far
+        cache: list[LayerKV] = []
+        probs = None
+        for i in range(self.num_layers):
+            if i in plan.decisions:
+                keep = plan.decisions[i](probs, rows if mode == "remove" else rows[alive])
+                if mode == "remove":
+                    x, rows = x[keep], rows[keep]
+                else:
+                    alive = alive & _as_mask(rows[alive][keep], n)
+            step = Step(rows, _causal(rows, rows), want_probs=(i + 1) in plan.decisions)
+            kv = LayerKV(embeds.new_zeros(self.num_kv, 0, self.head_dim),
+                         embeds.new_zeros(self.num_kv, 0, self.head_dim),
+                         alive if mode == "mask" else torch.ones(len(rows), dtype=torch.bool),
+                         rows)
+            x, probs = self._layer(i, x, step, kv)
+            if mode == "mask" and probs is not None:
+                probs = probs[:, alive][:, :, alive]  # decisions see the live tokens only
+            cache.append(kv)
+        last = self.lm.norm(x[-1:])
+        return self.lm_head(last)[0], cache
+
+    # ---------------------------------------------------------------- decode
+    @torch.no_grad()
+    def decode(self, embed: Tensor, position: int, cache: list[LayerKV]) -> Tensor:
+        """Logits [V] for one new token at ``position`` attending each layer's cache."""
+        x = embed[None]
+        pos = torch.tensor([position])
+        for i in range(self.num_layers):
+            kv = cache[i]
+            kv.alive = torch.cat([kv.alive, torch.ones(1, dtype=torch.bool)])
+            step = Step(pos, torch.ones(1, kv.keys.shape[1] + 1, dtype=torch.bool))
+            x, _ = self._layer(i, x, step, kv)
+        return self.lm_head(self.lm.norm(x))[0]
+
+
+def _causal(query_rows: Tensor, key_rows: Tensor) -> Tensor:
+    return key_rows[None, :] <= query_rows[:, None]
+
+
+def _own_key(t: int, s: int, device) -> Tensor:
+    """[t, s]: the last ``t`` keys are the queries' own (a token always sees itself)."""
+    own = torch.zeros(t, s, dtype=torch.bool, device=device)
+    own[torch.arange(t), torch.arange(s - t, s)] = True
+    return own
+
+
+def _as_mask(rows: Tensor, n: int) -> Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[rows] = True
+    return mask
