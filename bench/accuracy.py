@@ -3,9 +3,12 @@
 One offline engine serves the embedded ShapesVQA LLaVA-1.5 with the pruning class; each
 (method, budget) is a per-request ``mm_processor_kwargs={"vtprune": SPEC}`` over the same
 held-out questions, next to the full-token run measured in the same process. Also prints
-each configuration's generate time and its ratio to the full-token run.
+each configuration's generate time and its ratio to the full-token run. With
+``--path transformers`` the same questions go through the transformers reference path
+(one request at a time), which also runs the methods inside the LLM (FastV).
 
     python bench/accuracy.py [--num 200] [--budgets 192,128,64,32] [--methods ...]
+        [--path vllm|transformers]
 """
 from __future__ import annotations
 
@@ -16,51 +19,84 @@ import os
 import time
 
 
+def _prompt(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
 
-def run(llm, pairs, spec):
-    from vllm import SamplingParams
 
-    reqs = [{"prompt": f"USER: <image>\n{qa.question} ASSISTANT:",
-             "multi_modal_data": {"image": image},
-             "mm_processor_kwargs": {"vtprune": spec}} for image, qa in pairs]
+def vllm_answers():
+    """Answers from real vLLM (CPU offline engine) with the pruning class."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.families.llava import ARCHITECTURE
+
+    llm = LLM(model=model_path(), enforce_eager=True, max_model_len=2048,
+              hf_overrides={"architectures": [ARCHITECTURE]}, limit_mm_per_prompt={"image": 1})
+
+    def answers(pairs, spec):
+        reqs = [{"prompt": _prompt(qa.question), "multi_modal_data": {"image": image},
+                 "mm_processor_kwargs": {"vtprune": spec}} for image, qa in pairs]
+        outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
+
+    return answers
+
+
+def transformers_answers():
+    """Answers from the transformers reference path (in-LLM methods: rows removed)."""
+    from vllm_vtprune import spec as spec_mod
+    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.hf import HfReference
+
+    ref = HfReference.load(model_path())
+
+    def answers(pairs, spec):
+        parsed = spec_mod.parse(spec)
+        return [ref.generate(_prompt(qa.question), [image], parsed)[0].strip()
+                for image, qa in pairs]
+
+    return answers
+
+
+def run(answers, pairs, spec):
     t0 = time.perf_counter()
-    outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    got = answers(pairs, spec)
     seconds = time.perf_counter() - t0
     by_type = collections.Counter()
     total = collections.Counter()
-    for out, (_, qa) in zip(outs, pairs):
+    for answer, (_, qa) in zip(got, pairs):
         total[qa.qtype] += 1
-        by_type[qa.qtype] += out.outputs[0].text.strip() == qa.answer
+        by_type[qa.qtype] += answer == qa.answer
     return {"accuracy": sum(by_type.values()) / len(pairs),
             "per_type": {t: by_type[t] / total[t] for t in total},
-            "seconds": seconds,
-            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs) / len(outs)}
+            "seconds": seconds}
 
 
 def main() -> None:
+    from vllm_vtprune import registry
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--budgets", default="192,128,64,32")
-    from vllm_vtprune import registry
-
-    p.add_argument("--methods", default=",".join(registry.served()),
-                   help="comma-separated; default: every served method")
+    p.add_argument("--path", choices=("vllm", "transformers"), default="vllm",
+                   help="vllm (served methods) or the transformers reference path "
+                        "(also methods inside the LLM that have a reference plan)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated; default: every method the path runs")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-    from vllm import LLM
-
-    from vllm_vtprune.families.llava import ARCHITECTURE as LLAVA_ARCHITECTURE
     from vllm_vtprune.data import shapes_vqa as sv
-    from vllm_vtprune.embedded import model_path
 
-    llm = LLM(model=model_path(), enforce_eager=True, max_model_len=2048,
-              hf_overrides={"architectures": [LLAVA_ARCHITECTURE]},
-              limit_mm_per_prompt={"image": 1})
+    if args.methods is None:
+        runs = [n for n, m in registry.methods().items()
+                if m.served or (args.path == "transformers" and m.llm_plan is not None)]
+        args.methods = ",".join(runs)
+    answers = vllm_answers() if args.path == "vllm" else transformers_answers()
     pairs = list(sv.iter_questions(sv.HELDOUT_SEED, args.num, start=20_000))
-    run(llm, pairs[:8], "none")  # warm-up
-    full = run(llm, pairs, "none")
+    run(answers, pairs[:8], "none")  # warm-up
+    full = run(answers, pairs, "none")
     results = {"none": full}
     budgets = [int(b) for b in args.budgets.split(",")]
     print(f"full tokens: accuracy {full['accuracy']:.3f} per type "
@@ -73,7 +109,7 @@ def main() -> None:
         cells = []
         for b in budgets:
             spec = f"{method}:{b}"
-            r = results[spec] = run(llm, pairs, spec)
+            r = results[spec] = run(answers, pairs, spec)
             cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
                          f"time x{r['seconds'] / full['seconds']:.2f})")
         print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
