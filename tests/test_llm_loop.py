@@ -39,12 +39,14 @@ def _decoder(reference):
     return llm_loop.PrunedDecoder(reference.model.model.language_model, reference.model.lm_head)
 
 
-def _greedy(decoder, embeds, plan, mode, steps, reference):
+def _greedy(decoder, embeds, plan, mode, steps, reference, forced=None):
+    """Greedy tokens and the logits of every step; ``forced`` tokens replace the argmax
+    (so two paths are compared on the same sequence, whatever a near-tie does)."""
     logits, cache = decoder.prefill(embeds, plan, mode)
     out, all_logits = [], [logits]
     pos = embeds.shape[0]
-    for _ in range(steps):
-        tok = int(torch.argmax(logits))
+    for step in range(steps):
+        tok = int(torch.argmax(logits)) if forced is None else forced[step]
         out.append(tok)
         with torch.no_grad():
             emb = reference.model.get_input_embeddings()(torch.tensor([tok]))[0]
@@ -82,8 +84,7 @@ def test_removing_pruned_rows_equals_masking_them(reference, prompt):
     embeds, spans = prompt
     dec = _decoder(reference)
     out_r, logits_r = _greedy(dec, embeds, _fastv_plan(spans), "remove", 8, reference)
-    out_m, logits_m = _greedy(dec, embeds, _fastv_plan(spans), "mask", 8, reference)
-    assert out_r == out_m
+    _, logits_m = _greedy(dec, embeds, _fastv_plan(spans), "mask", 8, reference, out_r)
     torch.testing.assert_close(logits_r, logits_m, rtol=1e-4, atol=1e-4)
     unpruned = dec.prefill(embeds, llm_loop.Plan())[0]
     assert (unpruned - logits_r[0]).abs().max() > 1e-3  # pruning changed the computation
