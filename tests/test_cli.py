@@ -26,8 +26,8 @@ def test_check_spec_prints_canonical_form(capsys, spec, canonical):
     ("resprune:abc", "abc"),
     ("nosuch:64", "nosuch"),
     ("visionzip:64,contextual=-3", "contextual"),
-    ("fastv:64", "fastv"),   # prunes inside the LLM: not servable
-    ("rcp:64", "rcp"),
+    ("rcp:64", "rcp"),   # prunes inside the LLM: not served yet
+    ("fastv:64,layer=0", "layer"),
 ])
 def test_check_spec_bad_spec_exits_2_with_message(capsys, spec, bad):
     assert cli.main(["check-spec", spec]) == 2

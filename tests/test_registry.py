@@ -33,9 +33,13 @@ def test_methods_inside_the_llm_are_declared_but_refused_naming_the_served_ones(
     for name in ("fastv", "rcp"):
         assert name in registry.names() and name not in registry.served()
         with pytest.raises(ValueError) as err:
-            pipeline.check_servable(spec_mod.parse(f"{name}:64"))
+            pipeline.check_servable(spec_mod.parse(f"{name}:64"))  # per request
         assert "inside the language model" in str(err.value)
         assert all(m in str(err.value) for m in registry.served())
+    # fastv is served as the server's spec; rcp not at all yet
+    pipeline.check_servable(spec_mod.parse("fastv:64"), llava.FAMILY, server=True)
+    with pytest.raises(ValueError, match="not serve yet"):
+        pipeline.check_servable(spec_mod.parse("rcp:64"), llava.FAMILY, server=True)
 
 
 def test_vtprune_methods_lists_every_method(capsys):

@@ -111,8 +111,7 @@ def test_expand_malformed_spec_names_bad_part(spec, bad):
     assert bad in str(err.value)
 
 
-@pytest.mark.parametrize("spec, method", [("fastv:64", "fastv"), ("rcp:64", "rcp"),
-                                          ("fastv:0.5,layer=2", "fastv")])
+@pytest.mark.parametrize("spec, method", [("rcp:64", "rcp"), ("rcp:0.5,layers=2-4", "rcp")])
 def test_expand_refuses_in_llm_methods(spec, method):
     with pytest.raises(ValueError) as err:
         vllm_flag.expand(["serve", "M", "--vtprune", spec])
@@ -143,6 +142,14 @@ def test_expand_maps_a_local_checkpoint_to_its_family_class(tmp_path):
                 num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model type 'llama'.*supported: LLaVA-1.5"):
         vllm_flag.expand(["serve", str(tmp_path), "--vtprune", "random:16"])
+
+
+def test_expand_fastv_turns_off_chunked_prefill_and_the_prefix_cache():
+    out = vllm_flag.expand(["serve", "M", "--vtprune", "fastv:64"])
+    assert "--no-enable-chunked-prefill" in out and "--no-enable-prefix-caching" in out
+    for flag in ("--enable-chunked-prefill", "--enable-prefix-caching"):
+        with pytest.raises(ValueError, match=f"fastv:64 .*drop {flag}"):
+            vllm_flag.expand(["serve", "M", flag, "--vtprune", "fastv:64"])
 
 
 def test_expand_flag_without_value():
@@ -236,7 +243,7 @@ def test_real_vllm_serve_parser_accepts_flag(vllm_parser_state):
     assert _as_dict(ns.hf_overrides)["max_position_embeddings"] == 4096
 
 
-@pytest.mark.parametrize("spec, bad", [("divprune:lots", "lots"), ("fastv:64", "fastv"),
+@pytest.mark.parametrize("spec, bad", [("divprune:lots", "lots"), ("rcp:64", "rcp"),
                                        ("resprune:64,bogus=2", "bogus")])
 def test_real_vllm_serve_parser_rejects_bad_spec(vllm_parser_state, capsys, spec, bad):
     from vllm.entrypoints.launchers.cli_args import make_arg_parser

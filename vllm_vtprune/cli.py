@@ -63,7 +63,7 @@ def _check_spec(args: list[str]) -> int:
         return 2
     try:
         parsed = spec_mod.parse(args[0])
-        check_servable(parsed)
+        check_servable(parsed, server=True)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -119,16 +119,22 @@ def is_text_conditioned(spec: spec_mod.PruneSpec | None) -> bool:
 
 
 def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int) -> int:
-    """Placeholder count of one image: the budget, or every token without pruning."""
-    return num_tokens if spec is None else spec.tokens_for(num_tokens)
+    """Placeholder count of one image: the budget, or every token without pruning or
+    when the pruning happens inside the LLM."""
+    return num_tokens if spec is None or acts_in_llm(spec) else spec.tokens_for(num_tokens)
 
 
-def check_servable(spec: spec_mod.PruneSpec | None, family=None) -> None:
-    """Refuse a spec this version cannot serve (on ``family``'s models, when given)."""
+def check_servable(spec: spec_mod.PruneSpec | None, family=None, server: bool = False) -> None:
+    """Refuse a spec this version cannot serve (on ``family``'s models, when given; as
+    the server's spec when ``server``, else per request)."""
     if spec is not None:
         registry.check_served(spec.method, family.provides if family else None,
                               f"{family.name} models" if family else "this model",
-                              dict(spec.options))
+                              dict(spec.options), server)
+
+
+def acts_in_llm(spec: spec_mod.PruneSpec | None) -> bool:
+    return spec is not None and registry.get(spec.method).where is registry.Where.INSIDE_LLM
 
 
 def run_layers(tower: VisionTower, hidden: Tensor, start: int, stop: int) -> Tensor:
@@ -163,6 +169,8 @@ def prune_image(tower: VisionTower, project: Projector, pixel_values: Tensor,
 
 
 def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
+    if acts_in_llm(spec):  # the encoder gives every token; the LLM prunes
+        spec = None
     check_servable(spec)
     num_patches = tower.grid[0] * tower.grid[1]
     k = kept_tokens(spec, num_patches)

@@ -125,9 +125,13 @@ class Method:
     #: Methods inside the LLM: ``llm_plan(spec, image_spans, num_layers) -> {layer:
     #: decide}`` for :class:`vllm_vtprune.llm_loop.Plan` (the transformers reference path).
     llm_plan: Callable | None = None
+    #: Served by vLLM inside the LLM (masked attention) as the server's spec, not yet
+    #: per request.
+    served_in_llm: bool = False
 
     @property
     def served(self) -> bool:
+        """Served per request (and as the server's spec)."""
         return self.prune is not None and self.where.encoder_side
 
     def option(self, name: str) -> Option:
@@ -175,6 +179,10 @@ def served() -> tuple[str, ...]:
     return tuple(n for n, m in methods().items() if m.served)
 
 
+def served_in_llm() -> tuple[str, ...]:
+    return tuple(n for n, m in methods().items() if m.served_in_llm)
+
+
 def get(name: str) -> Method:
     try:
         return methods()[name]
@@ -183,11 +191,18 @@ def get(name: str) -> Method:
 
 
 def check_served(method: str, provides: frozenset[str] | None = None,
-                 model: str = "this model", options: Mapping[str, Value] = {}) -> None:
-    """Refuse a declared method that this version does not serve, naming those it does,
-    and one that needs what the served model (``provides``) does not have."""
+                 model: str = "this model", options: Mapping[str, Value] = {},
+                 server: bool = False) -> None:
+    """Refuse a declared method that this version does not serve (as the server's spec
+    when ``server``, else per request), naming those it does, and one that needs what
+    the served model (``provides``) does not have."""
     m = get(method)
-    if not m.served:
+    if m.served_in_llm and not server:
+        raise ValueError(
+            f"vtprune method {method!r} prunes {m.where.value}; it is served as the "
+            f"server's spec (--vtprune {method}:K), not per request; methods served per "
+            f"request: {', '.join(served())}")
+    if not m.served and not (server and m.served_in_llm):
         raise ValueError(
             f"vtprune method {method!r} prunes {m.where.value}, which this version does "
             f"not serve yet; methods served: {', '.join(served())}")
@@ -205,7 +220,8 @@ def listing() -> str:
     for m in methods().values():
         opts = ", ".join(f"{o.name}={o.default}" if o.default is not None else o.name
                          for o in m.options) or "-"
-        state = "served" if m.served else "not served yet"
+        state = ("served" if m.served else "server spec" if m.served_in_llm
+                 else "not served yet")
         rows.append(f"{m.name:12} {m.where.value:26} {state:15} options: {opts}\n"
                     f"{'':12} {m.summary}\n{'':12} {m.paper}")
     return "\n".join(rows)

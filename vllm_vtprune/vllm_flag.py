@@ -150,6 +150,7 @@ def _family(argv: list[str]):
 def expand(argv: list[str]) -> list[str]:
     """Rewrite ``--vtprune SPEC`` into plain vLLM options (see module docstring)."""
     from vllm_vtprune import spec as spec_mod
+    from vllm_vtprune import pipeline
     from vllm_vtprune.pipeline import check_servable
 
     rest, value = _split_flag(list(argv), FLAG)
@@ -159,9 +160,9 @@ def expand(argv: list[str]) -> list[str]:
         raise ValueError(f"{FLAG} got an empty spec; accepted: METHOD:BUDGET (e.g. "
                          "resprune:128), or none to serve without pruning")
     spec = spec_mod.parse(value)
-    check_servable(spec)
+    check_servable(spec, server=True)
     family = _family(rest)
-    check_servable(spec, family)
+    check_servable(spec, family, server=True)
     rest, overrides = _pop_hf_overrides(rest)
     overrides.update({"architectures": [family.architecture],
                       "vtprune": str(spec) if spec else "none"})
@@ -171,6 +172,15 @@ def expand(argv: list[str]) -> list[str]:
         rest += ["--middleware", MIDDLEWARE]
     if "--trust-request-mm-kwargs" not in names:
         rest.append("--trust-request-mm-kwargs")
+    if pipeline.acts_in_llm(spec):
+        # the decision layer must see the image and the question in one prefill step,
+        # and a KV slot's prune level must belong to one request (see masked_attention)
+        for flag in ("--enable-chunked-prefill", "--enable-prefix-caching"):
+            if flag in names:
+                raise ValueError(f"--vtprune {spec} prunes inside the language model, which "
+                                 f"needs {flag.replace('--', '--no-', 1)}; accepted: drop {flag}")
+            if flag.replace("--", "--no-", 1) not in names:
+                rest.append(flag.replace("--", "--no-", 1))
     return rest
 
 

@@ -230,5 +230,5 @@ FAMILY = Family(
     check=check,
     grid=grid,
     question_ids=question_ids,
-    provides=frozenset({"cls_attention", "keys", "encoder_layers", "text"}),
+    provides=frozenset({"cls_attention", "keys", "encoder_layers", "text", "llm_attention"}),
 )

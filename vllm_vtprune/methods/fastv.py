@@ -109,4 +109,5 @@ METHOD = Method(
                     "decoder layer K whose input is pruned (default 2 of 32, scaled by depth)"),),
     needs=frozenset({"llm_attention"}),
     llm_plan=llm_plan,
+    served_in_llm=True,
 )

@@ -15,7 +15,7 @@ def check_supported(hf_config) -> families.Family:
     """The served model's family; fails at startup on models no family prunes correctly,
     and on a server spec this version does not serve."""
     family = families.for_config(hf_config)
-    pipeline.check_servable(server_spec(hf_config), family)
+    pipeline.check_servable(server_spec(hf_config), family, server=True)
     return family
 
 

@@ -20,6 +20,7 @@ How the pieces fit (checked against vLLM 0.32's ``multimodal/processing`` source
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -75,6 +76,13 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
 
     def effective_spec(self, mm_kwargs: Mapping[str, object]) -> spec_mod.PruneSpec | None:
         """The request's override if it has one, else the server's spec."""
+        server = server_spec(self.get_hf_config())
+        if SPEC_KEY in mm_kwargs and pipeline.acts_in_llm(server):
+            if str(mm_kwargs[SPEC_KEY]).strip() != str(server):
+                raise ValueError(f"mm_processor_kwargs.vtprune: this server prunes inside "
+                                 f"the language model ({server}) for every request; "
+                                 "per-request specs are not accepted by such a server")
+            return server
         if SPEC_KEY in mm_kwargs:
             try:
                 spec = spec_mod.parse(mm_kwargs[SPEC_KEY])
@@ -170,6 +178,45 @@ class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
                                   replacement=replacement)]
 
 
+@contextlib.contextmanager
+def _masked_attention(vllm_config, spec):
+    """While the model is built, its decoder layers get the masked attention backend
+    (``spec`` prunes inside the LLM); other models built later in this process keep
+    vLLM's own. Refuses the scheduler settings under which the decision cannot be taken."""
+    from vllm.v1.attention.backends import registry as backends
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    from vllm_vtprune.methods import fastv
+    from vllm_vtprune.models import masked_attention
+
+    if spec.method != "fastv":
+        raise ValueError(f"vtprune: {spec.method!r} is not served inside the LLM yet; "
+                         "served there: fastv")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
+                         "question; accepted: --no-enable-chunked-prefill")
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError(f"vtprune {spec}: the prefix cache would share pruned KV between "
+                         "prompts; accepted: --no-enable-prefix-caching")
+    hf = vllm_config.model_config.hf_config
+    rows, cols = family.grid(hf)
+    masked_attention.STEP.configure(
+        fastv.decision_layer(spec.value("layer"), hf.text_config.num_hidden_layers),
+        spec.tokens_for, rows * cols)
+    enum = backends.AttentionBackendEnum.CPU_ATTN
+    previous = backends._ATTN_OVERRIDES.get(enum)
+    backends.register_backend(enum, f"{masked_attention.__name__}.VTPruneCPUAttentionBackend")
+    _cached_get_attn_backend.cache_clear()  # an earlier engine in this process chose one
+    try:
+        yield
+    finally:
+        if previous is None:
+            backends._ATTN_OVERRIDES.pop(enum, None)
+        else:
+            backends._ATTN_OVERRIDES[enum] = previous
+        _cached_get_attn_backend.cache_clear()
+
+
 @MULTIMODAL_REGISTRY.register_processor(VTPruneLlavaMultiModalProcessor,
                                         info=VTPruneLlavaProcessingInfo,
                                         dummy_inputs=LlavaDummyInputsBuilder)
@@ -181,9 +228,24 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError(f"vtprune: {family.ARCHITECTURE} serves {family.FAMILY.name} "
                              "models only; leave the architecture to --vtprune")
         check_parallelism(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        spec = server_spec(vllm_config.model_config.hf_config)
+        if pipeline.acts_in_llm(spec):
+            with _masked_attention(vllm_config, spec):
+                super().__init__(vllm_config=vllm_config, prefix=prefix)
+        else:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._in_llm = pipeline.acts_in_llm(spec)
         self._tower = family.VllmClipTower(self.vision_tower.vision_model,
                                            vllm_config.model_config.hf_config.vision_config)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None,
+                        **kwargs):
+        if self._in_llm:  # which tokens of this step are image tokens (masked_attention)
+            from vllm_vtprune.models import masked_attention
+
+            masked_attention.STEP.image_mask = is_multimodal
+        return super().embed_input_ids(input_ids, multimodal_embeddings,
+                                       is_multimodal=is_multimodal, **kwargs)
 
     def embed_multimodal(self, **kwargs: object):
         specs = kwargs.pop("vtprune_spec", None)

@@ -1,0 +1,111 @@
+"""FastV inside the LLM through real vLLM (CPU): the masked decoder attention against
+the transformers reference loop, which removes the pruned rows (vllm_vtprune.llm_loop)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vllm_vtprune import llm_loop
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+from vllm_vtprune.embedded import model_path
+from vllm_vtprune.families.llava import ARCHITECTURE
+
+SPEC = "fastv:64"
+PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 8, start=7300))
+# log-probabilities of the two paths differ by ~1e-6 (fp32); a wrong mask moves them
+# by more than 1e-3 on most questions (measured: 5 of 6 by over 4e-4)
+LOGPROB_TOLERANCE = 1e-4
+
+
+def _prompt(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def _llm(**kwargs):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(model=model_path(), enforce_eager=True, max_model_len=2048, dtype="float32",
+               limit_mm_per_prompt={"image": 2},
+               hf_overrides={"architectures": [ARCHITECTURE], "vtprune": SPEC}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def fastv_llm():
+    import gc
+
+    llm = _llm(enable_chunked_prefill=False, enable_prefix_caching=False)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _requests(pairs):
+    return [{"prompt": _prompt(qa.question), "multi_modal_data": {"image": image}}
+            for image, qa in pairs]
+
+
+def _reference_logprobs(reference, image, question: str, spec) -> torch.Tensor:
+    """Log-softmax of the loop's first-token logits, pruned as ``spec`` says (None: not)."""
+    from vllm_vtprune.hf import _expand, image_spans
+    from vllm_vtprune.methods import fastv
+
+    ids = _expand(reference.tokenizer(_prompt(question)).input_ids, reference.image_token_id,
+                  [576])
+    pruned = reference.image_tokens(reference.pixel_values([image]), None, ids)
+    ids_t = torch.tensor(ids)
+    with torch.no_grad():
+        embeds = reference.model.get_input_embeddings()(ids_t)
+        embeds[ids_t == reference.image_token_id] = pruned[0].tokens
+    decoder = llm_loop.PrunedDecoder(reference.model.model.language_model,
+                                     reference.model.lm_head)
+    plan = llm_loop.Plan() if spec is None else llm_loop.Plan(
+        fastv.llm_plan(spec, image_spans(ids, reference.image_token_id), decoder.num_layers))
+    return torch.log_softmax(decoder.prefill(embeds, plan)[0], dim=-1)
+
+
+def test_first_token_logprobs_are_the_reference_loops_in_a_mixed_batch(fastv_llm, reference):
+    from vllm import SamplingParams
+
+    reqs = _requests(PAIRS) + [{"prompt": "USER: hello ASSISTANT:"}]
+    outs = fastv_llm.generate(reqs, SamplingParams(temperature=0, max_tokens=1, logprobs=1),
+                              use_tqdm=False)
+    moved = 0
+    for (image, qa), out in zip(PAIRS, outs):
+        token = out.outputs[0].token_ids[0]
+        served = out.outputs[0].logprobs[0][token].logprob
+        pruned = _reference_logprobs(reference, image, qa.question, spec_mod.parse(SPEC))[token]
+        full = _reference_logprobs(reference, image, qa.question, None)[token]
+        assert abs(served - float(pruned)) < LOGPROB_TOLERANCE, (qa.question, served, pruned)
+        moved += abs(served - float(full)) > 1e-3
+    assert moved >= len(PAIRS) // 2, "the masks changed almost nothing"
+
+
+def test_greedy_outputs_equal_the_reference_alone_or_batched(fastv_llm, reference):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=16)
+    batched = [o.outputs[0].text.strip()
+               for o in fastv_llm.generate(_requests(PAIRS), params, use_tqdm=False)]
+    alone = [fastv_llm.generate(r, params, use_tqdm=False)[0].outputs[0].text.strip()
+             for r in _requests(PAIRS[:3])]
+    assert alone == batched[:3]
+    for (image, qa), answer in zip(PAIRS, batched):
+        ref, _ = reference.generate(_prompt(qa.question), [image], spec_mod.parse(SPEC),
+                                    max_new_tokens=16)
+        assert answer == ref.strip(), (qa.question, answer, ref)
+
+
+def test_per_request_specs_are_refused_on_a_fastv_server(fastv_llm):
+    from vllm import SamplingParams
+
+    image, qa = PAIRS[0]
+    req = {"prompt": _prompt(qa.question), "multi_modal_data": {"image": image},
+           "mm_processor_kwargs": {"vtprune": "resprune:16"}}
+    with pytest.raises(ValueError, match="prunes inside the language model.*per-request"):
+        fastv_llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)
