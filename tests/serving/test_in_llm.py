@@ -109,3 +109,42 @@ def test_per_request_specs_are_refused_on_a_fastv_server(fastv_llm):
            "mm_processor_kwargs": {"vtprune": "resprune:16"}}
     with pytest.raises(ValueError, match="prunes inside the language model.*per-request"):
         fastv_llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def test_vllm_serve_with_fastv_answers_and_refuses_per_request_specs(tmp_path):
+    """`vllm serve EMBEDDED --vtprune fastv:64`: the flag turns off chunked prefill and the
+    prefix cache itself; nothing is physically saved, and the figures say so."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import openai
+    from openai import OpenAI
+
+    from .conftest import _wait_healthy, chat_messages, free_port
+
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model_path(), "--vtprune", SPEC,
+           "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"),
+                                start_new_session=True)
+    try:
+        _wait_healthy(proc, f"http://127.0.0.1:{port}", log)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        image, qa = PAIRS[0]
+        r = client.chat.completions.create(model="m", messages=chat_messages(qa.question, [image]),
+                                           max_tokens=3, temperature=0)
+        fig = r.usage.vtprune
+        assert fig["method"] == "fastv" and fig["visual_tokens_after"] == 576
+        assert fig["kv_cache_tokens_saved"] == 0
+        with pytest.raises(openai.BadRequestError, match="per-request specs are not accepted"):
+            client.chat.completions.create(
+                model="m", messages=chat_messages(qa.question, [image]), max_tokens=1,
+                extra_body={"mm_processor_kwargs": {"vtprune": "resprune:16"}})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
