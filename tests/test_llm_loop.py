@@ -141,3 +141,12 @@ def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference)
         prompt = f"USER: <image>\n{qa.question} ASSISTANT:"
         vanilla, _ = reference.generate(prompt, [image], None)
         assert reference.generate(prompt, [image], spec_mod.parse("fastv:1000"))[0] == vanilla
+
+
+def test_masked_attention_image_spans_cut_adjacent_images():
+    from vllm_vtprune.models.masked_attention import image_spans
+
+    mask = torch.tensor([0, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    assert image_spans(mask, 2) == [(1, 3), (3, 5), (6, 8)]
+    assert image_spans(mask, 4) == [(1, 5), (6, 8)]
+    assert image_spans(torch.zeros(3, dtype=torch.bool), 4) == []

@@ -122,17 +122,32 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _decide(self, probs, slots, levels, rows) -> None:
         """FastV at the decision layer: rank each image of a whole-prompt prefill by the
-        last prompt token's attention here (layer K-1), prune the rest from layer K on."""
+        last prompt token's attention here (layer K-1), prune the rest from layer K on;
+        the rule is the reference path's (``fastv.decision``)."""
         from vllm_vtprune.methods import fastv
 
         mask = STEP.image_mask
         if mask is None or STEP.budget_for is None or mask.shape[0] < rows[1]:
             return
-        cols = torch.nonzero(mask[rows[0]:rows[1]].cpu()).flatten()
-        per = STEP.tokens_per_image
-        for i in range(0, cols.numel() - per + 1, per):
-            image = cols[i:i + per]
-            kept = fastv.select(probs[:, -1, image], STEP.budget_for(per))
-            pruned = torch.ones(per, dtype=torch.bool)
-            pruned[kept] = False
-            levels[slots[image[pruned]]] = STEP.decide_layer
+        spans = image_spans(mask[rows[0]:rows[1]].cpu(), STEP.tokens_per_image)
+        if not spans:
+            return
+        local = torch.arange(rows[1] - rows[0])
+        keep = torch.zeros(len(local), dtype=torch.bool)
+        keep[fastv.decision(spans, STEP.budget_for)(probs, local)] = True
+        levels[slots[~keep]] = STEP.decide_layer  # only image tokens can be dropped
+
+
+def image_spans(is_image: Tensor, tokens_per_image: int) -> list[tuple[int, int]]:
+    """[start, end) of each image in a request's tokens: runs of image tokens, cut every
+    ``tokens_per_image`` (two images may be adjacent)."""
+    cols = torch.nonzero(is_image).flatten().tolist()
+    spans, start = [], None
+    for i, c in enumerate(cols):
+        if start is None or c != cols[i - 1] + 1 or c - start == tokens_per_image:
+            if start is not None:
+                spans.append((start, cols[i - 1] + 1))
+            start = c
+    if start is not None:
+        spans.append((start, cols[-1] + 1))
+    return spans
