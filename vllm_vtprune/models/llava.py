@@ -195,6 +195,10 @@ def _masked_attention(vllm_config, spec):
     if vllm_config.scheduler_config.enable_chunked_prefill:
         raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
                          "question; accepted: --no-enable-chunked-prefill")
+    if str(vllm_config.cache_config.cache_dtype or "auto") != "auto":
+        raise ValueError(f"vtprune {spec}: the masked attention stores K/V unquantised; "
+                         f"accepted: --kv-cache-dtype auto (got "
+                         f"{vllm_config.cache_config.cache_dtype})")
     if vllm_config.cache_config.enable_prefix_caching:
         raise ValueError(f"vtprune {spec}: the prefix cache would share pruned KV between "
                          "prompts; accepted: --no-enable-prefix-caching")
