@@ -23,21 +23,47 @@ def _prompt(question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def vllm_answers():
-    """Answers from real vLLM (CPU offline engine) with the pruning class."""
-    from vllm import LLM, SamplingParams
+def _engine(**overrides):
+    from vllm import LLM
 
     from vllm_vtprune.embedded import model_path
     from vllm_vtprune.families.llava import ARCHITECTURE
 
-    llm = LLM(model=model_path(), enforce_eager=True, max_model_len=2048,
-              hf_overrides={"architectures": [ARCHITECTURE]}, limit_mm_per_prompt={"image": 1})
+    return LLM(model=model_path(), enforce_eager=True, max_model_len=2048,
+               hf_overrides={"architectures": [ARCHITECTURE], **overrides},
+               limit_mm_per_prompt={"image": 1},
+               **({"enable_chunked_prefill": False, "enable_prefix_caching": False}
+                  if overrides else {}))
+
+
+def _generate(llm, pairs, spec=None):
+    from vllm import SamplingParams
+
+    reqs = [{"prompt": _prompt(qa.question), "multi_modal_data": {"image": image},
+             **({"mm_processor_kwargs": {"vtprune": spec}} if spec else {})}
+            for image, qa in pairs]
+    outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    return [o.outputs[0].text.strip() for o in outs]
+
+
+def vllm_answers():
+    """Answers from real vLLM (CPU offline engine) with the pruning class: per-request
+    specs on one engine; methods served inside the LLM (server spec only) each on an
+    engine of their own, started and shut down for the spec."""
+    from vllm_vtprune import registry
+    from vllm_vtprune import spec as spec_mod
+
+    llm = _engine()
 
     def answers(pairs, spec):
-        reqs = [{"prompt": _prompt(qa.question), "multi_modal_data": {"image": image},
-                 "mm_processor_kwargs": {"vtprune": spec}} for image, qa in pairs]
-        outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-        return [o.outputs[0].text.strip() for o in outs]
+        parsed = spec_mod.parse(spec)
+        if parsed is None or not registry.get(parsed.method).served_in_llm:
+            return _generate(llm, pairs, spec)
+        own = _engine(vtprune=spec)
+        try:
+            return _generate(own, pairs)
+        finally:
+            own.llm_engine.engine_core.shutdown()
 
     return answers
 
@@ -91,7 +117,8 @@ def main() -> None:
 
     if args.methods is None:
         runs = [n for n, m in registry.methods().items()
-                if m.served or (args.path == "transformers" and m.llm_plan is not None)]
+                if m.served or (args.path == "transformers" and m.llm_plan is not None)
+                or (args.path == "vllm" and m.served_in_llm)]
         args.methods = ",".join(runs)
     answers = vllm_answers() if args.path == "vllm" else transformers_answers()
     pairs = list(sv.iter_questions(sv.HELDOUT_SEED, args.num, start=20_000))
