@@ -26,12 +26,9 @@ def prompt(reference):
     ids = reference.tokenizer(text).input_ids
     pruned = reference.image_tokens(reference.pixel_values([p[0] for p in pairs]), None, ids)
     full = _expand(ids, reference.image_token_id, [576, 576])
-    ids_t = torch.tensor(full)
-    with torch.no_grad():
-        embeds = reference.model.get_input_embeddings()(ids_t)
-        embeds[ids_t == reference.image_token_id] = torch.cat([p.tokens for p in pruned])
-    where = torch.nonzero(ids_t == reference.image_token_id).flatten()
-    spans = [(int(where[0]), int(where[0]) + 576), (int(where[576]), int(where[576]) + 576)]
+    embeds = reference.prompt_embeds(full, torch.cat([p.tokens for p in pruned]))
+    spans = llm_loop.image_spans(torch.tensor(full) == reference.image_token_id, 576)
+    assert len(spans) == 2  # the two images are adjacent in this tokenizer's ids
     return embeds, spans
 
 
@@ -128,11 +125,13 @@ def test_fastv_decision_layer_scales_with_depth_and_is_checked():
         fastv.decision_layer(8, 8)
 
 
-def test_image_spans_one_run_per_image():
-    from vllm_vtprune.hf import image_spans
-
-    assert image_spans([1, 4, 4, 4, 7, 4, 4, 9], 4) == [(1, 4), (5, 7)]
-    assert image_spans([1, 2, 3], 4) == []
+def test_image_spans_one_run_per_image_cut_at_the_image_size():
+    ids = torch.tensor([1, 4, 4, 4, 7, 4, 4, 9])
+    assert llm_loop.image_spans(ids == 4) == [(1, 4), (5, 7)]
+    assert llm_loop.image_spans(torch.tensor([1, 2, 3]) == 4) == []
+    mask = torch.tensor([0, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)  # adjacent images
+    assert llm_loop.image_spans(mask, 2) == [(1, 3), (3, 5), (6, 8)]
+    assert llm_loop.image_spans(mask, 4) == [(1, 5), (6, 8)]
 
 
 def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference):
@@ -142,11 +141,3 @@ def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference)
         vanilla, _ = reference.generate(prompt, [image], None)
         assert reference.generate(prompt, [image], spec_mod.parse("fastv:1000"))[0] == vanilla
 
-
-def test_masked_attention_image_spans_cut_adjacent_images():
-    from vllm_vtprune.models.masked_attention import image_spans
-
-    mask = torch.tensor([0, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
-    assert image_spans(mask, 2) == [(1, 3), (3, 5), (6, 8)]
-    assert image_spans(mask, 4) == [(1, 5), (6, 8)]
-    assert image_spans(torch.zeros(3, dtype=torch.bool), 4) == []

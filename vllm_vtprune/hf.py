@@ -87,13 +87,11 @@ class HfReference:
         if method.llm_plan is None:
             raise ValueError(f"vtprune method {spec.method!r} has no reference plan yet")
         decoder = llm_loop.PrunedDecoder(self.model.model.language_model, self.model.lm_head)
-        plan = llm_loop.Plan(method.llm_plan(spec, image_spans(ids, self.image_token_id),
-                                             decoder.num_layers))
+        rows, cols = self.tower.grid  # every image enters the LLM whole; adjacent ones are cut
+        spans = llm_loop.image_spans(torch.tensor(ids) == self.image_token_id, rows * cols)
+        plan = llm_loop.Plan(method.llm_plan(spec, spans, decoder.num_layers))
         embed = self.model.get_input_embeddings()
-        embeds = embed(torch.tensor(ids))
-        if feats is not None:
-            embeds[torch.tensor(ids) == self.image_token_id] = feats.to(embeds.dtype)
-        logits, cache = decoder.prefill(embeds, plan)
+        logits, cache = decoder.prefill(self.prompt_embeds(ids, feats), plan)
         out: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(torch.argmax(logits))
@@ -104,11 +102,17 @@ class HfReference:
                                     cache)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
-    def _last_logits(self, ids: list[int], feats: torch.Tensor | None) -> torch.Tensor:
-        input_ids = torch.tensor([ids])
-        embeds = self.model.get_input_embeddings()(input_ids)
+    @torch.no_grad()
+    def prompt_embeds(self, ids: list[int], feats: torch.Tensor | None) -> torch.Tensor:
+        """[T, D] input embeddings of expanded prompt ids, ``feats`` at the image tokens."""
+        ids_t = torch.tensor(ids)
+        embeds = self.model.get_input_embeddings()(ids_t)
         if feats is not None:
-            embeds[input_ids == self.image_token_id] = feats.to(embeds.dtype)
+            embeds[ids_t == self.image_token_id] = feats.to(embeds.dtype)
+        return embeds
+
+    def _last_logits(self, ids: list[int], feats: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.prompt_embeds(ids, feats)[None]
         hidden = self.model.model.language_model(inputs_embeds=embeds).last_hidden_state
         return self.model.lm_head(hidden[0, -1])
 
@@ -123,19 +127,6 @@ def _to_rgb(image):
     out = Image.new("RGB", rgba.size, (255, 255, 255))
     out.paste(rgba, mask=rgba.split()[3])
     return out
-
-
-def image_spans(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of image placeholder tokens (one run per image)."""
-    spans: list[tuple[int, int]] = []
-    for i, t in enumerate(ids):
-        if t != image_token_id:
-            continue
-        if spans and spans[-1][1] == i:
-            spans[-1] = (spans[-1][0], i + 1)
-        else:
-            spans.append((i, i + 1))
-    return spans
 
 
 def _expand(prompt_ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:

@@ -144,6 +144,20 @@ class PrunedDecoder:
         return self.lm_head(self.lm.norm(x))[0]
 
 
+def image_spans(is_image: Tensor, tokens_per_image: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of each image in a prompt: runs of image tokens (``is_image`` [T]
+    bool), cut every ``tokens_per_image`` when given (two images may be adjacent)."""
+    cols = torch.nonzero(is_image).flatten().tolist()
+    spans: list[tuple[int, int]] = []
+    for c in cols:
+        if spans and spans[-1][1] == c and (
+                tokens_per_image is None or c - spans[-1][0] < tokens_per_image):
+            spans[-1] = (spans[-1][0], c + 1)
+        else:
+            spans.append((c, c + 1))
+    return spans
+
+
 def _causal(query_rows: Tensor, key_rows: Tensor) -> Tensor:
     return key_rows[None, :] <= query_rows[:, None]
 

@@ -84,8 +84,9 @@ class ImageContext:
     """Per-image state a method's entry point reads (signatures never change).
 
     Encoder-output and projector-output methods get ``hidden`` (the feature layer's
-    output, prefix tokens first) and the ``probe`` of that layer; methods inside the
-    encoder get ``hidden = None`` and run the ``tower`` themselves.
+    output, prefix tokens first) and the ``probe`` of that layer, recomputed only when a
+    method reads it (random and divprune never do); methods inside the encoder get
+    ``hidden = None`` and run the ``tower`` themselves.
     """
 
     tower: VisionTower
@@ -96,7 +97,15 @@ class ImageContext:
     num_patches: int
     budget: int  # tokens to keep (< num_patches)
     hidden: Tensor | None = None  # [P+N, C]
-    probe: Probe | None = None
+    last_input: Tensor | None = None  # [1, P+N, C] what the feature layer received
+    _probe: Probe | None = None
+
+    @property
+    def probe(self) -> Probe:
+        """The feature layer's attention, from its own projections of ``last_input``."""
+        if self._probe is None:
+            self._probe = self.tower.probe(self.tower.num_layers - 1, self.last_input)
+        return self._probe
 
     @property
     def patches(self) -> Tensor:
@@ -143,14 +152,17 @@ def run_layers(tower: VisionTower, hidden: Tensor, start: int, stop: int) -> Ten
     return hidden
 
 
+def run_to_feature_layer(tower: VisionTower, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+    """Feature-layer output [P+N, C], and that layer's input [1, P+N, C]."""
+    last = tower.num_layers - 1
+    h = run_layers(tower, tower.embed(pixel_values), 0, last)
+    return tower.layer(last, h)[0], h
+
+
 def run_with_last_probe(tower: VisionTower, pixel_values: Tensor) -> tuple[Tensor, Probe]:
     """Feature-layer output [P+N, C] and the probe of that last layer."""
-    h = tower.embed(pixel_values)
-    last = tower.num_layers - 1
-    h = run_layers(tower, h, 0, last)
-    probe = tower.probe(last, h)
-    h = tower.layer(last, h)
-    return h[0], probe
+    hidden, last_input = run_to_feature_layer(tower, pixel_values)
+    return hidden, tower.probe(tower.num_layers - 1, last_input)
 
 
 def grid_positions(origins: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -180,7 +192,7 @@ def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
     method = registry.get(spec.method)
     ctx = ImageContext(tower, project, pixel_values, spec, text, num_patches, k)
     if method.where is not registry.Where.INSIDE_ENCODER:
-        ctx.hidden, ctx.probe = run_with_last_probe(tower, pixel_values)
+        ctx.hidden, ctx.last_input = run_to_feature_layer(tower, pixel_values)
     return method.prune(ctx)
 
 

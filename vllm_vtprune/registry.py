@@ -179,10 +179,6 @@ def served() -> tuple[str, ...]:
     return tuple(n for n, m in methods().items() if m.served)
 
 
-def served_in_llm() -> tuple[str, ...]:
-    return tuple(n for n, m in methods().items() if m.served_in_llm)
-
-
 def get(name: str) -> Method:
     try:
         return methods()[name]

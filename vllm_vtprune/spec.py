@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from vllm_vtprune import registry
 
-__all__ = ["PruneSpec", "parse", "METHODS", "OPTIONS"]
+__all__ = ["PruneSpec", "parse", "METHODS"]
 
 Value = str | int | float
 
@@ -31,9 +31,6 @@ def __getattr__(name: str):
     # Derived from the registry on first use (the registry imports the method modules).
     if name == "METHODS":
         return registry.names()
-    if name == "OPTIONS":
-        return {m.name: {o.name: o.parse for o in m.options}
-                for m in registry.methods().values()}
     raise AttributeError(name)
 
 

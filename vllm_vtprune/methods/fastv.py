@@ -10,6 +10,7 @@ original position ids can be kept; ties go to the lowest index.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, int_ge
@@ -78,8 +79,6 @@ def decision(image_spans, budget_for):
     """
 
     def decide(probs: Tensor, rows: Tensor):
-        import torch
-
         keep = torch.ones(len(rows), dtype=torch.bool)
         for start, end in image_spans:
             cols = torch.nonzero((rows >= start) & (rows < end)).flatten()

@@ -368,7 +368,7 @@ def prune(ctx) -> "PrunedImage":
 
     tokens = ctx.project(ctx.patches)
     seed = None
-    if _seed_rule(ctx.option("seed"), ctx.probe.cls_attn is not None) == "cls":
+    if _seed_rule(ctx.option("seed"), ctx.tower.prefix > 0) == "cls":
         seed = int(torch.argmax(ctx.patch_importance))
     idx = resprune_select(tokens, ctx.budget, text=ctx.text, alpha=float(ctx.option("alpha")),
                           seed=seed)

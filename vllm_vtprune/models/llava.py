@@ -90,7 +90,7 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
                 raise ValueError(f"mm_processor_kwargs.vtprune: {err}") from None
             pipeline.check_servable(spec, family.FAMILY)
             return spec
-        return server_spec(self.get_hf_config())
+        return server
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int,
                              spec: spec_mod.PruneSpec | None = None) -> int:
@@ -186,12 +186,9 @@ def _masked_attention(vllm_config, spec):
     from vllm.v1.attention.backends import registry as backends
     from vllm.v1.attention.selector import _cached_get_attn_backend
 
-    from vllm_vtprune.methods import fastv
+    from vllm_vtprune import registry
     from vllm_vtprune.models import masked_attention
 
-    if spec.method != "fastv":
-        raise ValueError(f"vtprune: {spec.method!r} is not served inside the LLM yet; "
-                         "served there: fastv")
     if vllm_config.scheduler_config.enable_chunked_prefill:
         raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
                          "question; accepted: --no-enable-chunked-prefill")
@@ -204,9 +201,17 @@ def _masked_attention(vllm_config, spec):
                          "prompts; accepted: --no-enable-prefix-caching")
     hf = vllm_config.model_config.hf_config
     rows, cols = family.grid(hf)
-    masked_attention.STEP.configure(
-        fastv.decision_layer(spec.value("layer"), hf.text_config.num_hidden_layers),
-        spec.tokens_for, rows * cols)
+    num_layers = hf.text_config.num_hidden_layers
+    method = registry.get(spec.method)
+
+    def plan_for(spans):
+        return method.llm_plan(spec, spans, num_layers)
+
+    layers = sorted(plan_for([]))  # the plan's layers do not depend on the image
+    if len(layers) != 1:
+        raise ValueError(f"vtprune {spec}: decisions at layers {layers}; the masked "
+                         "attention serves one decision layer")
+    masked_attention.STEP.configure(layers[0], plan_for, rows * cols)
     enum = backends.AttentionBackendEnum.CPU_ATTN
     previous = backends._ATTN_OVERRIDES.get(enum)
     backends.register_backend(enum, f"{masked_attention.__name__}.VTPruneCPUAttentionBackend")

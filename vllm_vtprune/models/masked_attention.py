@@ -38,12 +38,13 @@ class StepState:
     image tokens (set by the model's ``embed_input_ids``); read by the decision layer."""
 
     decide_layer: int = -1  # the first layer that no longer sees pruned tokens
-    budget_for: Callable[[int], int] | None = None  # tokens an image keeps
+    #: image spans -> {decide_layer: decide}, the served method's ``llm_plan``
+    plan_for: Callable[[list[tuple[int, int]]], dict] | None = None
     tokens_per_image: int = 0
     image_mask: Tensor | None = None  # [num_tokens] bool, batch order
 
-    def configure(self, decide_layer: int, budget_for, tokens_per_image: int) -> None:
-        self.decide_layer, self.budget_for = decide_layer, budget_for
+    def configure(self, decide_layer: int, plan_for, tokens_per_image: int) -> None:
+        self.decide_layer, self.plan_for = decide_layer, plan_for
         self.tokens_per_image, self.image_mask = tokens_per_image, None
 
 
@@ -121,33 +122,18 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
         return (probs @ values).transpose(0, 1).to(q.dtype)
 
     def _decide(self, probs, slots, levels, rows) -> None:
-        """FastV at the decision layer: rank each image of a whole-prompt prefill by the
-        last prompt token's attention here (layer K-1), prune the rest from layer K on;
-        the rule is the reference path's (``fastv.decision``)."""
-        from vllm_vtprune.methods import fastv
+        """The served method's decision (its ``llm_plan``, the reference path's rule) on a
+        whole-prompt prefill, from this layer's attention (layer K-1); what it drops is
+        pruned from layer K on."""
+        from vllm_vtprune.llm_loop import image_spans
 
         mask = STEP.image_mask
-        if mask is None or STEP.budget_for is None or mask.shape[0] < rows[1]:
+        if mask is None or STEP.plan_for is None or mask.shape[0] < rows[1]:
             return
         spans = image_spans(mask[rows[0]:rows[1]].cpu(), STEP.tokens_per_image)
         if not spans:
             return
         local = torch.arange(rows[1] - rows[0])
         keep = torch.zeros(len(local), dtype=torch.bool)
-        keep[fastv.decision(spans, STEP.budget_for)(probs, local)] = True
+        keep[STEP.plan_for(spans)[STEP.decide_layer](probs, local)] = True
         levels[slots[~keep]] = STEP.decide_layer  # only image tokens can be dropped
-
-
-def image_spans(is_image: Tensor, tokens_per_image: int) -> list[tuple[int, int]]:
-    """[start, end) of each image in a request's tokens: runs of image tokens, cut every
-    ``tokens_per_image`` (two images may be adjacent)."""
-    cols = torch.nonzero(is_image).flatten().tolist()
-    spans, start = [], None
-    for i, c in enumerate(cols):
-        if start is None or c != cols[i - 1] + 1 or c - start == tokens_per_image:
-            if start is not None:
-                spans.append((start, cols[i - 1] + 1))
-            start = c
-    if start is not None:
-        spans.append((start, cols[-1] + 1))
-    return spans
