@@ -136,8 +136,18 @@ def test_image_spans_one_run_per_image_cut_at_the_image_size():
 
 def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference):
     pairs = list(sv.iter_questions(sv.HELDOUT_SEED, 4, start=9200))
+    from vllm_vtprune.hf import _expand
+
     for image, qa in pairs:
         prompt = f"USER: <image>\n{qa.question} ASSISTANT:"
+        ids = reference.tokenizer(prompt).input_ids
+        feats = reference.image_tokens(reference.pixel_values([image]), None, ids)[0].tokens
+        with torch.no_grad():
+            top = torch.topk(reference._last_logits(_expand(ids, reference.image_token_id,
+                                                            [576]), feats), 2).values
+        # two float paths agree on the answer only where its logit margin exceeds their
+        # rounding (~1e-5 here)
+        assert top[0] - top[1] > 1e-2, (qa.question, top)
         vanilla, _ = reference.generate(prompt, [image], None)
         assert reference.generate(prompt, [image], spec_mod.parse("fastv:1000"))[0] == vanilla
 

@@ -160,7 +160,6 @@ def expand(argv: list[str]) -> list[str]:
         raise ValueError(f"{FLAG} got an empty spec; accepted: METHOD:BUDGET (e.g. "
                          "resprune:128), or none to serve without pruning")
     spec = spec_mod.parse(value)
-    check_servable(spec, server=True)
     family = _family(rest)
     check_servable(spec, family, server=True)
     rest, overrides = _pop_hf_overrides(rest)
