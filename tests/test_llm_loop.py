@@ -72,7 +72,7 @@ def _fastv_plan(spans, budget=64, layer=2):
     from vllm_vtprune.methods import fastv
 
     spec = spec_mod.parse(f"fastv:{budget},layer={layer}")
-    return llm_loop.Plan(fastv.llm_plan(spec, spans, num_layers=8))
+    return fastv.llm_plan(spec, spans, 8, 576)
 
 
 def test_removing_pruned_rows_equals_masking_them(reference, prompt):

@@ -11,35 +11,42 @@ from vllm_vtprune.embedded import model_path
 from vllm_vtprune.families import llava
 
 
-def test_every_served_method_is_in_the_vllm_parity_test():
-    """As pytest collects it: the parity test runs each served method at two budgets."""
+def _collected(path: str) -> list[str]:
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", "tests/serving/test_offline.py"],
+                          "-p", "no:cacheprovider", path],
                          cwd=root, capture_output=True, text=True, timeout=120).stdout
-    ids = [line.split("[", 1)[1].rstrip("]") for line in out.splitlines()
+    return [line for line in out.splitlines() if "[" in line]
+
+
+def test_every_served_method_is_in_a_vllm_parity_test():
+    """As pytest collects them: each served method at two budgets, encoder-side ones in
+    test_offline, those inside the LLM in test_in_llm's mixed-batch parity test."""
+    ids = [line.split("[", 1)[1].rstrip("]") for line in _collected("tests/serving/test_offline.py")
            if "::test_greedy_outputs_match_transformers_reference[" in line]
-    for method in registry.served():
+    for method in set(registry.served()) - set(registry.in_llm()):
         assert len([i for i in ids if i.startswith(method + ":")]) == 2, (method, ids)
-    assert {"resprune", "divprune", "visionzip", "polymorphic", "dcp",
-            "random"} <= set(registry.served())
+    assert {"resprune", "divprune", "visionzip", "dcp", "random"} <= set(registry.served())
+    lines = _collected("tests/serving/test_in_llm.py")
+    for method in registry.in_llm():
+        assert len([l for l in lines if "::test_mixed_batch_equals_reference_alone_and_batched["
+                    in l and f"[{method}:" in l]) == 2, (method, lines)
+    assert {"fastv", "polymorphic", "rcp"} <= set(registry.in_llm())
 
 
-def test_methods_inside_the_llm_are_declared_but_refused_naming_the_served_ones():
-    for name in ("fastv", "rcp"):
-        assert name in registry.names() and name not in registry.served()
+def test_methods_inside_the_llm_are_refused_per_request_on_servers_without_them(rcp_checkpoint):
+    for name in registry.in_llm():
+        spec = spec_mod.parse(f"{name}:64" + (f",ckpt={rcp_checkpoint}" if name == "rcp" else ""))
         with pytest.raises(ValueError) as err:
-            pipeline.check_servable(spec_mod.parse(f"{name}:64"))  # per request
+            pipeline.check_servable(spec)  # per request
         assert "inside the language model" in str(err.value)
-        assert all(m in str(err.value) for m in registry.served())
-    # fastv is served as the server's spec; rcp not at all yet
-    pipeline.check_servable(spec_mod.parse("fastv:64"), llava.FAMILY, server=True)
-    with pytest.raises(ValueError, match="not serve yet"):
-        pipeline.check_servable(spec_mod.parse("rcp:64"), llava.FAMILY, server=True)
+        assert f"--vtprune {name}:K" in str(err.value)
+        assert all(m in str(err.value) for m in registry.served() if m not in registry.in_llm())
+        pipeline.check_servable(spec, llava.FAMILY, server=True)
 
 
 def test_vtprune_methods_lists_every_method(capsys):
@@ -132,7 +139,7 @@ def test_a_method_needing_what_the_family_lacks_is_refused_naming_the_usable():
     pipeline.check_servable(spec_mod.parse("resprune:64"), no_cls)  # seeds by norm
     with pytest.raises(ValueError, match="'resprune' needs cls_attention"):
         pipeline.check_servable(spec_mod.parse("resprune:64,seed=cls"), no_cls)
-    for name in registry.served():
+    for name in set(registry.served()) - set(registry.in_llm()):
         pipeline.check_servable(spec_mod.parse(f"{name}:8"), llava.FAMILY)
 
 

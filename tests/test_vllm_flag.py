@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import pytest
 
 from vllm_vtprune import vllm_flag
@@ -111,15 +113,27 @@ def test_expand_malformed_spec_names_bad_part(spec, bad):
     assert bad in str(err.value)
 
 
-@pytest.mark.parametrize("spec, method", [("rcp:64", "rcp"), ("rcp:0.5,layers=2-4", "rcp")])
-def test_expand_refuses_in_llm_methods(spec, method):
-    with pytest.raises(ValueError) as err:
+@pytest.mark.parametrize("spec, says", [
+    ("rcp:64", "rcp:K,ckpt=PATH"),
+    ("rcp:0.5,layers=2-4", "rcp:K,ckpt=PATH"),
+    ("rcp:64,ckpt=/nonexistent/rcp.pt", "ckpt=/nonexistent/rcp.pt: no such file"),
+])
+def test_expand_refuses_rcp_without_a_readable_checkpoint(spec, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
         vllm_flag.expand(["serve", "M", "--vtprune", spec])
-    msg = str(err.value)
-    assert repr(method) in msg
-    assert "language model" in msg
-    # The message says what can be served instead.
-    assert "resprune" in msg
+
+
+def test_expand_refuses_a_file_that_is_no_rcp_checkpoint(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"ckpt={re.escape(str(bad))}: cannot be read"):
+        vllm_flag.expand(["serve", "M", "--vtprune", f"rcp:64,ckpt={bad}"])
+
+
+def test_expand_adds_what_pruning_inside_the_llm_needs():
+    out = vllm_flag.expand(["serve", "M", "--vtprune", "fastv:64"])
+    for flag in ("--no-enable-chunked-prefill", "--no-enable-prefix-caching", "--enforce-eager"):
+        assert flag in out
 
 
 @pytest.mark.parametrize("value", ["", "   "])

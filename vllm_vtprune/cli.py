@@ -14,6 +14,10 @@
         Validate a pruning spec and print its canonical form.
     vtprune methods
         List every pruning method: where it acts, whether it is served, its options.
+    vtprune rcp-init [MODEL] --out FILE [--seed N]
+        Write RCP modules for MODEL's decoder (default: the embedded model) at their
+        initialisation: pruners as initialised, repair adapters identity. Serve them with
+        --vtprune rcp:K,ckpt=FILE (masks only: the adapters change nothing until trained).
 """
 from __future__ import annotations
 
@@ -85,7 +89,30 @@ def _methods(args: list[str]) -> int:
     return 0
 
 
+def _rcp_init(args: list[str]) -> int:
+    import argparse
+    import json
+    import os
+
+    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.methods import rcp
+
+    parser = argparse.ArgumentParser(prog="vtprune rcp-init")
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(args)
+    with open(os.path.join(ns.model or model_path(), "config.json")) as f:
+        text = json.load(f).get("text_config", {})
+    modules = rcp.build_modules(text["hidden_size"], text["num_hidden_layers"], seed=ns.seed)
+    rcp.save_checkpoint(modules, ns.out)
+    print(f"{ns.out}: pruners at layers {'-'.join(map(str, modules.pruning_layers))}, "
+          f"adapters after layers {'-'.join(map(str, sorted(modules.adapters)))}")
+    return 0
+
+
 COMMANDS = {
+    "rcp-init": _rcp_init,
     "methods": _methods,
     "serve": _serve,
     "vllm": vllm_main,

@@ -63,13 +63,12 @@ class HfReference:
         Methods that act inside the LLM get every visual token from the encoder and run
         through :class:`vllm_vtprune.llm_loop.PrunedDecoder`, pruned rows removed."""
         prompt_ids = self.tokenizer(prompt).input_ids
-        inside = spec is not None and registry.get(spec.method).where is registry.Where.INSIDE_LLM
-        pruned = self.image_tokens(self.pixel_values(images), None if inside else spec,
-                                   prompt_ids)
-        ids = _expand(prompt_ids, self.image_token_id, [p.tokens.shape[0] for p in pruned])
+        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
+        counts = [p.tokens.shape[0] for p in pruned]
+        ids = _expand(prompt_ids, self.image_token_id, counts)
         feats = torch.cat([p.tokens for p in pruned]) if pruned else None
-        if inside:
-            return self._generate_in_llm(ids, feats, spec, max_new_tokens), pruned
+        if pipeline.acts_in_llm(spec):
+            return self._generate_in_llm(ids, feats, counts, spec, max_new_tokens), pruned
         out: list[int] = []
         eos = self.tokenizer.eos_token_id
         for _ in range(max_new_tokens):
@@ -80,16 +79,23 @@ class HfReference:
             out.append(nxt)
         return self.tokenizer.decode(out, skip_special_tokens=True), pruned
 
-    def _generate_in_llm(self, ids: list[int], feats, spec, max_new_tokens: int) -> str:
+    def decoder(self):
         from vllm_vtprune import llm_loop
 
-        method = registry.get(spec.method)
-        if method.llm_plan is None:
-            raise ValueError(f"vtprune method {spec.method!r} has no reference plan yet")
-        decoder = llm_loop.PrunedDecoder(self.model.model.language_model, self.model.lm_head)
-        rows, cols = self.tower.grid  # every image enters the LLM whole; adjacent ones are cut
-        spans = llm_loop.image_spans(torch.tensor(ids) == self.image_token_id, rows * cols)
-        plan = llm_loop.Plan(method.llm_plan(spec, spans, decoder.num_layers))
+        return llm_loop.PrunedDecoder(self.model.model.language_model, self.model.lm_head)
+
+    def llm_plan(self, ids: list[int], counts: list[int], spec, num_layers: int):
+        """The in-LLM plan of one request whose expanded prompt ``ids`` holds images of
+        ``counts`` tokens each."""
+        from vllm_vtprune import llm_loop
+
+        rows, cols = self.tower.grid
+        spans = llm_loop.spans_of(torch.tensor(ids) == self.image_token_id, counts)
+        return registry.get(spec.method).llm_plan(spec, spans, num_layers, rows * cols)
+
+    def _generate_in_llm(self, ids: list[int], feats, counts, spec, max_new_tokens: int) -> str:
+        decoder = self.decoder()
+        plan = self.llm_plan(ids, counts, spec, decoder.num_layers)
         embed = self.model.get_input_embeddings()
         logits, cache = decoder.prefill(self.prompt_embeds(ids, feats), plan)
         out: list[int] = []
@@ -99,7 +105,7 @@ class HfReference:
                 break
             out.append(nxt)
             logits = decoder.decode(embed(torch.tensor([nxt]))[0], len(ids) + len(out) - 1,
-                                    cache)
+                                    cache, plan)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
     @torch.no_grad()

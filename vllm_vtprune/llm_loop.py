@@ -1,6 +1,6 @@
 """An explicit decoder loop over a transformers Llama with visual tokens pruned inside
-the LLM: the reference path for methods that act there (FastV today; each method's
-module builds its :class:`Plan`, see ``registry.Method.llm_plan``).
+the LLM: the reference path for methods that act there (FastV, Polymorphic's stage 2,
+RCP; each method's module builds its :class:`Plan`, see ``registry.Method.llm_plan``).
 
 Layer by layer, in plain PyTorch (gpt-fast style), so that a decision taken after layer
 ``l`` can act on the rows of the batch. Two ways to carry it out, meant to agree on every
@@ -46,16 +46,38 @@ class Step:
     want_probs: bool = False  # the next layer decides: keep this layer's softmax
 
 
-#: A decision: (layer index it acts before, the rows of the prompt to keep given the
-#: previous layer's attention probabilities [H, T, T] and the rows still alive [T]).
-Decide = Callable[[Tensor, Tensor], Tensor]
+@dataclasses.dataclass
+class LayerView:
+    """What a decision taken before layer ``l`` reads, restricted to the rows still alive."""
+
+    probs: Tensor  # [H, T, T] softmax attention of layer l-1 among the live rows
+    rows: Tensor  # [T] prompt positions of the live rows (ascending)
+    hidden: Tensor  # [T, d] residual stream entering layer l
+
+
+@dataclasses.dataclass
+class Verdict:
+    """A decision: which live rows stay, and (methods that merge what they drop into what
+    they keep) the kept rows' new residual stream."""
+
+    keep: Tensor  # ascending indices into the view's rows
+    hidden: Tensor | None = None  # [len(keep), d]
+
+
+Decide = Callable[[LayerView], Verdict]
+#: Applied after layer l to the answer rows (the last prompt row in prefill, every
+#: decoded row): [R, d] residual stream -> [R, d].
+Adapt = Callable[[Tensor], Tensor]
 
 
 @dataclasses.dataclass
 class Plan:
-    """Per-layer pruning plan of one request: decisions keyed by the layer they act before."""
+    """Per-request pruning plan: decisions keyed by the layer they act before, adapters
+    by the layer they act after. A plan may keep state between its layers (RCP's
+    cumulative mask, its adapters' context), so one plan serves one request."""
 
     decisions: dict[int, Decide] = dataclasses.field(default_factory=dict)
+    adapters: dict[int, Adapt] = dataclasses.field(default_factory=dict)
 
 
 class PrunedDecoder:
@@ -113,11 +135,15 @@ class PrunedDecoder:
         probs = None
         for i in range(self.num_layers):
             if i in plan.decisions:
-                keep = plan.decisions[i](probs, rows if mode == "remove" else rows[alive])
+                live = torch.arange(len(rows)) if mode == "remove" else torch.nonzero(alive).flatten()
+                verdict = plan.decisions[i](LayerView(probs, rows[live], x[live]))
+                if verdict.hidden is not None:
+                    x = x.clone()
+                    x[live[verdict.keep]] = verdict.hidden.to(x.dtype)
                 if mode == "remove":
-                    x, rows = x[keep], rows[keep]
+                    x, rows = x[verdict.keep], rows[verdict.keep]
                 else:
-                    alive = alive & _as_mask(rows[alive][keep], n)
+                    alive = alive & _as_mask(rows[live[verdict.keep]], n)
             step = Step(rows, _causal(rows, rows), want_probs=(i + 1) in plan.decisions)
             kv = LayerKV(embeds.new_zeros(self.num_kv, 0, self.head_dim),
                          embeds.new_zeros(self.num_kv, 0, self.head_dim),
@@ -126,14 +152,18 @@ class PrunedDecoder:
             x, probs = self._layer(i, x, step, kv)
             if mode == "mask" and probs is not None:
                 probs = probs[:, alive][:, :, alive]  # decisions see the live tokens only
+            if i in plan.adapters:
+                x = torch.cat([x[:-1], plan.adapters[i](x[-1:])])
             cache.append(kv)
         last = self.lm.norm(x[-1:])
         return self.lm_head(last)[0], cache
 
     # ---------------------------------------------------------------- decode
     @torch.no_grad()
-    def decode(self, embed: Tensor, position: int, cache: list[LayerKV]) -> Tensor:
-        """Logits [V] for one new token at ``position`` attending each layer's cache."""
+    def decode(self, embed: Tensor, position: int, cache: list[LayerKV],
+               plan: Plan | None = None) -> Tensor:
+        """Logits [V] for one new token at ``position`` attending each layer's cache
+        (``plan``: the prefill's, whose adapters act on every decoded row)."""
         x = embed[None]
         pos = torch.tensor([position])
         for i in range(self.num_layers):
@@ -141,6 +171,8 @@ class PrunedDecoder:
             kv.alive = torch.cat([kv.alive, torch.ones(1, dtype=torch.bool)])
             step = Step(pos, torch.ones(1, kv.keys.shape[1] + 1, dtype=torch.bool))
             x, _ = self._layer(i, x, step, kv)
+            if plan is not None and i in plan.adapters:
+                x = plan.adapters[i](x)
         return self.lm_head(self.lm.norm(x))[0]
 
 
@@ -155,6 +187,19 @@ def image_spans(is_image: Tensor, tokens_per_image: int | None = None) -> list[t
             spans[-1] = (spans[-1][0], c + 1)
         else:
             spans.append((c, c + 1))
+    return spans
+
+
+def spans_of(is_image: Tensor, counts: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each image of ``counts`` tokens, in prompt order (``is_image`` [T]
+    bool marks their tokens)."""
+    cols = torch.nonzero(is_image).flatten().tolist()
+    if len(cols) != sum(counts):
+        raise ValueError(f"{len(cols)} image tokens for images of {counts} tokens")
+    spans, at = [], 0
+    for n in counts:
+        spans.append((cols[at], cols[at + n - 1] + 1))
+        at += n
     return spans
 
 

@@ -66,9 +66,6 @@ class PrunedImage:
     origins: Tensor  # [K] patch index each token stands at (a merged token: its representative)
     kept: Tensor | None  # [K] patch indices when the tokens are a plain subset, else None
     positions: Tensor | None = None  # [K, 2] (row, col) of each origin in the patch grid
-    #: Per-layer plan for methods that act inside the LLM ((layer, keep count), ...);
-    #: empty for encoder-side methods.
-    llm_plan: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def subset(cls, tokens: Tensor, kept: Tensor) -> "PrunedImage":
@@ -128,9 +125,14 @@ def is_text_conditioned(spec: spec_mod.PruneSpec | None) -> bool:
 
 
 def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int) -> int:
-    """Placeholder count of one image: the budget, or every token without pruning or
-    when the pruning happens inside the LLM."""
-    return num_tokens if spec is None or acts_in_llm(spec) else spec.tokens_for(num_tokens)
+    """Placeholder count of one image: the budget; every token without pruning; for a
+    method inside the LLM, what its encoder-side stage keeps (every token without one)."""
+    if spec is None:
+        return num_tokens
+    if acts_in_llm(spec):
+        stage = registry.get(spec.method).encoder_budget
+        return num_tokens if stage is None else stage(spec, num_tokens)
+    return spec.tokens_for(num_tokens)
 
 
 def check_servable(spec: spec_mod.PruneSpec | None, family=None, server: bool = False) -> None:
@@ -181,9 +183,7 @@ def prune_image(tower: VisionTower, project: Projector, pixel_values: Tensor,
 
 
 def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
-    if acts_in_llm(spec):  # the encoder gives every token; the LLM prunes
-        spec = None
-    check_servable(spec)
+    check_servable(spec, server=True)
     num_patches = tower.grid[0] * tower.grid[1]
     k = kept_tokens(spec, num_patches)
     if k >= num_patches:

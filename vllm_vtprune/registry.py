@@ -122,17 +122,25 @@ class Method:
     #: Whether the kept set depends on the prompt, given the spec's options.
     text_conditioned: Callable[[Mapping[str, Value]], bool] = lambda options: False
     prune: Callable | None = None
-    #: Methods inside the LLM: ``llm_plan(spec, image_spans, num_layers) -> {layer:
-    #: decide}`` for :class:`vllm_vtprune.llm_loop.Plan` (the transformers reference path).
+    #: Methods inside the LLM: ``llm_plan(spec, image_spans, num_layers, full_tokens) ->
+    #: vllm_vtprune.llm_loop.Plan`` of one request (``full_tokens``: an image's unpruned
+    #: token count), run by both the reference loop and vLLM's decoder.
     llm_plan: Callable | None = None
-    #: Served by vLLM inside the LLM (masked attention) as the server's spec, not yet
-    #: per request.
-    served_in_llm: bool = False
+    #: Methods inside the LLM with an encoder-side stage (``prune`` runs it):
+    #: ``encoder_budget(spec, num_tokens) -> tokens the LLM receives``.
+    encoder_budget: Callable | None = None
+    #: Methods inside the LLM: ``check_model(spec, num_layers, hidden_size)`` refuses a
+    #: spec that does not fit the served decoder (a checkpoint made for another model).
+    check_model: Callable | None = None
+    #: ``check_options(options)`` refuses options that cannot work whatever the model
+    #: (a checkpoint that is missing or unreadable), before vLLM starts.
+    check_options: Callable | None = None
 
     @property
     def served(self) -> bool:
-        """Served per request (and as the server's spec)."""
-        return self.prune is not None and self.where.encoder_side
+        if self.where is Where.INSIDE_LLM:
+            return self.llm_plan is not None
+        return self.prune is not None
 
     def option(self, name: str) -> Option:
         for opt in self.options:
@@ -179,6 +187,11 @@ def served() -> tuple[str, ...]:
     return tuple(n for n, m in methods().items() if m.served)
 
 
+def in_llm() -> tuple[str, ...]:
+    """Served methods that act inside the LLM."""
+    return tuple(n for n, m in methods().items() if m.served and m.where is Where.INSIDE_LLM)
+
+
 def get(name: str) -> Method:
     try:
         return methods()[name]
@@ -189,16 +202,20 @@ def get(name: str) -> Method:
 def check_served(method: str, provides: frozenset[str] | None = None,
                  model: str = "this model", options: Mapping[str, Value] = {},
                  server: bool = False) -> None:
-    """Refuse a declared method that this version does not serve (as the server's spec
-    when ``server``, else per request), naming those it does, and one that needs what
-    the served model (``provides``) does not have."""
+    """Refuse a declared method that this version does not serve, naming those it does;
+    one that acts inside the LLM unless ``server`` (the server's spec, or a request to a
+    server started with an in-LLM spec, whose decoder has the masked attention); and one
+    that needs what the served model (``provides``) does not have."""
     m = get(method)
-    if m.served_in_llm and not server:
+    if m.where is Where.INSIDE_LLM and m.served and not server:
         raise ValueError(
-            f"vtprune method {method!r} prunes {m.where.value}; it is served as the "
-            f"server's spec (--vtprune {method}:K), not per request; methods served per "
-            f"request: {', '.join(served())}")
-    if not m.served and not (server and m.served_in_llm):
+            f"vtprune method {method!r} prunes {m.where.value}, which needs the decoder "
+            f"attention a server installs when started with such a spec (--vtprune "
+            f"{method}:K, or any of {', '.join(in_llm())}); this server accepts per "
+            f"request: {', '.join(n for n in served() if n not in in_llm())}")
+    if m.served and m.check_options is not None:
+        m.check_options(m.resolved(options))
+    if not m.served:
         raise ValueError(
             f"vtprune method {method!r} prunes {m.where.value}, which this version does "
             f"not serve yet; methods served: {', '.join(served())}")
@@ -216,8 +233,7 @@ def listing() -> str:
     for m in methods().values():
         opts = ", ".join(f"{o.name}={o.default}" if o.default is not None else o.name
                          for o in m.options) or "-"
-        state = ("served" if m.served else "server spec" if m.served_in_llm
-                 else "not served yet")
+        state = "served" if m.served else "not served yet"
         rows.append(f"{m.name:12} {m.where.value:26} {state:15} options: {opts}\n"
                     f"{'':12} {m.summary}\n{'':12} {m.paper}")
     return "\n".join(rows)

@@ -180,6 +180,8 @@ def expand(argv: list[str]) -> list[str]:
                                  f"needs {flag.replace('--', '--no-', 1)}; accepted: drop {flag}")
             if flag.replace("--", "--no-", 1) not in names:
                 rest.append(flag.replace("--", "--no-", 1))
+        if "--enforce-eager" not in names:  # decisions run in Python between layers
+            rest.append("--enforce-eager")
     return rest
 
 

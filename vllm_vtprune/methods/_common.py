@@ -108,3 +108,54 @@ def segment_mean(x: Tensor, segment: Tensor, num_segments: int) -> tuple[Tensor,
     one_hot = torch.nn.functional.one_hot(segment, num_segments).to(x.dtype)  # [N, S]
     counts = one_hot.sum(dim=0)
     return (one_hot.T @ x) / counts.clamp_min(1).unsqueeze(1), counts
+
+
+def scale_layers(reference: tuple[int, ...], num_layers: int, depth: int = 32) -> tuple[int, ...]:
+    """A paper's decoder layers for a ``depth``-layer LLM (LLaVA-1.5-7B: 32) mapped onto
+    ``num_layers``: each rounded proportionally, kept in [1, num_layers - 1] (a decision
+    reads the previous layer's attention) and strictly increasing (a collision moves up)."""
+    out: list[int] = []
+    for layer in reference:
+        scaled = max(1, round(layer * num_layers / depth), out[-1] + 1 if out else 1)
+        if scaled >= num_layers:
+            raise ValueError(f"layers {reference} of {depth} do not fit a {num_layers}-layer "
+                             "decoder")
+        out.append(scaled)
+    return tuple(out)
+
+
+def check_layers(layers: tuple[int, ...], num_layers: int, what: str) -> tuple[int, ...]:
+    """Refuse decision layers outside [1, num_layers - 1] or not increasing."""
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 1 \
+            or layers[-1] >= num_layers:
+        raise ValueError(f"{what} layers {'-'.join(map(str, layers))} are outside the "
+                         f"model's decoder; accepted: increasing layers from 1 to "
+                         f"{num_layers - 1}")
+    return layers
+
+
+def average_schedule(num_tokens: int, budget: int, layers: tuple[int, ...],
+                     num_layers: int) -> list[int]:
+    """Token counts after each pruning layer such that the count averaged over all
+    ``num_layers`` decoder layers is about ``budget`` (layers before ``layers[0]`` see
+    ``num_tokens``): one geometric ratio r for every pruning layer (the count after the
+    s-th is round(N r^s), at least 1), found by bisection."""
+    n = check_budget(num_tokens, "num_tokens")
+    k = check_budget(budget)
+    if list(layers) != sorted(set(layers)) or not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"layers must be increasing indices in [0, {num_layers}), got {layers}")
+    if k >= n:
+        return [n] * len(layers)
+    spans = [b - a for a, b in zip(layers, list(layers[1:]) + [num_layers])]
+
+    def counts(r: float) -> list[int]:
+        return [max(1, int(round(n * r ** (s + 1)))) for s in range(len(layers))]
+
+    def average(r: float) -> float:
+        return (layers[0] * n + sum(c * w for c, w in zip(counts(r), spans))) / num_layers
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if average(mid) < k else (lo, mid)
+    return counts(lo)

@@ -74,11 +74,13 @@ def decision(image_spans, budget_for):
     prompt token, averaged over heads, ranks each image's tokens; each image keeps its
     budget (``budget_for(num_tokens)``), every text token stays.
 
-    Returns ``decide(probs [H, T, T], rows [T]) -> kept row indices``; ``rows`` are the
-    prompt positions of the batch rows, ``image_spans`` [start, end) of each image.
+    Returns ``decide(view) -> Verdict`` (:mod:`vllm_vtprune.llm_loop`); ``image_spans``
+    are the [start, end) prompt positions of each image.
     """
+    from vllm_vtprune.llm_loop import Verdict
 
-    def decide(probs: Tensor, rows: Tensor):
+    def decide(view):
+        probs, rows = view.probs, view.rows
         keep = torch.ones(len(rows), dtype=torch.bool)
         for start, end in image_spans:
             cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
@@ -87,15 +89,17 @@ def decision(image_spans, budget_for):
             chosen = select(probs[:, -1, cols], budget_for(end - start))
             keep[cols] = False
             keep[cols[chosen]] = True
-        return torch.nonzero(keep).flatten()
+        return Verdict(torch.nonzero(keep).flatten())
 
     return decide
 
 
-def llm_plan(spec, image_spans, num_layers: int) -> dict:
-    """{decision layer: decide} of one request (see :mod:`vllm_vtprune.llm_loop`)."""
+def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
+    """The :class:`vllm_vtprune.llm_loop.Plan` of one request: one decision layer."""
+    from vllm_vtprune.llm_loop import Plan
+
     layer = decision_layer(spec.value("layer"), num_layers)
-    return {layer: decision(image_spans, spec.tokens_for)}
+    return Plan({layer: decision(image_spans, spec.tokens_for)})
 
 
 METHOD = Method(
@@ -108,5 +112,4 @@ METHOD = Method(
                     "decoder layer K whose input is pruned (default 2 of 32, scaled by depth)"),),
     needs=frozenset({"llm_attention"}),
     llm_plan=llm_plan,
-    served_in_llm=True,
 )

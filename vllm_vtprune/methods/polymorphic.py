@@ -36,8 +36,8 @@ from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, int_ge
 
-from ._common import (check_budget, check_finite, check_tokens, check_vector, segment_mean,
-                      stable_topk)
+from ._common import (average_schedule, check_budget, check_finite, check_tokens, check_vector, scale_layers,
+                      segment_mean, stable_topk)
 
 __all__ = [
     "KNN",
@@ -57,6 +57,7 @@ __all__ = [
 KNN = 5
 RETAINED_FRACTION = 5.4 / 6.4
 STAGE2_LAYERS = (3, 7, 16)
+STAGE1_FACTOR = 2
 
 
 def pairwise_distance(x: Tensor) -> Tensor:
@@ -201,35 +202,88 @@ def stage2_schedule(
     """Token counts after each stage-2 pruning layer, so the layer-average is ~``budget``.
 
     Sec. 4.1: pruning at fixed layers "to maintain a consistent average number of
-    visual tokens across the network".  The paper does not give the per-layer ratio;
-    we use one geometric ratio r for all pruning layers (count after the s-th is
-    round(N r^s), at least 1), found by bisection.  Layers before ``layers[0]`` see N.
+    visual tokens across the network"; the per-layer ratio is not given, see
+    :func:`vllm_vtprune.methods._common.average_schedule`.
     """
-    n = check_budget(num_tokens, "num_tokens")
-    k = check_budget(budget)
-    if list(layers) != sorted(set(layers)) or not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise ValueError(f"layers must be increasing indices in [0, {num_layers}), got {layers}")
-    if k >= n:
-        return [n] * len(layers)
-    spans = [b - a for a, b in zip(layers, list(layers[1:]) + [num_layers])]
+    return average_schedule(num_tokens, budget, layers, num_layers)
 
-    def counts(r: float) -> list[int]:
-        return [max(1, int(round(n * r ** (s + 1)))) for s in range(len(layers))]
 
-    def average(r: float) -> float:
-        return (layers[0] * n + sum(c * w for c, w in zip(counts(r), spans))) / num_layers
+def encoder_budget(spec, num_tokens: int) -> int:
+    """Stage 1's output size: about 2x the final budget (Sec. 4.1, "K=2"), at most N."""
+    return min(num_tokens, STAGE1_FACTOR * spec.tokens_for(num_tokens))
 
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if average(mid) < k else (lo, mid)
-    return counts(lo)
+
+def stage2_layers(num_layers: int) -> tuple[int, ...]:
+    """Layers 3, 7 and 16 of LLaVA-1.5's 32 (Sec. 4.1), scaled to ``num_layers``."""
+    return scale_layers(STAGE2_LAYERS, num_layers)
+
+
+def merge_into_kept(hidden: Tensor, kept: Tensor, pruned: Tensor) -> Tensor:
+    """Sec. 3.3 "for pruned tokens, we apply the merging strategy of Section 3.2 again":
+    every pruned token joins its nearest kept token (Eqs. 1 and 6, kept tokens as the
+    centers) and each kept token becomes its cluster's mean (Eq. 7). Returns the kept
+    tokens' new states [len(kept), d]."""
+    x = check_tokens(hidden)
+    if pruned.numel() == 0:
+        return hidden[kept]
+    nearest = torch.cdist(x[pruned], x[kept], compute_mode="donot_use_mm_for_euclid_dist")
+    segment = torch.cat([torch.arange(len(kept)), nearest.argmin(dim=1)])
+    merged, _ = segment_mean(torch.cat([x[kept], x[pruned]]), segment, len(kept))
+    return merged.to(hidden.dtype)
+
+
+def stage2_decision(image_spans, counts_for, step: int):
+    """Stage 2 at its ``step``-th pruning layer (Sec. 3.3): per image, the rater scores
+    (Eqs. 9-11) of its live tokens against the prompt's live text tokens after it (all
+    text tokens when none follow) rank them; the top ``counts_for(n)[step]`` stay
+    (Eq. 12) and the rest are merged into them. ``n`` is the image's stage-1 count."""
+    from vllm_vtprune.llm_loop import Verdict
+
+    def decide(view):
+        rows, hidden = view.rows, view.hidden
+        in_image = torch.zeros(len(rows), dtype=torch.bool)
+        for start, end in image_spans:
+            in_image |= (rows >= start) & (rows < end)
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        new = hidden.clone()
+        for start, end in image_spans:
+            cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
+            text = torch.nonzero(~in_image & (rows >= end)).flatten()
+            if text.numel() == 0:
+                text = torch.nonzero(~in_image).flatten()
+            target = counts_for(end - start)[step]
+            if cols.numel() <= target or text.numel() == 0:
+                continue
+            alpha, _ = rater_scores(hidden[cols].float(), hidden[text].float())
+            kept, pruned = quantile_prune(alpha, target)
+            new[cols[kept]] = merge_into_kept(hidden[cols], kept, pruned)
+            keep[cols[pruned]] = False
+        index = torch.nonzero(keep).flatten()
+        return Verdict(index, new[index])
+
+    return decide
+
+
+def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
+    """Stage 2 of one request (:class:`vllm_vtprune.llm_loop.Plan`): pruning at the
+    scaled layers 3, 7, 16 so that each image's visual token count averaged over all
+    decoder layers (stage 1's 2x before the first) is the budget."""
+    from vllm_vtprune.llm_loop import Plan
+
+    layers = stage2_layers(num_layers)
+    target = spec.tokens_for(full_tokens)
+
+    def counts_for(n: int) -> list[int]:
+        return stage2_schedule(n, min(target, n), layers, num_layers)
+
+    return Plan({layer: stage2_decision(image_spans, counts_for, s)
+                 for s, layer in enumerate(layers)})
 
 
 def prune(ctx) -> "PrunedImage":
-    """Served entry point: stage 1 at the encoder output, the whole budget (stage 2,
-    inside the LLM, is not served yet). A merged token stands at the lowest patch index
-    of its cluster (the position M-RoPE families give it)."""
+    """Served entry point of stage 1, at the encoder output: ``ctx.budget`` is stage 1's
+    output size (:func:`encoder_budget`). A merged token stands at the lowest patch
+    index of its cluster (the position M-RoPE families give it)."""
     from vllm_vtprune.pipeline import PrunedImage
 
     out, retained, assignment = stage1(ctx.patches, ctx.patch_importance, ctx.budget,
@@ -248,11 +302,14 @@ def _cluster_origins(assignment: Tensor) -> Tensor:
 
 METHOD = Method(
     name="polymorphic",
-    where=Where.ENCODER_OUTPUT,
-    summary="stage 1: CLS-attention retained tokens plus density-peak merged tokens",
+    where=Where.INSIDE_LLM,
+    summary="stage 1: density-peak merge to 2x the budget at the encoder output; stage 2: "
+            "rater-guided pruning at decoder layers 3, 7, 16 (scaled) to a layer-averaged budget",
     paper='"Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs" '
-          "(anonymous submission under review; no arXiv id), Sec. 3.2, Eqs. 1-7",
+          "(anonymous submission under review; no arXiv id), Secs. 3.2-3.3, Eqs. 1-12",
     options=(Option("knn", int_ge(1), KNN, "neighbours in the local density (Eq. 3)"),),
-    needs=frozenset({"cls_attention"}),
+    needs=frozenset({"cls_attention", "llm_attention"}),
     prune=prune,
+    encoder_budget=encoder_budget,
+    llm_plan=llm_plan,
 )

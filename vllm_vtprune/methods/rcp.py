@@ -36,6 +36,7 @@ Choices where the extracted text is ambiguous:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from vllm_vtprune.registry import Method, Option, Where, layer_list, path
 
-from ._common import EPS, check_finite
+from ._common import EPS, average_schedule, check_finite, check_layers, scale_layers
 
 __all__ = [
     "NUM_QUERIES",
@@ -312,6 +313,236 @@ def sparsity_loss(masks: dict[int, Tensor], num_layers: int, num_tokens: int, ta
     return (r_bar - target).abs().mean()
 
 
+# ---------------------------------------------------------------- serving (inference)
+#: Pruning layers 2, 14, 26 and repair layers 23, 30 of LLaVA-1.5-7B's 32 (Sec. IV-A).
+REFERENCE_PRUNING_LAYERS = (2, 14, 26)
+REFERENCE_REPAIR_LAYERS = (23, 30)
+CHECKPOINT_FORMAT = "vtprune-rcp/1"
+
+
+@dataclasses.dataclass
+class RcpModules:
+    """A checkpoint's plug-in modules: one pruner per pruning layer, one adapter per
+    repair layer (applied to the answer rows after that decoder layer)."""
+
+    hidden_size: int
+    num_layers: int
+    pruners: dict[int, ResidualCrossAttentionPruner]
+    adapters: dict[int, DelayedRepairAdapter]
+    config: dict
+
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.pruners))
+
+    def state(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "config": dict(self.config),
+                "pruners": {l: p.state_dict() for l, p in self.pruners.items()},
+                "adapters": {l: a.state_dict() for l, a in self.adapters.items()}}
+
+
+def repair_layers(num_layers: int) -> tuple[int, ...]:
+    """Layers 23 and 30 of 32 scaled to ``num_layers`` (strictly increasing, < depth)."""
+    out: list[int] = []
+    for layer in REFERENCE_REPAIR_LAYERS:
+        out.append(min(num_layers - 1, max(round(layer * num_layers / 32),
+                                           out[-1] + 1 if out else 0)))
+    return tuple(sorted(set(out)))
+
+
+def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | None = None,
+                  repair: tuple[int, ...] | None = None, seed: int = 0, **config) -> RcpModules:
+    """Freshly initialised modules (pruners at their init, adapters identity, Sec. III-C):
+    what training starts from, and the identity checkpoint, which changes only masks."""
+    pruning = check_layers(pruning or scale_layers(REFERENCE_PRUNING_LAYERS, num_layers),
+                           num_layers, "rcp pruning")
+    repair = repair if repair is not None else repair_layers(num_layers)
+    pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim") if k in config}
+    adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        pruners = {l: ResidualCrossAttentionPruner(hidden_size, **pruner_cfg).eval()
+                   for l in pruning}
+        adapters = {l: DelayedRepairAdapter(hidden_size, **adapter_cfg).eval() for l in repair}
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return RcpModules(hidden_size, num_layers, pruners, adapters, dict(config))
+
+
+def save_checkpoint(modules: RcpModules, path: str) -> None:
+    torch.save(modules.state(), path)
+
+
+def load_checkpoint(path: str) -> RcpModules:
+    """Modules from a file written by :func:`save_checkpoint` (or training)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds (unpickling, zip, I/O)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"rcp ckpt={path}: cannot be read ({first}); accepted: a file "
+                         "written by `vtprune rcp-init` or RCP training") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"rcp ckpt={path}: not an RCP checkpoint (format "
+                         f"{CHECKPOINT_FORMAT!r} expected)")
+    modules = build_modules(state["hidden_size"], state["num_layers"],
+                            tuple(sorted(state["pruners"])), tuple(sorted(state["adapters"])),
+                            **state["config"])
+    for table, saved in ((modules.pruners, state["pruners"]), (modules.adapters, state["adapters"])):
+        for layer, module in table.items():
+            module.load_state_dict(saved[layer])
+    return modules
+
+
+_LOADED: dict[tuple, RcpModules] = {}
+
+
+def modules_for(spec) -> RcpModules:
+    """The spec's checkpoint, loaded once per file version."""
+    return modules_for_path(spec.value("ckpt"))
+
+
+def modules_for_path(path: str | None) -> RcpModules:
+    import os
+
+    if path is None:
+        raise ValueError("rcp needs its trained modules: rcp:K,ckpt=PATH (a file written by "
+                         "RCP training, or `vtprune rcp-init` for identity adapters)")
+    try:
+        key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    except OSError:
+        raise ValueError(f"rcp ckpt={path}: no such file") from None
+    if key not in _LOADED:
+        _LOADED[key] = load_checkpoint(path)
+    return _LOADED[key]
+
+
+def check_model(spec, num_layers: int, hidden_size: int) -> None:
+    """Refuse a checkpoint that does not fit the served decoder."""
+    m = modules_for(spec)
+    if m.hidden_size != hidden_size or m.num_layers != num_layers:
+        raise ValueError(f"rcp ckpt={spec.value('ckpt')}: made for a {m.num_layers}-layer "
+                         f"decoder of hidden size {m.hidden_size}; this model has "
+                         f"{num_layers} layers of hidden size {hidden_size}")
+    given = spec.value("layers")
+    if given is not None and tuple(int(x) for x in given.split("-")) != m.pruning_layers:
+        raise ValueError(f"rcp layers={given}: the checkpoint's pruners sit at layers "
+                         f"{'-'.join(map(str, m.pruning_layers))}")
+
+
+def token_positions(n: int, dim: int) -> Tensor:
+    """P of Eq. 9: sinusoidal encodings [n, dim] of the visual tokens' order."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    out = torch.zeros(n, dim)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return out
+
+
+class RequestState:
+    """One request's inference (Sec. III-D): deterministic threshold masks (Eq. 8),
+    cumulative over the pruning layers, and the adapters' context from what was pruned.
+
+    The budget is a ceiling: at a pruning layer at most the count of
+    :func:`average_schedule` (the layer-averaged budget) stays, the highest logits
+    first; what the threshold drops stays dropped. Question tokens are the prompt's
+    text tokens after the last image (all text tokens when none follow); a_i is their
+    attention to the live visual tokens, averaged over heads and questions (Eq. 4).
+    """
+
+    def __init__(self, modules: RcpModules, image_spans, budget: int):
+        self.modules = modules
+        self.spans = list(image_spans)
+        self.total = sum(e - s for s, e in self.spans)
+        layers = modules.pruning_layers
+        self.counts = dict(zip(layers, average_schedule(self.total, min(budget, self.total),
+                                                          layers, modules.num_layers)))
+        self.keep = torch.ones(self.total, dtype=torch.bool)
+        self.pruned_sum = torch.zeros(modules.hidden_size)
+        self.pruned_count = 0
+        self.contexts: dict[int, Tensor] = {}
+
+    def _image_index(self, rows: Tensor) -> Tensor:
+        """Index of each row among the request's visual tokens, -1 for text rows."""
+        index = torch.full((len(rows),), -1, dtype=torch.long)
+        offset = 0
+        for start, end in self.spans:
+            inside = (rows >= start) & (rows < end)
+            index[inside] = rows[inside] - start + offset
+            offset += end - start
+        return index
+
+    def decide(self, layer: int):
+        from vllm_vtprune.llm_loop import Verdict
+
+        def decide(view):
+            index = self._image_index(view.rows)
+            cols = torch.nonzero(index >= 0).flatten()
+            last_end = max(e for _, e in self.spans)
+            text = torch.nonzero((index < 0) & (view.rows >= last_end)).flatten()
+            if text.numel() == 0:
+                text = torch.nonzero(index < 0).flatten()
+            keep = torch.ones(len(view.rows), dtype=torch.bool)
+            if cols.numel() == 0 or text.numel() == 0:
+                return Verdict(torch.arange(len(view.rows)))
+            h = view.hidden.float()
+            a = view.probs[:, text][:, :, cols].float().mean(dim=(0, 1))
+            with torch.no_grad():
+                logits = self.modules.pruners[layer].logits(h[cols][None], h[text][None],
+                                                            a[None])[0]
+            stay = inference_mask(logits).bool()
+            cap = min(self.counts[layer], int(stay.sum()))
+            ranked = torch.argsort(logits.masked_fill(~stay, float("-inf")), descending=True,
+                                   stable=True)
+            chosen = ranked[:max(1, cap)]
+            dropped = torch.ones(len(cols), dtype=torch.bool)
+            dropped[chosen] = False
+            keep[cols[dropped]] = False
+            self.keep[index[cols[dropped]]] = False
+            self.pruned_sum += h[cols[dropped]].sum(0)
+            self.pruned_count += int(dropped.sum())
+            return Verdict(torch.nonzero(keep).flatten())
+
+        return decide
+
+    def adapt(self, layer: int):
+        adapter = self.modules.adapters[layer]
+
+        def adapt(x: Tensor) -> Tensor:
+            if layer not in self.contexts:
+                with torch.no_grad():
+                    p = adapter.mask_query.shape[0]
+                    mean = self.pruned_sum / max(1, self.pruned_count)
+                    self.contexts[layer] = (
+                        adapter.mask_embedding(self.keep[None], token_positions(self.total, p))
+                        + adapter.pruned_proj(mean[None]))
+            with torch.no_grad():
+                out = adapter(x.float()[None], self.contexts[layer],
+                              torch.ones(1, x.shape[0]))[0]
+            return out.to(x.dtype)
+
+        return adapt
+
+
+def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
+    """One request's :class:`vllm_vtprune.llm_loop.Plan`: the checkpoint's pruners
+    before their layers, its adapters after theirs (answer rows only)."""
+    from vllm_vtprune.llm_loop import Plan
+
+    modules = modules_for(spec)
+    if modules.num_layers != num_layers:
+        raise ValueError(f"rcp ckpt={spec.value('ckpt')}: made for {modules.num_layers} "
+                         f"decoder layers, this model has {num_layers}")
+    if not image_spans:
+        return Plan()
+    budget = len(image_spans) * spec.tokens_for(full_tokens)
+    state = RequestState(modules, image_spans, budget)
+    return Plan({l: state.decide(l) for l in modules.pruning_layers},
+                {l: state.adapt(l) for l in modules.adapters})
+
+
 METHOD = Method(
     name="rcp",
     where=Where.INSIDE_LLM,
@@ -319,7 +550,10 @@ METHOD = Method(
     paper='Zhang et al., "RCP: Representation Consistency Pruner for Mitigating Distribution '
           'Shift in Large Vision-Language Models", arXiv 2604.04972',
     options=(Option("ckpt", path, None, "trained pruner and adapter weights"),
-             Option("layers", layer_list, "2-14-26", "pruning layers")),
-    needs=frozenset({"llm_attention", "checkpoint", "text"}),
-    text_conditioned=lambda options: True,
+             Option("layers", layer_list, None,
+                    "pruning layers (the checkpoint's; given, they must match it)")),
+    needs=frozenset({"llm_attention"}),
+    llm_plan=llm_plan,
+    check_model=check_model,
+    check_options=lambda options: modules_for_path(options.get("ckpt")),
 )

@@ -44,6 +44,9 @@ from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_suppo
 from vllm_vtprune.families import llava as family
 from vllm_vtprune.server import decisions
 
+#: hf_overrides key: "skip" (default) takes pruned rows out of the decoder's batch, "mask"
+#: only hides them (the latency bench's comparison arm)
+ROWS_KEY = "vtprune_rows"
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
 SPEC_BYTES = 96
 MAX_TEXT_IDS = 32
@@ -77,20 +80,30 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
     def effective_spec(self, mm_kwargs: Mapping[str, object]) -> spec_mod.PruneSpec | None:
         """The request's override if it has one, else the server's spec."""
         server = server_spec(self.get_hf_config())
-        if SPEC_KEY in mm_kwargs and pipeline.acts_in_llm(server):
-            if str(mm_kwargs[SPEC_KEY]).strip() != str(server):
-                raise ValueError(f"mm_processor_kwargs.vtprune: this server prunes inside "
-                                 f"the language model ({server}) for every request; "
-                                 "per-request specs are not accepted by such a server")
-            return server
         if SPEC_KEY in mm_kwargs:
             try:
                 spec = spec_mod.parse(mm_kwargs[SPEC_KEY])
+                # a server started with an in-LLM spec has the masked decoder: any spec
+                pipeline.check_servable(spec, family.FAMILY, server=pipeline.acts_in_llm(server))
+                if pipeline.acts_in_llm(spec):
+                    self.check_fits(spec)
             except ValueError as err:
                 raise ValueError(f"mm_processor_kwargs.vtprune: {err}") from None
-            pipeline.check_servable(spec, family.FAMILY)
             return spec
         return server
+
+    def check_fits(self, spec) -> None:
+        """An in-LLM spec that cannot run on this decoder is refused before it is queued."""
+        from vllm_vtprune import registry
+
+        text = self.get_hf_config().text_config
+        method = registry.get(spec.method)
+        if method.check_model is not None:
+            method.check_model(spec, text.num_hidden_layers, text.hidden_size)
+        rows, cols = family.grid(self.get_hf_config())
+        full = rows * cols
+        method.llm_plan(spec, [(0, pipeline.kept_tokens(spec, full))],
+                        text.num_hidden_layers, full)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int,
                              spec: spec_mod.PruneSpec | None = None) -> int:
@@ -178,16 +191,12 @@ class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
                                   replacement=replacement)]
 
 
-@contextlib.contextmanager
-def _masked_attention(vllm_config, spec):
-    """While the model is built, its decoder layers get the masked attention backend
-    (``spec`` prunes inside the LLM); other models built later in this process keep
-    vLLM's own. Refuses the scheduler settings under which the decision cannot be taken."""
-    from vllm.v1.attention.backends import registry as backends
-    from vllm.v1.attention.selector import _cached_get_attn_backend
+def _check_in_llm_serving(vllm_config, spec) -> None:
+    """Refuse the settings under which a decision inside the LLM cannot be taken, and a
+    spec that does not fit this decoder (a layer beyond its depth, a foreign checkpoint)."""
+    from vllm.config import CompilationMode
 
     from vllm_vtprune import registry
-    from vllm_vtprune.models import masked_attention
 
     if vllm_config.scheduler_config.enable_chunked_prefill:
         raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
@@ -199,19 +208,35 @@ def _masked_attention(vllm_config, spec):
     if vllm_config.cache_config.enable_prefix_caching:
         raise ValueError(f"vtprune {spec}: the prefix cache would share pruned KV between "
                          "prompts; accepted: --no-enable-prefix-caching")
+    if vllm_config.compilation_config.mode != CompilationMode.NONE:
+        raise ValueError(f"vtprune {spec}: the decoder's per-request decisions run in "
+                         "Python between layers, which a compiled graph would freeze; "
+                         "accepted: --enforce-eager")
+    hf = vllm_config.model_config.hf_config
+    text = hf.text_config
+    method = registry.get(spec.method)
+    if method.check_model is not None:
+        method.check_model(spec, text.num_hidden_layers, text.hidden_size)
+    full = family.grid(hf)[0] * family.grid(hf)[1]
+    method.llm_plan(spec, [(0, pipeline.kept_tokens(spec, full))], text.num_hidden_layers, full)
+
+
+@contextlib.contextmanager
+def _masked_attention(vllm_config, spec):
+    """While the model is built, its decoder layers get the masked attention backend
+    (``spec`` prunes inside the LLM); other models built later in this process keep
+    vLLM's own."""
+    from vllm.v1.attention.backends import registry as backends
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    from vllm_vtprune.models import in_llm, masked_attention
+
+    _check_in_llm_serving(vllm_config, spec)
     hf = vllm_config.model_config.hf_config
     rows, cols = family.grid(hf)
-    num_layers = hf.text_config.num_hidden_layers
-    method = registry.get(spec.method)
-
-    def plan_for(spans):
-        return method.llm_plan(spec, spans, num_layers)
-
-    layers = sorted(plan_for([]))  # the plan's layers do not depend on the image
-    if len(layers) != 1:
-        raise ValueError(f"vtprune {spec}: decisions at layers {layers}; the masked "
-                         "attention serves one decision layer")
-    masked_attention.STEP.configure(layers[0], plan_for, rows * cols)
+    in_llm.STEP.configure(hf.text_config.num_hidden_layers, rows * cols,
+                          vllm_config.cache_config.block_size,
+                          skip_rows=getattr(hf, ROWS_KEY, "skip") != "mask")
     enum = backends.AttentionBackendEnum.CPU_ATTN
     previous = backends._ATTN_OVERRIDES.get(enum)
     backends.register_backend(enum, f"{masked_attention.__name__}.VTPruneCPUAttentionBackend")
@@ -244,15 +269,22 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         else:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._in_llm = pipeline.acts_in_llm(spec)
+        if self._in_llm:
+            import types
+
+            from vllm_vtprune.models import in_llm
+
+            decoder = self.language_model.model
+            decoder.forward = types.MethodType(in_llm.decoder_forward, decoder)
         self._tower = family.VllmClipTower(self.vision_tower.vision_model,
                                            vllm_config.model_config.hf_config.vision_config)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None,
                         **kwargs):
-        if self._in_llm:  # which tokens of this step are image tokens (masked_attention)
-            from vllm_vtprune.models import masked_attention
+        if self._in_llm:  # which rows of this step are image tokens, under which spec
+            from vllm_vtprune.models import in_llm
 
-            masked_attention.STEP.image_mask = is_multimodal
+            in_llm.record_images(is_multimodal, multimodal_embeddings)
         return super().embed_input_ids(input_ids, multimodal_embeddings,
                                        is_multimodal=is_multimodal, **kwargs)
 
@@ -276,4 +308,8 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         image = pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
                                      spec, text)
         pipeline.trace(spec, ids.tolist(), image)
+        if self._in_llm:  # the decoder loop reads each image's spec off its embeddings
+            from vllm_vtprune.models import in_llm
+
+            return in_llm.tag(image.tokens, spec)
         return image.tokens

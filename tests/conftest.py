@@ -1,0 +1,15 @@
+"""Fixtures shared by every test directory."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def rcp_checkpoint(tmp_path_factory) -> str:
+    """RCP modules for the embedded model at their initialisation (identity adapters),
+    written the way `vtprune rcp-init` writes them."""
+    from vllm_vtprune import cli
+
+    out = str(tmp_path_factory.mktemp("rcp") / "rcp-identity.pt")
+    assert cli.main(["rcp-init", "--out", out]) == 0
+    return out

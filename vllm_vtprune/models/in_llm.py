@@ -1,0 +1,271 @@
+"""Pruning inside vLLM's decoder: the layer loop, per-step state and per-request plans.
+
+A server started with a method that acts inside the LLM (``--vtprune fastv:64``,
+``polymorphic:64``, ``rcp:64,ckpt=...``) gets this loop in place of ``LlamaModel.forward``
+(gpt-fast style, explicit over the layers) and the masked attention of
+:mod:`vllm_vtprune.models.masked_attention` in its decoder layers. Each request then
+runs its own spec's :class:`vllm_vtprune.llm_loop.Plan`, the very object the transformers
+reference loop runs:
+
+* **Which tokens are whose.** vLLM's attention metadata says which rows of the step
+  belong to which request (``query_start_loc``, ``seq_lens``, ``block_table``); which
+  rows are image tokens, and under which spec, comes from ``embed_input_ids``: each
+  image's embeddings are a view of the tensor ``embed_multimodal`` returned (the encoder
+  cache stores it as is), which carries its spec as an attribute. So per-request specs
+  of any method, and none, mix in one batch.
+* **Decisions** are taken on whole-prompt prefills (chunked prefill and the prefix
+  cache are refused at startup), before layer ``l``, from layer ``l-1``'s attention
+  (captured by the masked attention for the requests that need it) and the residual
+  stream entering ``l``. A pruned token's KV slot gets prune level ``l`` (the first
+  layer that no longer sees it); the masked attention hides it from every later query
+  of every deeper layer, in this prefill and in every decode step (cumulative).
+* **Compute.** With ``skip_rows`` (the default), pruned rows leave the batch before
+  layer ``l``: their QKV, attention and MLP work at deeper layers is not done and their
+  deeper KV is never written (the slots stay allocated: vLLM's block manager frees
+  whole requests only). The masked attention maps the remaining rows back to their
+  slots and positions. Without it every row runs every layer, masked (the bench's
+  "mask only" arm).
+* **Adapters** (RCP's repair adapters) act after their layer on the answer rows: the
+  last prompt row in prefill, every decoded row. A request's plan is kept, keyed by the
+  KV slot of its first token, from its prefill to its last decode step; a new prefill
+  on that slot replaces it.
+
+Per-step state lives in :data:`STEP`, a small object the loop and the attention read,
+so no vLLM signature changes (nano-vllm's context pattern).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+NEVER = 255  # prune level of a slot no decision touched
+
+
+@dataclasses.dataclass
+class RequestRows:
+    index: int  # position in the step's metadata
+    q0: int  # its rows in the step: [q0, q1)
+    q1: int
+    seq_len: int
+    first_slot: int  # KV slot of its first token: the request's key for its plan
+    plan: object | None = None  # vllm_vtprune.llm_loop.Plan
+
+    @property
+    def whole_prefill(self) -> bool:
+        return self.q1 - self.q0 == self.seq_len
+
+
+@dataclasses.dataclass
+class StepState:
+    """Server configuration (set when the model is built) and the current step's state."""
+
+    num_layers: int = 0
+    full_tokens: int = 0  # an image's unpruned token count
+    block_size: int = 16
+    skip_rows: bool = True
+    #: set by ``embed_input_ids`` for the next forward: ([num_tokens] bool image rows,
+    #: [(spec string or None, token count)] per image in row order)
+    images: tuple[Tensor, list[tuple[str | None, int]]] | None = None
+    # -- the step being run
+    requests: list[RequestRows] = dataclasses.field(default_factory=list)
+    rows: Tensor | None = None  # original row of each current row (None: all, in order)
+    slot_mapping: Tensor | None = None
+    capture: dict[int, set[int]] = dataclasses.field(default_factory=dict)
+    probs: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+    # -- persistent across steps
+    plans: dict[int, object] = dataclasses.field(default_factory=dict)
+    levels: Tensor | None = None  # [num_slots] uint8
+
+    def configure(self, num_layers: int, full_tokens: int, block_size: int,
+                  skip_rows: bool = True) -> None:
+        self.num_layers, self.full_tokens = num_layers, full_tokens
+        self.block_size, self.skip_rows = block_size, skip_rows
+        self.images, self.plans, self.levels = None, {}, None
+
+    def prune_levels(self, num_slots: int) -> Tensor:
+        if self.levels is None or self.levels.shape[0] != num_slots:
+            self.levels = torch.full((num_slots,), NEVER, dtype=torch.uint8)
+        return self.levels
+
+
+STEP = StepState()
+
+
+def spec_of(embedding: Tensor) -> str | None:
+    """The spec ``embed_multimodal`` attached to an image's embeddings (or to the tensor
+    a slice of them is a view of)."""
+    base = embedding if embedding._base is None else embedding._base
+    return getattr(base, "vtprune_spec", None)
+
+
+def tag(embeddings: Tensor, spec) -> Tensor:
+    """``embeddings`` as a tensor of their own, carrying ``spec`` (see :func:`spec_of`)."""
+    out = embeddings if embeddings._base is None else embeddings.clone()
+    out.vtprune_spec = str(spec) if spec is not None else None
+    return out
+
+
+def record_images(is_multimodal: Tensor | None, embeddings) -> None:
+    """What ``embed_input_ids`` knows about this step's image rows, for the loop."""
+    if is_multimodal is None or not embeddings:
+        STEP.images = None
+        return
+    STEP.images = (is_multimodal.cpu(), [(spec_of(e), e.shape[0]) for e in embeddings])
+
+
+# ------------------------------------------------------------------ the step
+def _metadata():
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):
+        md = md[0] if md else None
+    if isinstance(md, dict):
+        md = next(iter(md.values()), None)
+    return md
+
+
+def _image_runs(num_rows: int) -> list[tuple[int, int, str | None]]:
+    """(first row, end row, spec) of each image in this step."""
+    if STEP.images is None:
+        return []
+    mask, images = STEP.images
+    STEP.images = None  # consumed: a later step without images must not see these
+    rows = torch.nonzero(mask[:num_rows]).flatten().tolist()
+    runs, at = [], 0
+    for spec, n in images:
+        if at + n > len(rows):
+            break
+        runs.append((rows[at], rows[at + n - 1] + 1, spec))
+        at += n
+    return runs
+
+
+def _plan_for(spec_text: str | None, spans: list[tuple[int, int]]):
+    from vllm_vtprune import pipeline, registry
+    from vllm_vtprune import spec as spec_mod
+
+    if not spec_text or spec_text == "none":
+        return None
+    spec = spec_mod.parse(spec_text)
+    if not pipeline.acts_in_llm(spec):
+        return None
+    return registry.get(spec.method).llm_plan(spec, spans, STEP.num_layers, STEP.full_tokens)
+
+
+def begin_step(num_rows: int) -> None:
+    """Per-request rows, plans and the layers whose attention must be kept."""
+    STEP.requests, STEP.rows, STEP.capture, STEP.probs = [], None, {}, {}
+    runs = _image_runs(num_rows)
+    md = _metadata()
+    if md is None:
+        STEP.slot_mapping = None
+        return
+    STEP.slot_mapping = md.slot_mapping
+    starts = md.query_start_loc.tolist()
+    seq_lens = md.seq_lens.tolist()
+    for r, seq_len in enumerate(seq_lens):
+        q0, q1 = starts[r], starts[r + 1]
+        if q1 <= q0:
+            continue
+        req = RequestRows(r, q0, q1, seq_len, int(md.block_table[r, 0]) * STEP.block_size)
+        if req.whole_prefill:  # a new request (or a recomputed one) on this slot
+            mine = [(a - q0, b - q0, s) for a, b, s in runs if q0 <= a < q1]
+            req.plan = _plan_for(mine[0][2], [(a, b) for a, b, _ in mine]) if mine else None
+            STEP.plans.pop(req.first_slot, None)
+            if req.plan is not None and req.plan.adapters:
+                STEP.plans[req.first_slot] = req.plan
+            for layer in (req.plan.decisions if req.plan is not None else ()):
+                STEP.capture.setdefault(layer - 1, set()).add(r)
+        else:
+            req.plan = STEP.plans.get(req.first_slot)
+        STEP.requests.append(req)
+
+
+def _current(req: RequestRows, num_rows: int) -> Tensor:
+    """Indices of ``req``'s rows among the current rows."""
+    if STEP.rows is None:
+        return torch.arange(req.q0, req.q1)
+    return torch.nonzero((STEP.rows >= req.q0) & (STEP.rows < req.q1)).flatten()
+
+
+def _original(current: Tensor) -> Tensor:
+    return current if STEP.rows is None else STEP.rows[current]
+
+
+def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tensor,
+           alive: Tensor):
+    """Run the decisions taken before ``layer``; returns the new (hidden, residual,
+    positions, alive) for the rows that go on."""
+    from vllm_vtprune.llm_loop import LayerView
+
+    deciding = [q for q in STEP.requests if q.plan is not None and layer in q.plan.decisions
+                and q.index in STEP.probs]
+    if not deciding:
+        return hidden, residual, positions, alive
+    x = hidden if residual is None else hidden + residual
+    levels = STEP.levels
+    for req in deciding:
+        cur = _current(req, x.shape[0])
+        live = cur[alive[cur]]
+        local = _original(live) - req.q0  # prompt positions (whole prefill)
+        probs = STEP.probs.pop(req.index)
+        live_q = torch.nonzero(alive[cur]).flatten()
+        view = LayerView(probs[:, live_q][:, :, local], local, x[live])
+        verdict = req.plan.decisions[layer](view)
+        if verdict.hidden is not None:
+            x[live[verdict.keep]] = verdict.hidden.to(x.dtype)
+        dropped = torch.ones(len(live), dtype=torch.bool)
+        dropped[verdict.keep] = False
+        slots = STEP.slot_mapping[_original(live[dropped])].long()
+        levels[slots] = layer
+        alive[live[dropped]] = False
+    if STEP.skip_rows:
+        STEP.rows = _original(torch.nonzero(alive).flatten())
+        return x[alive], None, positions[alive], alive[alive]
+    return x, None, positions, alive
+
+
+def adapt(layer: int, hidden: Tensor, residual: Tensor | None):
+    """Repair adapters after ``layer`` on the answer rows of the requests that have them."""
+    adapting = [q for q in STEP.requests if q.plan is not None and layer in q.plan.adapters]
+    if not adapting:
+        return hidden, residual
+    x = hidden if residual is None else hidden + residual
+    for req in adapting:
+        cur = _current(req, x.shape[0])
+        rows = cur[-1:] if req.whole_prefill else cur
+        x[rows] = req.plan.adapters[layer](x[rows])
+    return x, None
+
+
+def restore(hidden: Tensor, num_rows: int) -> Tensor:
+    """Rows pruned on the way get zeros (no logits are read there: they are image rows)."""
+    if STEP.rows is None:
+        return hidden
+    out = hidden.new_zeros(num_rows, hidden.shape[1])
+    out[STEP.rows] = hidden
+    STEP.rows = None
+    return out
+
+
+def decoder_forward(model, input_ids, positions, intermediate_tensors=None,
+                    inputs_embeds=None, **kwargs):
+    """``LlamaModel.forward`` with the plans of the step's requests (pipeline parallelism
+    and auxiliary hidden states are not used on the served families)."""
+    hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+    num_rows = hidden.shape[0]
+    begin_step(num_rows)
+    alive = torch.ones(num_rows, dtype=torch.bool)
+    residual = None
+    for idx, layer in enumerate(model.layers[model.start_layer:model.end_layer],
+                                start=model.start_layer):
+        hidden, residual, positions, alive = decide(idx, hidden, residual, positions, alive)
+        hidden, residual = layer(positions, hidden, residual, **kwargs)
+        hidden, residual = adapt(idx, hidden, residual)
+    hidden = model.norm(hidden) if residual is None else model.norm(hidden, residual)[0]
+    return restore(hidden, num_rows)
