@@ -1,5 +1,6 @@
-"""FastV inside the LLM through real vLLM (CPU): the masked decoder attention against
-the transformers reference loop, which removes the pruned rows (vllm_vtprune.llm_loop)."""
+"""Pruning inside the LLM through real vLLM (CPU): the plugin's decoder loop and masked
+attention against the transformers reference loop, which removes the pruned rows
+(vllm_vtprune.llm_loop), with per-request specs of different methods batched together."""
 from __future__ import annotations
 
 import os
@@ -13,11 +14,13 @@ from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import model_path
 from vllm_vtprune.families.llava import ARCHITECTURE
 
-SPEC = "fastv:64"
+SPEC = "fastv:64"  # the server's spec: it installs the masked decoder for every request
 PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 8, start=7300))
 # log-probabilities of the two paths differ by ~1e-6 (fp32); a wrong mask moves them
 # by more than 1e-3 on most questions (measured: 5 of 6 by over 4e-4)
 LOGPROB_TOLERANCE = 1e-4
+IN_LLM_SPECS = ["fastv:64", "fastv:32", "polymorphic:64", "polymorphic:32", "rcp:64", "rcp:32"]
+DECODE_TOKENS = 16
 
 
 def _prompt(question: str) -> str:
@@ -45,9 +48,14 @@ def fastv_llm():
     gc.collect()
 
 
-def _requests(pairs):
-    return [{"prompt": _prompt(qa.question), "multi_modal_data": {"image": image}}
-            for image, qa in pairs]
+def _requests(pairs, spec: str | None = None):
+    reqs = []
+    for image, qa in pairs:
+        req = {"prompt": _prompt(qa.question), "multi_modal_data": {"image": image}}
+        if spec is not None:
+            req["mm_processor_kwargs"] = {"vtprune": spec}
+        reqs.append(req)
+    return reqs
 
 
 # the 64th and 65th FastV scores of every image must differ by more than the two float
@@ -65,25 +73,25 @@ def _reference_logprobs(reference, image, question: str, spec):
                   [576])
     pruned = reference.image_tokens(reference.pixel_values([image]), None, ids)
     embeds = reference.prompt_embeds(ids, pruned[0].tokens)
-    decoder = llm_loop.PrunedDecoder(reference.model.model.language_model,
-                                     reference.model.lm_head)
+    decoder = reference.decoder()
     if spec is None:
         return torch.log_softmax(decoder.prefill(embeds, llm_loop.Plan())[0], dim=-1), None
-    spans = llm_loop.image_spans(torch.tensor(ids) == reference.image_token_id, 576)
+    spans = llm_loop.spans_of(torch.tensor(ids) == reference.image_token_id, [576])
     gaps = []
-    plan = {layer: _recording(decide, spans, spec.tokens_for(576), gaps)
-            for layer, decide in fastv.llm_plan(spec, spans, decoder.num_layers).items()}
-    logits = decoder.prefill(embeds, llm_loop.Plan(plan))[0]
+    plan = fastv.llm_plan(spec, spans, decoder.num_layers, 576)
+    plan.decisions = {layer: _recording(decide, spans, spec.tokens_for(576), gaps)
+                      for layer, decide in plan.decisions.items()}
+    logits = decoder.prefill(embeds, plan)[0]
     return torch.log_softmax(logits, dim=-1), min(gaps)
 
 
 def _recording(decide, spans, keep, gaps):
-    def wrapped(probs, rows):
+    def wrapped(view):
         for start, end in spans:
-            scores = probs[:, -1, (rows >= start) & (rows < end)].mean(0)
+            scores = view.probs[:, -1, (view.rows >= start) & (view.rows < end)].mean(0)
             ranked = torch.sort(scores, descending=True).values
             gaps.append(float((ranked[keep - 1] - ranked[keep]) / ranked[keep - 1]))
-        return decide(probs, rows)
+        return decide(view)
 
     return wrapped
 
@@ -107,29 +115,68 @@ def test_first_token_logprobs_are_the_reference_loops_in_a_mixed_batch(fastv_llm
     assert moved >= len(PAIRS) // 2, "the masks changed almost nothing"
 
 
-def test_greedy_outputs_equal_the_reference_alone_or_batched(fastv_llm, reference):
+def _full(spec: str, rcp_checkpoint: str) -> str:
+    return f"{spec},ckpt={rcp_checkpoint}" if spec.startswith("rcp:") else spec
+
+
+@pytest.mark.parametrize("spec", IN_LLM_SPECS)
+def test_mixed_batch_equals_reference_alone_and_batched(fastv_llm, reference, rcp_checkpoint,
+                                                         spec):
+    """Three requests under ``spec`` batched with requests under another in-LLM method,
+    an encoder-side method, no pruning and no image: each answer (16 decode tokens)
+    equals the transformers reference loop's, and the same request sent alone."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=16)
-    batched = [o.outputs[0].text.strip()
-               for o in fastv_llm.generate(_requests(PAIRS), params, use_tqdm=False)]
-    alone = [fastv_llm.generate(r, params, use_tqdm=False)[0].outputs[0].text.strip()
-             for r in _requests(PAIRS[:3])]
-    assert alone == batched[:3]
-    for (image, qa), answer in zip(PAIRS, batched):
-        ref, _ = reference.generate(_prompt(qa.question), [image], spec_mod.parse(SPEC),
-                                    max_new_tokens=16)
-        assert answer == ref.strip(), (qa.question, answer, ref)
+    spec = _full(spec, rcp_checkpoint)
+    mine, others = PAIRS[:3], PAIRS[3:6]
+    other_in_llm = _full("rcp:48" if not spec.startswith("rcp") else "polymorphic:48",
+                         rcp_checkpoint)
+    reqs = (_requests(mine, spec) + _requests(others[:1], other_in_llm)
+            + _requests(others[1:2], "resprune:64") + _requests(others[2:3], "none")
+            + [{"prompt": "USER: hello ASSISTANT:"}])
+    params = SamplingParams(temperature=0, max_tokens=DECODE_TOKENS, ignore_eos=True,
+                            logprobs=1)
+    batched = [o.outputs[0] for o in fastv_llm.generate(reqs, params, use_tqdm=False)]
+    alone = [fastv_llm.generate(r, params, use_tqdm=False)[0].outputs[0].token_ids
+             for r in reqs[:len(mine)]]
+    assert alone == [o.token_ids for o in batched[:len(mine)]]
+    parsed = spec_mod.parse(spec)
+    moved = 0
+    for (image, qa), served in zip(mine, batched):
+        expected, logprobs = _reference_tokens(reference, image, qa.question, parsed,
+                                               DECODE_TOKENS)
+        assert list(served.token_ids) == expected, (spec, qa.question)
+        first = served.token_ids[0]
+        lp = served.logprobs[0][first].logprob
+        assert abs(lp - float(logprobs[first])) < LOGPROB_TOLERANCE, (spec, qa.question)
+        full = _reference_logprobs(reference, image, qa.question, None)[0][first]
+        moved += abs(lp - float(full)) > 1e-3
+    assert moved >= 1, f"{spec} changed no request's first-token log-probability"
 
 
-def test_per_request_specs_are_refused_on_a_fastv_server(fastv_llm):
-    from vllm import SamplingParams
+def _reference_tokens(reference, image, question, spec, steps):
+    """Greedy token ids of the reference loop (removal), EOS not stopping it, and the
+    first token's log-probabilities."""
+    from vllm_vtprune.hf import _expand
 
-    image, qa = PAIRS[0]
-    req = {"prompt": _prompt(qa.question), "multi_modal_data": {"image": image},
-           "mm_processor_kwargs": {"vtprune": "resprune:16"}}
-    with pytest.raises(ValueError, match="prunes inside the language model.*per-request"):
-        fastv_llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)
+    prompt_ids = reference.tokenizer(_prompt(question)).input_ids
+    pruned = reference.image_tokens(reference.pixel_values([image]), spec, prompt_ids)
+    counts = [p.tokens.shape[0] for p in pruned]
+    ids = _expand(prompt_ids, reference.image_token_id, counts)
+    decoder = reference.decoder()
+    plan = reference.llm_plan(ids, counts, spec, decoder.num_layers)
+    logits, cache = decoder.prefill(reference.prompt_embeds(ids, pruned[0].tokens), plan)
+    first = torch.log_softmax(logits, dim=-1)
+    out = []
+    embed = reference.model.get_input_embeddings()
+    for _ in range(steps):
+        out.append(int(torch.argmax(logits)))
+        if len(out) == steps:
+            break
+        with torch.no_grad():
+            logits = decoder.decode(embed(torch.tensor([out[-1]]))[0], len(ids) + len(out) - 1,
+                                    cache, plan)
+    return out, first
 
 
 def test_vllm_serve_with_fastv_answers_and_refuses_per_request_specs(tmp_path):

@@ -10,9 +10,9 @@ reference loop runs:
 * **Which tokens are whose.** vLLM's attention metadata says which rows of the step
   belong to which request (``query_start_loc``, ``seq_lens``, ``block_table``); which
   rows are image tokens, and under which spec, comes from ``embed_input_ids``: each
-  image's embeddings are a view of the tensor ``embed_multimodal`` returned (the encoder
-  cache stores it as is), which carries its spec as an attribute. So per-request specs
-  of any method, and none, mix in one batch.
+  image's embeddings are a slice of the tensor ``embed_multimodal`` returned (the
+  encoder cache stores it as is), whose storage was registered with its spec. So
+  per-request specs of any method, and none, mix in one batch.
 * **Decisions** are taken on whole-prompt prefills (chunked prefill and the prefix
   cache are refused at startup), before layer ``l``, from layer ``l-1``'s attention
   (captured by the masked attention for the requests that need it) and the residual
@@ -36,6 +36,7 @@ so no vLLM signature changes (nano-vllm's context pattern).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from torch import Tensor
@@ -93,17 +94,28 @@ class StepState:
 STEP = StepState()
 
 
+#: storage address -> (weak reference to the tagged tensor, spec); views made under
+#: inference mode record no ``_base``, so slices are matched by the storage they share
+_TAGS: dict[int, tuple[weakref.ref, str | None]] = {}
+
+
 def spec_of(embedding: Tensor) -> str | None:
-    """The spec ``embed_multimodal`` attached to an image's embeddings (or to the tensor
-    a slice of them is a view of)."""
-    base = embedding if embedding._base is None else embedding._base
-    return getattr(base, "vtprune_spec", None)
+    """The spec ``embed_multimodal`` tagged an image's embeddings with; a slice of them
+    (what the runner gathers from its encoder cache) shares their storage."""
+    entry = _TAGS.get(embedding.untyped_storage().data_ptr())
+    if entry is None or entry[0]() is None:
+        return None
+    return entry[1]
 
 
 def tag(embeddings: Tensor, spec) -> Tensor:
-    """``embeddings`` as a tensor of their own, carrying ``spec`` (see :func:`spec_of`)."""
-    out = embeddings if embeddings._base is None else embeddings.clone()
-    out.vtprune_spec = str(spec) if spec is not None else None
+    """``embeddings`` in a storage of their own, registered with ``spec`` (see
+    :func:`spec_of`)."""
+    whole = embeddings.numel() * embeddings.element_size()
+    out = embeddings if embeddings.untyped_storage().nbytes() == whole else embeddings.clone()
+    for key in [k for k, (ref, _) in _TAGS.items() if ref() is None]:
+        del _TAGS[key]
+    _TAGS[out.untyped_storage().data_ptr()] = (weakref.ref(out), str(spec) if spec else None)
     return out
 
 
