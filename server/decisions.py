@@ -27,6 +27,7 @@ class Decision:
     budget: int | float | None
     tokens_before: tuple[int, ...]  # per image, what the unpruned model would use
     tokens_after: tuple[int, ...]  # per image, placeholder tokens actually given
+    spec: str = "none"  # the spec in full (options included)
 
 
 def expect(key: str) -> None:

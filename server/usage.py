@@ -13,6 +13,19 @@ spec and the family's patch grid (exact for families with a fixed count per imag
     "vtprune": {"method": "resprune", "budget": 64, "images": 1,
                 "visual_tokens_before": 576, "visual_tokens_after": 64,
                 "kv_cache_tokens_saved": 512, "kv_cache_bytes_saved": 524288}
+
+``kv_cache_*`` is what is physically saved: visual tokens the LLM never receives (an
+encoder-side method, Polymorphic's stage 1). A method that prunes inside the LLM adds
+``inside_llm``, what its plan does there, which frees no KV cache (the slots stay
+allocated to the request)::
+
+    "inside_llm": {"visual_tokens_layer_average": 64.0, "token_layers_skipped": 3584,
+                   "kv_cache_tokens_freed": 0}
+
+``token_layers_skipped`` counts (token, decoder layer) pairs whose work is not done
+(rows taken out of the batch; the plan's schedule, which RCP's learned threshold may
+undercut); ``visual_tokens_layer_average`` is the visual token count averaged over the
+decoder's layers (the budget Polymorphic and RCP aim at).
 """
 from __future__ import annotations
 
@@ -34,6 +47,9 @@ TOKENS_BEFORE = Counter("vtprune_visual_tokens_before", "Visual tokens before pr
 TOKENS_AFTER = Counter("vtprune_visual_tokens_after", "Visual tokens fed to the LLM", ["method"])
 KV_TOKENS_SAVED = Counter("vtprune_kv_cache_tokens_saved", "KV-cache tokens saved", ["method"])
 KV_BYTES_SAVED = Counter("vtprune_kv_cache_bytes_saved", "KV-cache bytes saved", ["method"])
+TOKEN_LAYERS_SKIPPED = Counter("vtprune_llm_token_layers_skipped",
+                               "(visual token, decoder layer) pairs pruned inside the LLM "
+                               "(compute skipped, KV cache not freed)", ["method"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +58,7 @@ class ModelShape:
 
     tokens_per_image: int
     kv_bytes_per_token: float  # all layers, keys and values
+    num_layers: int = 0  # decoder layers
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ModelShape":
@@ -52,7 +69,7 @@ class ModelShape:
         layers = mc.hf_text_config.num_hidden_layers
         kv_heads = mc.get_total_num_kv_heads()
         return cls(per_image, 2 * layers * kv_heads * mc.get_head_size()
-                   * _kv_dtype_bytes(vllm_config))
+                   * _kv_dtype_bytes(vllm_config), layers)
 
 
 def _kv_dtype_bytes(vllm_config) -> float:
@@ -72,16 +89,42 @@ def _kv_dtype_bytes(vllm_config) -> float:
 
 def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape) -> dict:
     """The ``usage.vtprune`` object derived from the spec (untagged requests)."""
-    kept = shape.tokens_per_image if spec is None else spec.tokens_for(shape.tokens_per_image)
-    return _figures(spec.method if spec is not None else "none",
-                    spec.budget if spec is not None else None, num_images,
-                    num_images * shape.tokens_per_image, num_images * kept, shape)
+    from vllm_vtprune import pipeline
+
+    kept = pipeline.kept_tokens(spec, shape.tokens_per_image)
+    fig = _figures(spec.method if spec is not None else "none",
+                   spec.budget if spec is not None else None, num_images,
+                   num_images * shape.tokens_per_image, num_images * kept, shape)
+    return _with_inside_llm(fig, spec, [kept] * num_images, shape)
 
 
 def decided_figures(decision: decisions.Decision, shape: ModelShape) -> dict:
     """The ``usage.vtprune`` object from what the processor decided for each image."""
-    return _figures(decision.method, decision.budget, len(decision.tokens_after),
-                    sum(decision.tokens_before), sum(decision.tokens_after), shape)
+    fig = _figures(decision.method, decision.budget, len(decision.tokens_after),
+                   sum(decision.tokens_before), sum(decision.tokens_after), shape)
+    spec = spec_mod.parse(decision.spec) if decision.spec != "none" else None
+    return _with_inside_llm(fig, spec, list(decision.tokens_after), shape)
+
+
+def _with_inside_llm(fig: dict, spec, received: list[int], shape: ModelShape) -> dict:
+    """Add what a method inside the LLM does there (its plan's schedule)."""
+    from vllm_vtprune import pipeline, registry
+
+    if not pipeline.acts_in_llm(spec) or not received or not shape.num_layers:
+        return fig
+    spans, at = [], 0
+    for n in received:
+        spans.append((at, at + n))
+        at += n
+    plan = registry.get(spec.method).llm_plan(spec, spans, shape.num_layers,
+                                              shape.tokens_per_image)
+    counts = plan.visual_counts or [at] * shape.num_layers
+    fig["inside_llm"] = {
+        "visual_tokens_layer_average": round(sum(counts) / len(counts), 2),
+        "token_layers_skipped": at * len(counts) - sum(counts),
+        "kv_cache_tokens_freed": 0,
+    }
+    return fig
 
 
 def _figures(method, budget, images: int, before: int, after: int, shape: ModelShape) -> dict:
@@ -120,6 +163,8 @@ def record(fig: dict) -> None:
     TOKENS_AFTER.labels(m).inc(fig["visual_tokens_after"])
     KV_TOKENS_SAVED.labels(m).inc(fig["kv_cache_tokens_saved"])
     KV_BYTES_SAVED.labels(m).inc(fig["kv_cache_bytes_saved"])
+    if "inside_llm" in fig:
+        TOKEN_LAYERS_SKIPPED.labels(m).inc(fig["inside_llm"]["token_layers_skipped"])
 
 
 def inject_usage(payload, fig: dict) -> bool:

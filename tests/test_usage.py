@@ -506,9 +506,9 @@ METRICS = ("vtprune_requests_total", "vtprune_visual_tokens_before_total",
 
 
 def test_middleware_prometheus_counters_json_and_sse():
-    # polymorphic is used by no other test here, so its counters move only by this test.
-    req = dict(CHAT_REQUEST, mm_processor_kwargs={"vtprune": "polymorphic:100"})
-    before = {m: _metric(m, "polymorphic") for m in METRICS}
+    # random is used by no other test here, so its counters move only by this test.
+    req = dict(CHAT_REQUEST, mm_processor_kwargs={"vtprune": "random:100"})
+    before = {m: _metric(m, "random") for m in METRICS}
 
     endpoint, _ = _json_endpoint()
     _run(usage.VTPruneUsageMiddleware(endpoint), _scope(), json.dumps(req).encode())
@@ -518,7 +518,7 @@ def test_middleware_prometheus_counters_json_and_sse():
             "vtprune_visual_tokens_after_total": 200,
             "vtprune_kv_cache_tokens_saved_total": 952,
             "vtprune_kv_cache_bytes_saved_total": 952 * KV_BYTES}
-    mid = {m: _metric(m, "polymorphic") for m in METRICS}
+    mid = {m: _metric(m, "random") for m in METRICS}
     assert {m: mid[m] - before[m] for m in METRICS} == step
 
     events, _ = _sse_events()
@@ -526,13 +526,32 @@ def test_middleware_prometheus_counters_json_and_sse():
     endpoint = _Endpoint(200, [(b"content-type", b"text/event-stream")],
                          [stream[:50], stream[50:300], stream[300:]])
     _run(usage.VTPruneUsageMiddleware(endpoint), _scope(), json.dumps(req).encode())
-    after = {m: _metric(m, "polymorphic") for m in METRICS}
+    after = {m: _metric(m, "random") for m in METRICS}
     assert {m: after[m] - mid[m] for m in METRICS} == step
 
     # A failed request counts nothing.
     endpoint, _ = _json_endpoint(status=500)
     _run(usage.VTPruneUsageMiddleware(endpoint), _scope(), json.dumps(req).encode())
-    assert {m: _metric(m, "polymorphic") for m in METRICS} == after
+    assert {m: _metric(m, "random") for m in METRICS} == after
+
+
+def test_methods_inside_the_llm_report_what_they_skip_apart_from_what_they_save():
+    """FastV at K=1 of 8 layers keeps 64 of 576 from layer 1 on: the layer average is
+    (576 + 7 * 64) / 8 and 576 * 8 minus the processed token-layers are skipped; nothing
+    is physically saved. Polymorphic's stage 1 saves KV (576 -> 128 per image) and its
+    stage 2 brings the layer average to the budget (rounding of the per-layer counts
+    aside)."""
+    shape = usage.ModelShape(576, KV_BYTES, num_layers=8)
+    fig = usage.figures(spec_mod.parse("fastv:64"), 1, shape)
+    assert fig["kv_cache_tokens_saved"] == 0 and fig["visual_tokens_after"] == 576
+    assert fig["inside_llm"] == {"visual_tokens_layer_average": (576 + 7 * 64) / 8,
+                                 "token_layers_skipped": 576 * 8 - (576 + 7 * 64),
+                                 "kv_cache_tokens_freed": 0}
+    fig = usage.figures(spec_mod.parse("polymorphic:64"), 2, shape)
+    assert fig["kv_cache_tokens_saved"] == 2 * (576 - 128)
+    assert abs(fig["inside_llm"]["visual_tokens_layer_average"] - 2 * 64) <= 2
+    assert fig["inside_llm"]["token_layers_skipped"] > 0
+    assert "inside_llm" not in usage.figures(spec_mod.parse("resprune:64"), 1, shape)
 
 
 # ---------------------------------------------------------------- figures as decided

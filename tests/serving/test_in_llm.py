@@ -179,9 +179,11 @@ def _reference_tokens(reference, image, question, spec, steps):
     return out, first
 
 
-def test_vllm_serve_with_fastv_answers_and_refuses_per_request_specs(tmp_path):
-    """`vllm serve EMBEDDED --vtprune fastv:64`: the flag turns off chunked prefill and the
-    prefix cache itself; nothing is physically saved, and the figures say so."""
+def test_vllm_serve_with_fastv_answers_per_request_specs_and_refuses_bad_ones(tmp_path):
+    """`vllm serve EMBEDDED --vtprune fastv:64`: the flag turns off chunked prefill, the
+    prefix cache and compilation itself; nothing is physically saved, and the figures
+    say so; a request may ask for another method (Polymorphic here, whose stage 1 does
+    save KV); a spec that cannot run on this decoder gets a 400 and the server goes on."""
     import signal
     import subprocess
     import sys
@@ -209,10 +211,21 @@ def test_vllm_serve_with_fastv_answers_and_refuses_per_request_specs(tmp_path):
         fig = r.usage.vtprune
         assert fig["method"] == "fastv" and fig["visual_tokens_after"] == 576
         assert fig["kv_cache_tokens_saved"] == 0
-        with pytest.raises(openai.BadRequestError, match="per-request specs are not accepted"):
-            client.chat.completions.create(
-                model="m", messages=chat_messages(qa.question, [image]), max_tokens=1,
-                extra_body={"mm_processor_kwargs": {"vtprune": "resprune:16"}})
+        assert fig["inside_llm"]["token_layers_skipped"] == 7 * (576 - 64)  # K=1 of 8
+        r = client.chat.completions.create(
+            model="m", messages=chat_messages(qa.question, [image]), max_tokens=3,
+            temperature=0, extra_body={"mm_processor_kwargs": {"vtprune": "polymorphic:32"}})
+        fig = r.usage.vtprune
+        assert fig["method"] == "polymorphic" and fig["visual_tokens_after"] == 64
+        assert fig["kv_cache_tokens_saved"] == 576 - 64 and fig["inside_llm"]
+        for bad, says in (("fastv:64,layer=8", "1 to 7"), ("rcp:64", "ckpt=PATH")):
+            with pytest.raises(openai.BadRequestError, match=says):
+                client.chat.completions.create(
+                    model="m", messages=chat_messages(qa.question, [image]), max_tokens=1,
+                    extra_body={"mm_processor_kwargs": {"vtprune": bad}})
+        r = client.chat.completions.create(model="m", messages=chat_messages(qa.question, [image]),
+                                           max_tokens=3, temperature=0)
+        assert r.choices[0].message.content
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

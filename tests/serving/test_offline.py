@@ -103,3 +103,14 @@ def test_greedy_outputs_match_transformers_reference(pruning_llm, reference, spe
         assert answer == ref_answer.strip(), (qa.question, answer, ref_answer)
         assert length == len(reference.tokenizer(_prompt(qa.question)).input_ids) - 1 \
             + parsed.tokens_for(576)
+
+
+def test_methods_inside_the_llm_are_refused_per_request_by_an_encoder_side_server(pruning_llm):
+    """The masked decoder is installed only by a server started with an in-LLM spec."""
+    from vllm import SamplingParams
+
+    image, qa = COMPARE_PAIRS[0]
+    req = {"prompt": _prompt(qa.question), "multi_modal_data": {"image": image},
+           "mm_processor_kwargs": {"vtprune": "fastv:64"}}
+    with pytest.raises(ValueError, match="--vtprune fastv:K"):
+        pruning_llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)

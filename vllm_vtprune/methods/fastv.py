@@ -96,10 +96,13 @@ def decision(image_spans, budget_for):
 
 def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     """The :class:`vllm_vtprune.llm_loop.Plan` of one request: one decision layer."""
-    from vllm_vtprune.llm_loop import Plan
+    from vllm_vtprune.llm_loop import Plan, layer_counts
 
     layer = decision_layer(spec.value("layer"), num_layers)
-    return Plan({layer: decision(image_spans, spec.tokens_for)})
+    sizes = [end - start for start, end in image_spans]
+    counts = layer_counts(num_layers, sum(sizes),
+                          {layer: sum(spec.tokens_for(n) for n in sizes)})
+    return Plan({layer: decision(image_spans, spec.tokens_for)}, visual_counts=counts)
 
 
 METHOD = Method(

@@ -268,7 +268,7 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     """Stage 2 of one request (:class:`vllm_vtprune.llm_loop.Plan`): pruning at the
     scaled layers 3, 7, 16 so that each image's visual token count averaged over all
     decoder layers (stage 1's 2x before the first) is the budget."""
-    from vllm_vtprune.llm_loop import Plan
+    from vllm_vtprune.llm_loop import Plan, layer_counts
 
     layers = stage2_layers(num_layers)
     target = spec.tokens_for(full_tokens)
@@ -276,8 +276,12 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     def counts_for(n: int) -> list[int]:
         return stage2_schedule(n, min(target, n), layers, num_layers)
 
+    sizes = [end - start for start, end in image_spans]
+    schedule = {layer: sum(min(n, counts_for(n)[s]) for n in sizes)
+                for s, layer in enumerate(layers)}
     return Plan({layer: stage2_decision(image_spans, counts_for, s)
-                 for s, layer in enumerate(layers)})
+                 for s, layer in enumerate(layers)},
+                visual_counts=layer_counts(num_layers, sum(sizes), schedule))
 
 
 def prune(ctx) -> "PrunedImage":

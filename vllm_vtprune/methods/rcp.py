@@ -529,7 +529,7 @@ class RequestState:
 def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     """One request's :class:`vllm_vtprune.llm_loop.Plan`: the checkpoint's pruners
     before their layers, its adapters after theirs (answer rows only)."""
-    from vllm_vtprune.llm_loop import Plan
+    from vllm_vtprune.llm_loop import Plan, layer_counts
 
     modules = modules_for(spec)
     if modules.num_layers != num_layers:
@@ -540,7 +540,8 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     budget = len(image_spans) * spec.tokens_for(full_tokens)
     state = RequestState(modules, image_spans, budget)
     return Plan({l: state.decide(l) for l in modules.pruning_layers},
-                {l: state.adapt(l) for l in modules.adapters})
+                {l: state.adapt(l) for l in modules.adapters},
+                layer_counts(num_layers, state.total, state.counts))
 
 
 METHOD = Method(

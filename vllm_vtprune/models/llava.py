@@ -154,7 +154,8 @@ class VTPruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
                        for s in sizes)
         after = tuple(p.length for p in out["mm_placeholders"].get("image", []))
         return decisions.Decision(spec.method if spec is not None else "none",
-                                  spec.budget if spec is not None else None, before, after)
+                                  spec.budget if spec is not None else None, before, after,
+                                  str(spec) if spec is not None else "none")
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         kwargs = {k: v for k, v in hf_kwargs.items() if k not in _VTPRUNE_KWARGS}
