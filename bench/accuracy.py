@@ -47,23 +47,22 @@ def _generate(llm, pairs, spec=None):
 
 
 def vllm_answers():
-    """Answers from real vLLM (CPU offline engine) with the pruning class: per-request
-    specs on one engine; methods served inside the LLM (server spec only) each on an
-    engine of their own, started and shut down for the spec."""
-    from vllm_vtprune import registry
+    """Answers from real vLLM (CPU offline engine) with the pruning class, per-request
+    specs: encoder-side ones on an engine with vLLM's own attention, methods inside the
+    LLM on one engine started with an in-LLM spec (its masked decoder serves them all)."""
+    from vllm_vtprune import pipeline
     from vllm_vtprune import spec as spec_mod
 
     llm = _engine()
+    in_llm = []
 
     def answers(pairs, spec):
         parsed = spec_mod.parse(spec)
-        if parsed is None or not registry.get(parsed.method).served_in_llm:
+        if not pipeline.acts_in_llm(parsed):
             return _generate(llm, pairs, spec)
-        own = _engine(vtprune=spec)
-        try:
-            return _generate(own, pairs)
-        finally:
-            own.llm_engine.engine_core.shutdown()
+        if not in_llm:
+            in_llm.append(_engine(vtprune="fastv:64"))
+        return _generate(in_llm[0], pairs, spec)
 
     return answers
 
@@ -98,6 +97,17 @@ def run(answers, pairs, spec):
             "seconds": seconds}
 
 
+def _rcp_ckpt(args) -> str:
+    if args.rcp_ckpt is None:
+        import tempfile
+
+        from vllm_vtprune import cli
+
+        args.rcp_ckpt = os.path.join(tempfile.mkdtemp(), "rcp-identity.pt")
+        cli.main(["rcp-init", "--out", args.rcp_ckpt])
+    return args.rcp_ckpt
+
+
 def main() -> None:
     from vllm_vtprune import registry
 
@@ -110,6 +120,8 @@ def main() -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated; default: every method the path runs")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--rcp-ckpt", default=None,
+                   help="RCP modules (default: identity-initialised, `vtprune rcp-init`)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -118,7 +130,7 @@ def main() -> None:
     if args.methods is None:
         runs = [n for n, m in registry.methods().items()
                 if m.served or (args.path == "transformers" and m.llm_plan is not None)
-                or (args.path == "vllm" and m.served_in_llm)]
+                ]
         args.methods = ",".join(runs)
     answers = vllm_answers() if args.path == "vllm" else transformers_answers()
     pairs = list(sv.iter_questions(sv.HELDOUT_SEED, args.num, start=20_000))
@@ -135,7 +147,7 @@ def main() -> None:
     for method in args.methods.split(","):
         cells = []
         for b in budgets:
-            spec = f"{method}:{b}"
+            spec = f"{method}:{b}" + (f",ckpt={_rcp_ckpt(args)}" if method == "rcp" else "")
             r = results[spec] = run(answers, pairs, spec)
             cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
                          f"time x{r['seconds'] / full['seconds']:.2f})")

@@ -151,3 +151,99 @@ def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference)
         vanilla, _ = reference.generate(prompt, [image], None)
         assert reference.generate(prompt, [image], spec_mod.parse("fastv:1000"))[0] == vanilla
 
+
+
+def _single_image(reference, start=9300):
+    """Expanded ids, embeddings and counts of a one-image prompt pruned by ``spec``'s
+    encoder stage (none: every token)."""
+    from vllm_vtprune.hf import _expand
+
+    image, qa = next(iter(sv.iter_questions(sv.HELDOUT_SEED, 1, start=start)))
+    prompt_ids = reference.tokenizer(f"USER: <image>\n{qa.question} ASSISTANT:").input_ids
+
+    def build(spec):
+        pruned = reference.image_tokens(reference.pixel_values([image]), spec, prompt_ids)
+        counts = [p.tokens.shape[0] for p in pruned]
+        ids = _expand(prompt_ids, reference.image_token_id, counts)
+        return ids, reference.prompt_embeds(ids, pruned[0].tokens), counts
+
+    return build
+
+
+@pytest.mark.parametrize("spec", ["polymorphic:64", "polymorphic:16", "rcp:64", "rcp:16"])
+def test_multi_layer_plans_remove_equals_mask(reference, rcp_checkpoint, spec):
+    """Polymorphic's three stage-2 decisions (with merging) and RCP's three pruners and
+    two adapters: removal and masking agree on every kept token, prefill and 8 steps."""
+    if spec.startswith("rcp"):
+        spec += f",ckpt={rcp_checkpoint}"
+    parsed = spec_mod.parse(spec)
+    ids, embeds, counts = _single_image(reference)(parsed)
+    dec = _decoder(reference)
+    out_r, logits_r = _greedy(dec, embeds, reference.llm_plan(ids, counts, parsed, 8),
+                              "remove", 8, reference)
+    _, logits_m = _greedy(dec, embeds, reference.llm_plan(ids, counts, parsed, 8), "mask", 8,
+                          reference, out_r)
+    torch.testing.assert_close(logits_r, logits_m, rtol=1e-4, atol=1e-4)
+    _, cache = dec.prefill(embeds, reference.llm_plan(ids, counts, parsed, 8))
+    sizes = [kv.keys.shape[1] for kv in cache]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]  # cumulative
+
+
+def test_polymorphic_stage2_keeps_the_rater_scores_top_tokens(reference):
+    """Independent check of the first stage-2 decision (layer 1 of 8): Eqs. 9-11 written
+    out in float64 over transformers' own hidden states entering layer 1 (unit RMS), the image's
+    stage-1 tokens against the text after it; the loop's layer-1 rows are the top-k."""
+    from vllm_vtprune.methods import polymorphic
+
+    parsed = spec_mod.parse("polymorphic:64")
+    ids, embeds, counts = _single_image(reference)(parsed)
+    lm = reference.model.model.language_model
+    with torch.no_grad():
+        x = lm(inputs_embeds=embeds[None], output_hidden_states=True).hidden_states[1][0]
+    x = x.double()
+    x = x / (x.pow(2).mean(dim=-1, keepdim=True) + 1e-6).sqrt()  # unit RMS per token
+    start = ids.index(reference.image_token_id)
+    end = start + counts[0]
+    v, t = x[start:end], x[end:]
+    d = v.shape[1]
+    m = torch.zeros(len(v), len(t), dtype=torch.float64)
+    for i in range(len(v)):
+        e = torch.tensor([float(torch.exp(v[i] @ t[j] / d ** 0.5)) for j in range(len(t))],
+                         dtype=torch.float64)
+        m[i] = e / e.sum()
+    s = m.mean(0)
+    raters = s > s.mean()
+    alpha = m[:, raters].mean(1)
+    keep = polymorphic.stage2_schedule(counts[0], 64, polymorphic.stage2_layers(8), 8)[0]
+    ranked = torch.sort(alpha, descending=True, stable=True)
+    assert (ranked.values[keep - 1] - ranked.values[keep]) / ranked.values[keep - 1] > 1e-4
+    expected = set((ranked.indices[:keep] + start).tolist())
+    _, cache = _decoder(reference).prefill(embeds, reference.llm_plan(ids, counts, parsed, 8))
+    layer1 = set(cache[1].rows.tolist())
+    assert layer1 & set(range(start, end)) == expected
+    assert set(range(len(ids))) - set(range(start, end)) <= layer1  # text stays
+
+
+def test_rcp_identity_adapters_change_nothing_and_trained_ones_act_on_answers(
+        reference, rcp_checkpoint):
+    from vllm_vtprune.methods import rcp
+
+    parsed = spec_mod.parse(f"rcp:64,ckpt={rcp_checkpoint}")
+    ids, embeds, counts = _single_image(reference)(parsed)
+    dec = _decoder(reference)
+    plan = reference.llm_plan(ids, counts, parsed, 8)
+    with_adapters = dec.prefill(embeds, plan)[0]
+    plan = reference.llm_plan(ids, counts, parsed, 8)
+    plan.adapters = {}
+    assert torch.equal(dec.prefill(embeds, plan)[0], with_adapters)
+    modules = rcp.modules_for(parsed)
+    layer = max(modules.adapters)
+    up = modules.adapters[layer].up
+    try:
+        with torch.no_grad():
+            up.weight.normal_(0, 0.05)
+        moved = dec.prefill(embeds, reference.llm_plan(ids, counts, parsed, 8))[0]
+    finally:
+        with torch.no_grad():
+            up.weight.zero_()
+    assert (moved - with_adapters).abs().max() > 1e-3

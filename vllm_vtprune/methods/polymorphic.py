@@ -232,10 +232,19 @@ def merge_into_kept(hidden: Tensor, kept: Tensor, pruned: Tensor) -> Tensor:
     return merged.to(hidden.dtype)
 
 
+def rms_normalized(hidden: Tensor) -> Tensor:
+    """The token embeddings Eq. 9 compares: the residual stream scaled to unit RMS per
+    token (what the decoder layer's attention reads, before its learned norm weight).
+    The raw stream's norms reach the hundreds, which saturates Eq. 9's softmax into
+    one-hot rows and leaves alpha with exact ties."""
+    h = hidden.float()
+    return h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+
+
 def stage2_decision(image_spans, counts_for, step: int):
     """Stage 2 at its ``step``-th pruning layer (Sec. 3.3): per image, the rater scores
     (Eqs. 9-11) of its live tokens against the prompt's live text tokens after it (all
-    text tokens when none follow) rank them; the top ``counts_for(n)[step]`` stay
+    text tokens when none follow), both :func:`rms_normalized`, rank them; the top ``counts_for(n)[step]`` stay
     (Eq. 12) and the rest are merged into them. ``n`` is the image's stage-1 count."""
     from vllm_vtprune.llm_loop import Verdict
 
@@ -254,7 +263,7 @@ def stage2_decision(image_spans, counts_for, step: int):
             target = counts_for(end - start)[step]
             if cols.numel() <= target or text.numel() == 0:
                 continue
-            alpha, _ = rater_scores(hidden[cols].float(), hidden[text].float())
+            alpha, _ = rater_scores(rms_normalized(hidden[cols]), rms_normalized(hidden[text]))
             kept, pruned = quantile_prune(alpha, target)
             new[cols[kept]] = merge_into_kept(hidden[cols], kept, pruned)
             keep[cols[pruned]] = False

@@ -90,16 +90,26 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
 
     def _attend(self, q, kv_cache, blocks, seq_len, qpos, levels, layer_idx, keep_probs):
         block_size = kv_cache.shape[2]
-        pos = torch.arange(seq_len)
-        slots = blocks[pos // block_size].long() * block_size + pos % block_size
-        keys = kv_cache[slots // block_size, :, slots % block_size, :self.head_size]
-        values = kv_cache[slots // block_size, :, slots % block_size, self.head_size:]
+        num_blocks = -(-seq_len // block_size)
+        used = blocks[:num_blocks].long()
+        # whole blocks at once (an index_select), then the request's first seq_len slots
+        kv = kv_cache.index_select(0, used).transpose(0, 1).reshape(
+            kv_cache.shape[1], num_blocks * block_size, -1)[:, :seq_len]  # [H_kv, S, 2D]
+        keys, values = kv[..., :self.head_size], kv[..., self.head_size:]
         rep = self.num_heads // self.num_kv_heads
-        keys = keys.transpose(0, 1).repeat_interleave(rep, dim=0).float()  # [H, S, D]
-        values = values.transpose(0, 1).repeat_interleave(rep, dim=0).float()
+        if rep > 1:
+            keys = keys.repeat_interleave(rep, dim=0)
+            values = values.repeat_interleave(rep, dim=0)
+        slots = (used[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+        pos = torch.arange(seq_len)
         allowed = (pos[None, :] <= qpos[:, None]) & (levels[slots][None, :] > layer_idx)
         allowed |= pos[None, :] == qpos[:, None]  # a token always sees itself
-        scores = (q.transpose(0, 1).float() @ keys.transpose(1, 2)) * self.scale
+        qh = q.transpose(0, 1).to(keys.dtype)  # [H, Q, D]
+        if not keep_probs:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qh, keys, values, attn_mask=allowed, scale=self.scale)
+            return out.transpose(0, 1).to(q.dtype), None
+        scores = (qh.float() @ keys.float().transpose(1, 2)) * self.scale
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        out = (probs @ values).transpose(0, 1).to(q.dtype)
-        return out, probs if keep_probs else None
+        out = (probs @ values.float()).transpose(0, 1).to(q.dtype)
+        return out, probs
