@@ -144,6 +144,16 @@ def check_servable(spec: spec_mod.PruneSpec | None, family=None, server: bool = 
                               dict(spec.options), server)
 
 
+def check_fits_decoder(spec: spec_mod.PruneSpec, num_layers: int, hidden_size: int,
+                       full_tokens: int) -> None:
+    """Refuse an in-LLM spec that cannot run on this decoder: a decision layer beyond
+    its depth, a checkpoint made for another model."""
+    method = registry.get(spec.method)
+    if method.check_model is not None:
+        method.check_model(spec, num_layers, hidden_size)
+    method.llm_plan(spec, [(0, kept_tokens(spec, full_tokens))], num_layers, full_tokens)
+
+
 def acts_in_llm(spec: spec_mod.PruneSpec | None) -> bool:
     return spec is not None and registry.get(spec.method).where is registry.Where.INSIDE_LLM
 

@@ -147,6 +147,19 @@ def _family(argv: list[str]):
     return default_family.FAMILY if config is None else families.for_config(config)
 
 
+def _check_decoder(spec, family, argv: list[str]) -> None:
+    """An in-LLM spec that cannot run on the served decoder fails before vLLM starts
+    (when the config can be read here; else the model class refuses it at startup)."""
+    from vllm_vtprune import pipeline
+
+    config = _served_config(_model_arg(argv))
+    if config is None or not pipeline.acts_in_llm(spec):
+        return
+    rows, cols = family.grid(config)
+    text = config.get_text_config()
+    pipeline.check_fits_decoder(spec, text.num_hidden_layers, text.hidden_size, rows * cols)
+
+
 def expand(argv: list[str]) -> list[str]:
     """Rewrite ``--vtprune SPEC`` into plain vLLM options (see module docstring)."""
     from vllm_vtprune import spec as spec_mod
@@ -162,6 +175,7 @@ def expand(argv: list[str]) -> list[str]:
     spec = spec_mod.parse(value)
     family = _family(rest)
     check_servable(spec, family, server=True)
+    _check_decoder(spec, family, rest)
     rest, overrides = _pop_hf_overrides(rest)
     overrides.update({"architectures": [family.architecture],
                       "vtprune": str(spec) if spec else "none"})

@@ -22,7 +22,8 @@ def _serve(model: str, spec: str, timeout: int = 240) -> subprocess.CompletedPro
 
 @pytest.mark.parametrize("spec, named", [("resprune:12x", "'12x'"), ("foo:64", "'foo'"),
                                           ("resprune:64,beta=2", "'beta'"),
-                                          ("rcp:64", "language model"),
+                                          ("rcp:64", "ckpt=PATH"),
+                                          ("fastv:64,layer=8", "1 to 7"),
                                           ("", "none to serve without pruning"),
                                           ("polymorphic:64,layers=3-7-16", "'layers'")])
 def test_malformed_or_unserved_spec_stops_the_server_at_once(spec, named):

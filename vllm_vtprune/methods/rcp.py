@@ -407,8 +407,8 @@ def modules_for_path(path: str | None) -> RcpModules:
     import os
 
     if path is None:
-        raise ValueError("rcp needs its trained modules: rcp:K,ckpt=PATH (a file written by "
-                         "RCP training, or `vtprune rcp-init` for identity adapters)")
+        raise ValueError("rcp needs its trained modules; accepted: rcp:K,ckpt=PATH (a file "
+                         "written by RCP training, or `vtprune rcp-init` for identity adapters)")
     try:
         key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
     except OSError:

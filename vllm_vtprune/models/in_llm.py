@@ -51,6 +51,7 @@ class RequestRows:
     q1: int
     seq_len: int
     first_slot: int  # KV slot of its first token: the request's key for its plan
+    prompt_len: int = 0  # a recomputed (preempted) request's prefill also holds its output
     plan: object | None = None  # vllm_vtprune.llm_loop.Plan
 
     @property
@@ -66,6 +67,10 @@ class StepState:
     full_tokens: int = 0  # an image's unpruned token count
     block_size: int = 16
     skip_rows: bool = True
+    active: bool = False  # a model with pruning inside the LLM was built in this process
+    #: prompt length of each request of the step, in batch order (the runner's, see
+    #: :func:`install_runner_hook`); None: every prefill is taken as all prompt
+    prompt_lens: list[int] | None = None
     #: set by ``embed_input_ids`` for the next forward: ([num_tokens] bool image rows,
     #: [(spec string or None, token count)] per image in row order)
     images: tuple[Tensor, list[tuple[str | None, int]]] | None = None
@@ -84,6 +89,8 @@ class StepState:
         self.num_layers, self.full_tokens = num_layers, full_tokens
         self.block_size, self.skip_rows = block_size, skip_rows
         self.images, self.plans, self.levels = None, {}, None
+        self.active = True
+        install_runner_hook()
 
     def prune_levels(self, num_slots: int) -> Tensor:
         if self.levels is None or self.levels.shape[0] != num_slots:
@@ -97,6 +104,36 @@ STEP = StepState()
 #: storage address -> (weak reference to the tagged tensor, spec); views made under
 #: inference mode record no ``_base``, so slices are matched by the storage they share
 _TAGS: dict[int, tuple[weakref.ref, str | None]] = {}
+
+
+_HOOKED = False
+
+
+def install_runner_hook() -> None:
+    """Let each step know its requests' prompt lengths. A preempted request is
+    recomputed by a prefill over its prompt and the tokens it has generated; the
+    decisions must read the prompt only (FastV's last prompt token, the text after an
+    image) and the adapters act on every generated row, so the rebuilt KV is the one the
+    request had. vLLM's attention metadata has no prompt lengths; its model runner's
+    input batch has them, in the order of the step's requests."""
+    global _HOOKED
+    if _HOOKED:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._model_forward
+
+    def _model_forward(self, *args, **kwargs):
+        if STEP.active:
+            batch = self.input_batch
+            STEP.prompt_lens = batch.num_prompt_tokens[:batch.num_reqs].tolist()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            STEP.prompt_lens = None
+
+    GPUModelRunner._model_forward = _model_forward
+    _HOOKED = True
 
 
 def spec_of(embedding: Tensor) -> str | None:
@@ -185,6 +222,8 @@ def begin_step(num_rows: int) -> None:
         if q1 <= q0:
             continue
         req = RequestRows(r, q0, q1, seq_len, int(md.block_table[r, 0]) * STEP.block_size)
+        prompts = STEP.prompt_lens
+        req.prompt_len = min(seq_len, prompts[r]) if prompts and r < len(prompts) else seq_len
         if req.whole_prefill:  # a new request (or a recomputed one) on this slot
             mine = [(a - q0, b - q0, s) for a, b, s in runs if q0 <= a < q1]
             req.plan = _plan_for(mine[0][2], [(a, b) for a, b, _ in mine]) if mine else None
@@ -223,10 +262,11 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
     levels = STEP.levels
     for req in deciding:
         cur = _current(req, x.shape[0])
-        live = cur[alive[cur]]
-        local = _original(live) - req.q0  # prompt positions (whole prefill)
-        probs = STEP.probs.pop(req.index)
         live_q = torch.nonzero(alive[cur]).flatten()
+        local = _original(cur[live_q]) - req.q0  # positions (whole prefill)
+        live_q = live_q[local < req.prompt_len]  # the prompt, not recomputed output
+        live, local = cur[live_q], local[local < req.prompt_len]
+        probs = STEP.probs.pop(req.index)
         view = LayerView(probs[:, live_q][:, :, local], local, x[live])
         verdict = req.plan.decisions[layer](view)
         if verdict.hidden is not None:
@@ -250,7 +290,8 @@ def adapt(layer: int, hidden: Tensor, residual: Tensor | None):
     x = hidden if residual is None else hidden + residual
     for req in adapting:
         cur = _current(req, x.shape[0])
-        rows = cur[-1:] if req.whole_prefill else cur
+        # answer rows: the last prompt row and every generated one (recomputed or new)
+        rows = cur[_original(cur) - req.q0 >= req.prompt_len - 1] if req.whole_prefill else cur
         x[rows] = req.plan.adapters[layer](x[rows])
     return x, None
 

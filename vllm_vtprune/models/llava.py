@@ -94,16 +94,10 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
 
     def check_fits(self, spec) -> None:
         """An in-LLM spec that cannot run on this decoder is refused before it is queued."""
-        from vllm_vtprune import registry
-
-        text = self.get_hf_config().text_config
-        method = registry.get(spec.method)
-        if method.check_model is not None:
-            method.check_model(spec, text.num_hidden_layers, text.hidden_size)
-        rows, cols = family.grid(self.get_hf_config())
-        full = rows * cols
-        method.llm_plan(spec, [(0, pipeline.kept_tokens(spec, full))],
-                        text.num_hidden_layers, full)
+        hf = self.get_hf_config()
+        rows, cols = family.grid(hf)
+        pipeline.check_fits_decoder(spec, hf.text_config.num_hidden_layers,
+                                    hf.text_config.hidden_size, rows * cols)
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int,
                              spec: spec_mod.PruneSpec | None = None) -> int:
@@ -197,8 +191,6 @@ def _check_in_llm_serving(vllm_config, spec) -> None:
     spec that does not fit this decoder (a layer beyond its depth, a foreign checkpoint)."""
     from vllm.config import CompilationMode
 
-    from vllm_vtprune import registry
-
     if vllm_config.scheduler_config.enable_chunked_prefill:
         raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
                          "question; accepted: --no-enable-chunked-prefill")
@@ -214,12 +206,9 @@ def _check_in_llm_serving(vllm_config, spec) -> None:
                          "Python between layers, which a compiled graph would freeze; "
                          "accepted: --enforce-eager")
     hf = vllm_config.model_config.hf_config
-    text = hf.text_config
-    method = registry.get(spec.method)
-    if method.check_model is not None:
-        method.check_model(spec, text.num_hidden_layers, text.hidden_size)
-    full = family.grid(hf)[0] * family.grid(hf)[1]
-    method.llm_plan(spec, [(0, pipeline.kept_tokens(spec, full))], text.num_hidden_layers, full)
+    rows, cols = family.grid(hf)
+    pipeline.check_fits_decoder(spec, hf.text_config.num_hidden_layers,
+                                hf.text_config.hidden_size, rows * cols)
 
 
 @contextlib.contextmanager
