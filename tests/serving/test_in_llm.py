@@ -179,6 +179,60 @@ def _reference_tokens(reference, image, question, spec, steps):
     return out, first
 
 
+def test_a_preempted_request_is_decided_again_as_before(reference, tmp_path, monkeypatch):
+    """A KV cache for two prompts at a time: a third request preempts one, which vLLM
+    recomputes with its output so far. Every decision taken, first ones and recomputed
+    ones, keeps the set the reference loop keeps for that request (FastV's last prompt
+    token, not the last generated one), and the answers are those sent alone."""
+    import gc
+    import json
+
+    from vllm import LLM, SamplingParams
+
+    from vllm_vtprune.models import in_llm
+
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("VTPRUNE_TRACE", str(trace))
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = LLM(model=model_path(), enforce_eager=True, max_model_len=1024, dtype="float32",
+              hf_overrides={"architectures": [ARCHITECTURE], "vtprune": "fastv:32"},
+              enable_chunked_prefill=False, enable_prefix_caching=False,
+              num_gpu_blocks_override=39, block_size=32)  # 1248 tokens; a prompt ~590
+    try:
+        before = in_llm.STEP.recomputed
+        pairs = PAIRS[:4]
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        batched = [o.outputs[0].token_ids
+                   for o in llm.generate(_requests(pairs), params, use_tqdm=False)]
+        assert in_llm.STEP.recomputed > before, "no request was preempted"
+        alone = [llm.generate(r, params, use_tqdm=False)[0].outputs[0].token_ids
+                 for r in _requests(pairs)]
+        assert alone == batched
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    expected = []
+    for image, qa in pairs:
+        ids = reference.tokenizer(_prompt(qa.question)).input_ids
+        spec = spec_mod.parse("fastv:32")
+        from vllm_vtprune.hf import _expand
+
+        full = _expand(ids, reference.image_token_id, [576])
+        pruned = reference.image_tokens(reference.pixel_values([image]), spec, ids)
+        embeds = reference.prompt_embeds(full, pruned[0].tokens)
+        plan = reference.llm_plan(full, [576], spec, 8)
+        cache = reference.decoder().prefill(embeds, plan)[1]
+        expected.append(cache[1].rows.tolist())
+        gap = _reference_logprobs(reference, image, qa.question, spec)[1]
+        assert gap > SCORE_MARGIN, (qa.question, gap)  # the kept set is decided, not tied
+    records = [json.loads(line) for line in trace.read_text().splitlines()
+               if '"in_llm"' in line]
+    assert sum(r["recomputed"] for r in records) >= 1
+    for r in records:
+        assert r["kept"] in expected, (r["recomputed"], r["prompt_len"])
+
+
 def test_vllm_serve_with_fastv_answers_per_request_specs_and_refuses_bad_ones(tmp_path):
     """`vllm serve EMBEDDED --vtprune fastv:64`: the flag turns off chunked prefill, the
     prefix cache and compilation itself; nothing is physically saved, and the figures

@@ -52,6 +52,7 @@ class RequestRows:
     seq_len: int
     first_slot: int  # KV slot of its first token: the request's key for its plan
     prompt_len: int = 0  # a recomputed (preempted) request's prefill also holds its output
+    fingerprint: float = 0.0  # sum of its prompt embeddings ($VTPRUNE_TRACE only)
     plan: object | None = None  # vllm_vtprune.llm_loop.Plan
 
     @property
@@ -83,6 +84,7 @@ class StepState:
     # -- persistent across steps
     plans: dict[int, object] = dataclasses.field(default_factory=dict)
     levels: Tensor | None = None  # [num_slots] uint8
+    recomputed: int = 0  # prefills of preempted requests (prompt plus output) seen so far
 
     def configure(self, num_layers: int, full_tokens: int, block_size: int,
                   skip_rows: bool = True) -> None:
@@ -206,7 +208,7 @@ def _plan_for(spec_text: str | None, spans: list[tuple[int, int]]):
     return registry.get(spec.method).llm_plan(spec, spans, STEP.num_layers, STEP.full_tokens)
 
 
-def begin_step(num_rows: int) -> None:
+def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
     """Per-request rows, plans and the layers whose attention must be kept."""
     STEP.requests, STEP.rows, STEP.capture, STEP.probs = [], None, {}, {}
     runs = _image_runs(num_rows)
@@ -225,6 +227,9 @@ def begin_step(num_rows: int) -> None:
         prompts = STEP.prompt_lens
         req.prompt_len = min(seq_len, prompts[r]) if prompts and r < len(prompts) else seq_len
         if req.whole_prefill:  # a new request (or a recomputed one) on this slot
+            STEP.recomputed += req.prompt_len < seq_len
+            if embeds is not None and _tracing():
+                req.fingerprint = round(float(embeds[q0:q0 + req.prompt_len].double().sum()), 6)
             mine = [(a - q0, b - q0, s) for a, b, s in runs if q0 <= a < q1]
             req.plan = _plan_for(mine[0][2], [(a, b) for a, b, _ in mine]) if mine else None
             STEP.plans.pop(req.first_slot, None)
@@ -269,6 +274,7 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
         probs = STEP.probs.pop(req.index)
         view = LayerView(probs[:, live_q][:, :, local], local, x[live])
         verdict = req.plan.decisions[layer](view)
+        _trace(req, layer, local[verdict.keep])
         if verdict.hidden is not None:
             x[live[verdict.keep]] = verdict.hidden.to(x.dtype)
         dropped = torch.ones(len(live), dtype=torch.bool)
@@ -280,6 +286,27 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
         STEP.rows = _original(torch.nonzero(alive).flatten())
         return x[alive], None, positions[alive], alive[alive]
     return x, None, positions, alive
+
+
+def _tracing() -> str | None:
+    import os
+
+    return os.environ.get("VTPRUNE_TRACE")
+
+
+def _trace(req: RequestRows, layer: int, kept: Tensor) -> None:
+    """Append a decision to ``$VTPRUNE_TRACE`` (JSON lines): which prompt positions a
+    request kept before ``layer``; tests compare a preempted request's recomputed
+    decisions with its first ones."""
+    path = _tracing()
+    if not path:
+        return
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps({"in_llm": True, "layer": layer, "prompt": req.fingerprint,
+                            "prompt_len": req.prompt_len, "recomputed": req.prompt_len < req.seq_len,
+                            "kept": kept.tolist()}) + "\n")
 
 
 def adapt(layer: int, hidden: Tensor, residual: Tensor | None):
@@ -312,7 +339,7 @@ def decoder_forward(model, input_ids, positions, intermediate_tensors=None,
     and auxiliary hidden states are not used on the served families)."""
     hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
     num_rows = hidden.shape[0]
-    begin_step(num_rows)
+    begin_step(num_rows, hidden)
     alive = torch.ones(num_rows, dtype=torch.bool)
     residual = None
     for idx, layer in enumerate(model.layers[model.start_layer:model.end_layer],
