@@ -14,7 +14,8 @@ def _pruner(d=12):
 
 
 def ref_logits(p, h_v, h_q, q_len, a, prev):
-    """Eqs. 1-5 for one sample with explicit loops."""
+    """Eqs. 1-5 for one sample with explicit loops; the pruning queries' softmax runs
+    over the retained tokens (``prev`` > 0), as at inference where the others are gone."""
     W = {k: v.double() for k, v in p.state_dict().items()}
     n, d = h_v.shape
     summary = [sum(h_q[t][c].item() for t in range(q_len)) / q_len for c in range(d)]
@@ -26,8 +27,8 @@ def ref_logits(p, h_v, h_q, q_len, a, prev):
     probs = []
     for j in range(q.shape[0]):
         logits = [float(q[j] @ k[i]) / math.sqrt(q.shape[1]) for i in range(n)]
-        mx = max(logits)
-        e = [math.exp(l - mx) for l in logits]
+        mx = max(logits[i] for i in range(n) if prev[i] > 0)
+        e = [math.exp(l - mx) if prev[i] > 0 else 0.0 for i, l in enumerate(logits)]
         probs.append([x / sum(e) for x in e])
     for i in range(n):
         S_q.append(sum(agg[j].item() * probs[j][i] for j in range(q.shape[0])))

@@ -146,11 +146,17 @@ class ResidualCrossAttentionPruner(nn.Module):
             summary = (w * h_q).sum(1) / w.sum(1).clamp_min(1.0)
         return self.queries.unsqueeze(0) + summary.unsqueeze(1)  # [B, Nq, d]
 
-    def cross_attention_score(self, h_v: Tensor, h_q: Tensor, q_mask: Tensor | None) -> Tensor:
-        """S_q (Eq. 2): aggregated softmax attention of the pruning queries, [B, N]."""
+    def cross_attention_score(self, h_v: Tensor, h_q: Tensor, q_mask: Tensor | None,
+                              keep: Tensor | None = None) -> Tensor:
+        """S_q (Eq. 2): aggregated softmax attention of the pruning queries, [B, N]; with
+        ``keep`` [B, N] bool, over the retained tokens only (as at inference, where the
+        pruned ones are gone)."""
         q = self.q_proj(self.question_queries(h_q, q_mask))
         k = self.k_proj(h_v)
-        probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+        if keep is not None:
+            scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
         if self.training and self.query_dropout > 0:
             keep = torch.ones(probs.shape[:2], device=probs.device, dtype=probs.dtype)
             probs = probs * F.dropout(keep, self.query_dropout, training=True).unsqueeze(-1)
@@ -175,7 +181,9 @@ class ResidualCrossAttentionPruner(nn.Module):
         :func:`intrinsic_attention`, ``prev_mask`` [B, N] the cumulative keep mask so far.
         """
         a = attention_logit(attn_weights, prev_mask)
-        return a + self.cross_attention_score(h_v, h_q, q_mask) + self.token_score(h_v) + self.bias
+        keep = None if prev_mask is None else prev_mask > 0.5
+        return (a + self.cross_attention_score(h_v, h_q, q_mask, keep) + self.token_score(h_v)
+                + self.bias)
 
     def forward(
         self,
@@ -331,15 +339,32 @@ class RcpModules:
     adapters: dict[int, DelayedRepairAdapter]
     config: dict
 
+    #: what the modules were trained for and how (written into the checkpoint)
+    info: dict = dataclasses.field(default_factory=dict)
+
     @property
     def pruning_layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.pruners))
 
-    def state(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "config": dict(self.config),
-                "pruners": {l: p.state_dict() for l, p in self.pruners.items()},
-                "adapters": {l: a.state_dict() for l, a in self.adapters.items()}}
+    def parameters(self):
+        for table in (self.pruners, self.adapters):
+            for module in table.values():
+                yield from module.parameters()
+
+    def train(self, mode: bool = True) -> "RcpModules":
+        for table in (self.pruners, self.adapters):
+            for module in table.values():
+                module.train(mode)
+        return self
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat tensors: ``pruner.<layer>.<name>``, ``adapter.<layer>.<name>``."""
+        out = {}
+        for kind, table in (("pruner", self.pruners), ("adapter", self.adapters)):
+            for layer, module in table.items():
+                for name, t in module.state_dict().items():
+                    out[f"{kind}.{layer}.{name}"] = t.detach().contiguous()
+        return out
 
 
 def repair_layers(num_layers: int) -> tuple[int, ...]:
@@ -372,26 +397,48 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
 
 
 def save_checkpoint(modules: RcpModules, path: str) -> None:
-    torch.save(modules.state(), path)
+    """A safetensors file; its metadata says what the modules fit (format, decoder
+    depth and width, module sizes) and where they came from (``info``)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    meta = {"format": CHECKPOINT_FORMAT, "hidden_size": str(modules.hidden_size),
+            "num_layers": str(modules.num_layers), "config": json.dumps(modules.config),
+            "info": json.dumps(modules.info)}
+    save_file(modules.tensors(), path, metadata=meta)
 
 
 def load_checkpoint(path: str) -> RcpModules:
     """Modules from a file written by :func:`save_checkpoint` (or training)."""
+    import json
+
+    from safetensors import safe_open
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many kinds (unpickling, zip, I/O)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own kinds for a foreign file
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"rcp ckpt={path}: cannot be read ({first}); accepted: a file "
                          "written by `vtprune rcp-init` or RCP training") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"rcp ckpt={path}: not an RCP checkpoint (format "
                          f"{CHECKPOINT_FORMAT!r} expected)")
-    modules = build_modules(state["hidden_size"], state["num_layers"],
-                            tuple(sorted(state["pruners"])), tuple(sorted(state["adapters"])),
-                            **state["config"])
-    for table, saved in ((modules.pruners, state["pruners"]), (modules.adapters, state["adapters"])):
+    layers = {"pruner": set(), "adapter": set()}
+    for key in tensors:
+        kind, layer, _ = key.split(".", 2)
+        layers[kind].add(int(layer))
+    modules = build_modules(int(meta["hidden_size"]), int(meta["num_layers"]),
+                            tuple(sorted(layers["pruner"])), tuple(sorted(layers["adapter"])),
+                            **json.loads(meta["config"]))
+    modules.info = json.loads(meta.get("info", "{}"))
+    for kind, table in (("pruner", modules.pruners), ("adapter", modules.adapters)):
         for layer, module in table.items():
-            module.load_state_dict(saved[layer])
+            prefix = f"{kind}.{layer}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                    if k.startswith(prefix)})
     return modules
 
 
@@ -418,13 +465,18 @@ def modules_for_path(path: str | None) -> RcpModules:
     return _LOADED[key]
 
 
+def check_fits(m: RcpModules, num_layers: int, hidden_size: int, path: str) -> None:
+    """Refuse modules made for another decoder."""
+    if m.hidden_size != hidden_size or m.num_layers != num_layers:
+        raise ValueError(f"rcp ckpt={path}: made for a {m.num_layers}-layer "
+                         f"decoder of hidden size {m.hidden_size}; this model has "
+                         f"{num_layers} layers of hidden size {hidden_size}")
+
+
 def check_model(spec, num_layers: int, hidden_size: int) -> None:
     """Refuse a checkpoint that does not fit the served decoder."""
     m = modules_for(spec)
-    if m.hidden_size != hidden_size or m.num_layers != num_layers:
-        raise ValueError(f"rcp ckpt={spec.value('ckpt')}: made for a {m.num_layers}-layer "
-                         f"decoder of hidden size {m.hidden_size}; this model has "
-                         f"{num_layers} layers of hidden size {hidden_size}")
+    check_fits(m, num_layers, hidden_size, spec.value("ckpt"))
     given = spec.value("layers")
     if given is not None and tuple(int(x) for x in given.split("-")) != m.pruning_layers:
         raise ValueError(f"rcp layers={given}: the checkpoint's pruners sit at layers "

@@ -27,8 +27,13 @@ reference loop runs:
   "mask only" arm).
 * **Adapters** (RCP's repair adapters) act after their layer on the answer rows: the
   last prompt row in prefill, every decoded row. A request's plan is kept, keyed by the
-  KV slot of its first token, from its prefill to its last decode step; a new prefill
-  on that slot replaces it.
+  KV slot of its first token, from its prefill to its last decode step, and dropped at
+  the first step without that request (it ended, or was preempted and will be decided
+  again); prune levels live in the KV slots, reset when a new token's layer 0 writes.
+* **Preemption.** vLLM recomputes a preempted request with one prefill over its prompt
+  and its output so far. The runner's prompt lengths (:func:`install_runner_hook`) let
+  the decisions read the prompt only and the adapters act on every output row, so the
+  rebuilt state is the one the request had.
 
 Per-step state lives in :data:`STEP`, a small object the loop and the attention read,
 so no vLLM signature changes (nano-vllm's context pattern).
@@ -240,6 +245,11 @@ def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
         else:
             req.plan = STEP.plans.get(req.first_slot)
         STEP.requests.append(req)
+    # Without chunked prefill every running request is in every step (a preempted one is
+    # decided again when recomputed): a plan whose request is absent has ended.
+    live = {q.first_slot for q in STEP.requests}
+    for slot in [s for s in STEP.plans if s not in live]:
+        del STEP.plans[slot]
 
 
 def _current(req: RequestRows, num_rows: int) -> Tensor:

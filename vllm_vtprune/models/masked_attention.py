@@ -11,9 +11,10 @@ back to their slots and positions.
 
 Why a layout of its own: the native CPU kernels store K/V in an ISA-specific layout
 (column-major K on AVX, tile-packed on AMX) that only their C++ reads; this backend
-writes and reads every decoder layer's K/V with plain torch indexing
-(``kv_cache[block, head, offset, :D]`` = K, ``[..., D:]`` = V), so masks can be applied
-on any CPU.
+reads the layer's cache buffer as token-major slots (``[slot, head, :D]`` = K,
+``[..., D:]`` = V, slot = block * block_size + offset) and uses plain torch, so masks can
+be applied on any CPU, and a request whose blocks are consecutive (the usual case) is
+attended in place, without gathering its K/V.
 
 State without request identity (vLLM's attention metadata has none): a ``prune_level``
 byte per KV slot (255 = never pruned), reset when layer 0 writes the slot, set by the
@@ -45,6 +46,14 @@ def _query_rows(n: int) -> Tensor:
     return torch.arange(n) if STEP.rows is None else STEP.rows
 
 
+def _slots(kv_cache: Tensor) -> Tensor:
+    """The layer's cache buffer as [slot, kv head, 2 * head_size]."""
+    if not kv_cache.is_contiguous():
+        raise RuntimeError("vtprune: the masked attention needs a contiguous KV cache buffer")
+    num_blocks, heads, block_size, width = kv_cache.shape
+    return kv_cache.view(num_blocks * block_size, heads, width)
+
+
 class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         num_blocks, _, block_size, _ = kv_cache.shape
@@ -55,10 +64,10 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
             slots = slot_mapping[STEP.rows].long()
         valid = slots >= 0
         slots, key, value = slots[valid], key[valid], value[valid]
-        block, offset = slots // block_size, slots % block_size
         d = self.head_size
-        kv_cache[block, :, offset, :d] = key.to(kv_cache.dtype)
-        kv_cache[block, :, offset, d:] = value.to(kv_cache.dtype)
+        flat = _slots(kv_cache)
+        flat[slots, :, :d] = key.view(-1, self.num_kv_heads, d).to(kv_cache.dtype)
+        flat[slots, :, d:] = value.view(-1, self.num_kv_heads, d).to(kv_cache.dtype)
         if extract_layer_index(layer.layer_name) == 0:
             STEP.prune_levels(num_blocks * block_size)[slots] = NEVER  # a fresh token
 
@@ -92,15 +101,18 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
         block_size = kv_cache.shape[2]
         num_blocks = -(-seq_len // block_size)
         used = blocks[:num_blocks].long()
-        # whole blocks at once (an index_select), then the request's first seq_len slots
-        kv = kv_cache.index_select(0, used).transpose(0, 1).reshape(
-            kv_cache.shape[1], num_blocks * block_size, -1)[:, :seq_len]  # [H_kv, S, 2D]
+        slots = (used[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+        flat = _slots(kv_cache)
+        if num_blocks == 1 or bool((used[1:] - used[:-1] == 1).all()):
+            kv = flat[int(slots[0]):int(slots[0]) + seq_len]  # in place: consecutive blocks
+        else:
+            kv = flat.index_select(0, slots)
+        kv = kv.transpose(0, 1)  # [H_kv, S, 2D]
         keys, values = kv[..., :self.head_size], kv[..., self.head_size:]
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             keys = keys.repeat_interleave(rep, dim=0)
             values = values.repeat_interleave(rep, dim=0)
-        slots = (used[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
         pos = torch.arange(seq_len)
         allowed = (pos[None, :] <= qpos[:, None]) & (levels[slots][None, :] > layer_idx)
         allowed |= pos[None, :] == qpos[:, None]  # a token always sees itself

@@ -1,0 +1,360 @@
+"""Train RCP's plug-in modules (pruners and repair adapters) on a frozen LLaVA.
+
+    python -m vllm_vtprune.rcp_train --budget 128 --steps 600 --out rcp-128.safetensors
+    python -m vllm_vtprune.rcp_train --model PATH --data records.jsonl --budget 128 ...
+
+Implements the training of Zhang et al., "RCP: Representation Consistency Pruner for
+Mitigating Distribution Shift in Large Vision-Language Models" (arXiv 2604.04972),
+Sec. III-D, on the transformers model (every backbone weight frozen):
+
+* masks: the pruners' Gumbel-sigmoid straight-through masks (Eqs. 6-7) with the
+  temperature annealed from 1.5 to 0.2, cumulative over the pruning layers; a pruned
+  visual token is removed from every later query's attention by renormalising the
+  softmax over the kept keys (exact masking in the forward pass, differentiable in the
+  mask);
+* losses (Eq. 22): ``1.5 * task + 40 * repair + 200 * sparsity``; task: next-token
+  cross-entropy on the answer (teacher forcing); repair (Eqs. 16-18): the answer
+  region's hidden states after each repair layer against the full-token teacher's;
+  sparsity (Eqs. 19-21): |layer-averaged retention - r*|, r* = budget / N annealed from
+  1 over the first 30 % of steps;
+* 16 pruning queries, query dropout 0.2 (the module defaults).
+
+Data: ShapesVQA's training split for the embedded model (default), or a JSONL file of
+``{"image": PATH, "question": TEXT, "answer": TEXT}`` records (image paths relative to
+the file). Deterministic from ``--seed``; ``--init CKPT`` resumes from a checkpoint (its
+report's step count continues). Writes the checkpoint (safetensors, see
+:func:`vllm_vtprune.methods.rcp.save_checkpoint`) and ``<out>.json``: lineage, losses,
+kept fraction per layer and held-out accuracy through the reference loop.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vllm_vtprune.methods import rcp
+
+TASK_WEIGHT, REPAIR_WEIGHT, SPARSE_WEIGHT = 1.5, 40.0, 200.0
+TAU_START, TAU_END = 1.5, 0.2
+TARGET_WARMUP = 0.3  # share of the steps over which r* goes from 1 to budget / N
+
+
+@dataclasses.dataclass
+class Sample:
+    image: object  # PIL image
+    question: str
+    answer: str
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One teacher-forced sequence: prompt (with every visual token) then answer."""
+
+    embeds: Tensor  # [T, d]
+    targets: Tensor  # [A] answer ids and EOS
+    visual: Tensor  # [N] rows of the visual tokens
+    question: Tensor  # [Lq] prompt rows after the last image (what the pruners read)
+    answer: Tensor  # [A] rows whose next token is an answer token (last prompt row on)
+
+
+# ------------------------------------------------------------------ data
+def shapes_samples(seed: int, num: int, start: int = 0) -> list[Sample]:
+    from vllm_vtprune.data import shapes_vqa as sv
+
+    return [Sample(im, qa.question, qa.answer) for im, qa in sv.iter_questions(seed, num, start)]
+
+
+def jsonl_samples(path: str) -> list[Sample]:
+    """``{"image", "question", "answer"}`` records; a bad record names its line."""
+    from PIL import Image
+
+    out, root = [], os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                image = Image.open(os.path.join(root, rec["image"])).convert("RGB")
+                out.append(Sample(image, str(rec["question"]), str(rec["answer"])))
+            except (ValueError, KeyError, OSError) as err:
+                raise ValueError(f"{path}:{n}: not an {{image, question, answer}} record "
+                                 f"with a readable image ({err})") from None
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def prompt_text(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+@torch.no_grad()
+def encode(reference, sample: Sample) -> Encoded:
+    from vllm_vtprune.hf import _expand
+
+    tok = reference.tokenizer
+    prompt = tok(prompt_text(sample.question)).input_ids
+    image = reference.image_tokens(reference.pixel_values([sample.image]), None, prompt)[0]
+    ids = _expand(prompt, reference.image_token_id, [image.tokens.shape[0]])
+    answer = tok(sample.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    rows = torch.tensor(ids)
+    visual = torch.nonzero(rows == reference.image_token_id).flatten()
+    full = ids + answer[:-1]
+    embeds = reference.prompt_embeds(full, image.tokens)
+    question = torch.arange(int(visual[-1]) + 1, len(ids))
+    return Encoded(embeds, torch.tensor(answer), visual, question,
+                   torch.arange(len(ids) - 1, len(full)))
+
+
+# ------------------------------------------------------------------ the pruned forward
+class MaskedForward:
+    """The frozen decoder with RCP's modules, layer by layer (gpt-fast style): pruners
+    before their layers set a differentiable keep mask over the visual keys, adapters
+    after theirs act on the answer rows."""
+
+    def __init__(self, reference):
+        self.lm = reference.model.model.language_model
+        self.lm_head = reference.model.lm_head
+        cfg = self.lm.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+
+    def layer(self, i: int, x: Tensor, positions: Tensor, keep: Tensor | None):
+        """Decoder layer ``i``; ``keep`` [T] weights the keys (1: kept, 0: pruned)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = self.lm.layers[i]
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        t = h.shape[0]
+        q = attn.q_proj(h).view(t, self.heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(h).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(h).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        cos, sin = self.lm.rotary_emb(x[None], positions[None])
+        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        rep = self.heads // self.kv_heads
+        k, v = k[0].repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+        scores = (q[0] @ k.transpose(1, 2)) * attn.scaling
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1)
+        if keep is not None:  # exact masking forward, differentiable in ``keep``
+            own = torch.eye(t, dtype=probs.dtype)  # a token always sees itself
+            weights = torch.maximum(keep[None, :].expand(t, t), own)
+            probs = probs * weights
+            probs = probs / probs.sum(-1, keepdim=True)
+        out = (probs.to(v.dtype) @ v).transpose(0, 1).reshape(t, -1)
+        x = x + attn.o_proj(out)
+        return x + layer.mlp(layer.post_attention_layernorm(x)), probs
+
+    def __call__(self, enc: Encoded, modules: rcp.RcpModules | None, tau: float,
+                 hard: bool = False):
+        """Logits at the answer rows, the answer rows' hidden states after each repair
+        layer, and the cumulative keep mask of each pruning layer."""
+        x = enc.embeds
+        t = x.shape[0]
+        positions = torch.arange(t)
+        n = len(enc.visual)
+        mask = torch.ones(n)
+        masks, hidden, probs = {}, {}, None
+        keep = None
+        pruned_sum, pruned_count = torch.zeros(x.shape[1]), torch.zeros(())
+        layers = modules.num_layers if modules is not None else len(self.lm.layers)
+        for i in range(layers):
+            if modules is not None and i in modules.pruners:
+                new = self._prune(modules.pruners[i], x, probs, enc, mask, tau, hard)
+                dropped = mask - new
+                pruned_sum = pruned_sum + (dropped[:, None] * x[enc.visual].float()).sum(0)
+                pruned_count = pruned_count + dropped.sum()
+                mask = masks[i] = new
+                keep = torch.ones(t).index_put((enc.visual,), mask)
+            x, probs = self.layer(i, x, positions, keep)
+            if modules is not None and i in modules.adapters:
+                x = self._repair(modules, i, x, enc, mask, pruned_sum, pruned_count)
+            if modules is not None and i in modules.adapters or (
+                    modules is None and i in self.repair_layers):
+                hidden[i] = x[enc.answer]
+        logits = self.lm_head(self.lm.norm(x[enc.answer]))
+        return logits, hidden, masks
+
+    repair_layers: tuple[int, ...] = ()
+
+    def _prune(self, pruner, x, probs, enc, mask, tau, hard):
+        a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1)).detach()
+        h = x.float()
+        logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None],
+                               prev_mask=mask[None])[0]
+        m = rcp.inference_mask(logits, 1.0) if hard else rcp.gumbel_sigmoid_mask(logits, tau)
+        return rcp.cumulative_mask(mask, m)
+
+    def _repair(self, modules, i, x, enc, mask, pruned_sum, pruned_count):
+        adapter = modules.adapters[i]
+        positions = rcp.token_positions(len(enc.visual), adapter.mask_query.shape[0])
+        mean = pruned_sum / pruned_count.clamp_min(1.0)
+        context = adapter.mask_embedding(mask[None], positions) + adapter.pruned_proj(mean[None])
+        answer = torch.zeros(x.shape[0]).index_fill(0, enc.answer, 1.0)
+        return adapter(x.float()[None], context, answer[None])[0].to(x.dtype)
+
+
+# ------------------------------------------------------------------ losses
+def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float) -> dict:
+    """Eq. 22's terms for one sequence."""
+    logits, hidden, masks = student
+    task = F.cross_entropy(logits.float(), enc.targets)
+    repair = rcp.repair_loss([hidden[l] for l in sorted(hidden)],
+                             [teacher_hidden[l] for l in sorted(hidden)])
+    sparse = rcp.sparsity_loss(masks, num_layers, len(enc.visual), target)
+    total = TASK_WEIGHT * task + REPAIR_WEIGHT * repair + SPARSE_WEIGHT * sparse
+    return {"task": task, "repair": repair, "sparse": sparse, "total": total}
+
+
+def schedule(step: int, steps: int, lr: float, target: float) -> tuple[float, float, float]:
+    """(learning rate: cosine to 0.1x, Gumbel temperature: 1.5 -> 0.2, r*: 1 -> target)."""
+    frac = step / max(1, steps - 1)
+    rate = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    tau = TAU_START + (TAU_END - TAU_START) * frac
+    warm = min(1.0, step / max(1.0, TARGET_WARMUP * steps))
+    return rate, tau, 1.0 + (target - 1.0) * warm
+
+
+# ------------------------------------------------------------------ training
+def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: int,
+          batch: int, lr: float, budget: int, seed: int, log=print) -> list[dict]:
+    """Optimise ``modules`` in place; returns the per-step mean losses."""
+    for p in reference.model.parameters():
+        p.requires_grad_(False)
+    forward = MaskedForward(reference)
+    forward.repair_layers = tuple(sorted(modules.adapters))
+    torch.manual_seed(seed)
+    order = random.Random(seed)
+    opt = torch.optim.AdamW(list(modules.parameters()), lr=lr, weight_decay=0.0)
+    history = []
+    modules.train(True)
+    started = time.time()
+    for step in range(steps):
+        rate, tau, target = schedule(step, steps, lr, budget_fraction(budget, reference))
+        for group in opt.param_groups:
+            group["lr"] = rate
+        opt.zero_grad()
+        sums = {}
+        for _ in range(batch):
+            enc = encode(reference, samples[order.randrange(len(samples))])
+            with torch.no_grad():
+                _, teacher, _ = forward(enc, None, tau)
+            terms = losses(forward(enc, modules, tau), teacher, enc, modules.num_layers, target)
+            (terms["total"] / batch).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / batch
+        opt.step()
+        history.append({"step": step, "tau": round(tau, 4), "target": round(target, 4), **sums})
+        if step % 10 == 0 or step == steps - 1:
+            log(f"step {step + 1}/{steps} total {sums['total']:.4f} task {sums['task']:.4f} "
+                f"repair {sums['repair']:.5f} sparse {sums['sparse']:.4f} tau {tau:.2f} "
+                f"({time.time() - started:.0f} s)")
+    modules.train(False)
+    return history
+
+
+def budget_fraction(budget: int, reference) -> float:
+    rows, cols = reference.tower.grid
+    return min(1.0, budget / (rows * cols))
+
+
+@torch.no_grad()
+def evaluate(reference, ckpt: str, budget: int, samples: list[Sample]) -> dict:
+    """Held-out accuracy through the reference loop (rows removed), unpruned accuracy,
+    and each decoder layer's kept visual fraction."""
+    from vllm_vtprune import spec as spec_mod
+
+    spec = spec_mod.parse(f"rcp:{budget},ckpt={ckpt}")
+    right = full = 0
+    kept = None
+    for s in samples:
+        prompt = prompt_text(s.question)
+        right += reference.generate(prompt, [s.image], spec)[0].strip() == s.answer
+        full += reference.generate(prompt, [s.image], None)[0].strip() == s.answer
+        fractions = _kept_fractions(reference, prompt, s.image, spec)
+        kept = fractions if kept is None else [a + b for a, b in zip(kept, fractions)]
+    n = len(samples)
+    return {"questions": n, "accuracy": right / n, "full_accuracy": full / n,
+            "kept_fraction_per_layer": [round(k / n, 4) for k in kept]}
+
+
+def _kept_fractions(reference, prompt, image, spec) -> list[float]:
+    from vllm_vtprune.hf import _expand
+
+    ids = reference.tokenizer(prompt).input_ids
+    pruned = reference.image_tokens(reference.pixel_values([image]), spec, ids)
+    n = pruned[0].tokens.shape[0]
+    full = _expand(ids, reference.image_token_id, [n])
+    decoder = reference.decoder()
+    plan = reference.llm_plan(full, [n], spec, decoder.num_layers)
+    _, cache = decoder.prefill(reference.prompt_embeds(full, pruned[0].tokens), plan)
+    text = len(full) - n
+    return [(kv.keys.shape[1] - text) / n for kv in cache]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vllm_vtprune.data import shapes_vqa as sv
+    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.hf import HfReference
+
+    p = argparse.ArgumentParser(prog="python -m vllm_vtprune.rcp_train",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="LLaVA checkpoint (default: the embedded)")
+    p.add_argument("--data", default=None, help="JSONL records (default: ShapesVQA train)")
+    p.add_argument("--budget", type=int, required=True, help="layer-averaged visual tokens")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=4000, help="ShapesVQA training questions")
+    p.add_argument("--init", default=None, help="resume from this checkpoint")
+    p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    path = args.model or model_path()
+    reference = HfReference.load(path)
+    text = reference.model.config.text_config
+    if args.init:
+        modules = rcp.load_checkpoint(args.init)
+        rcp.check_fits(modules, text.num_hidden_layers, text.hidden_size, args.init)
+    else:
+        modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed)
+    samples = jsonl_samples(args.data) if args.data else shapes_samples(sv.TRAIN_SEED,
+                                                                         args.samples)
+    started = time.time()
+    history = train(reference, modules, samples, steps=args.steps, batch=args.batch,
+                    lr=args.lr, budget=args.budget, seed=args.seed,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    previous = modules.info.get("steps", 0) if args.init else 0
+    modules.info = {"model": os.path.abspath(path), "budget": args.budget,
+                    "steps": previous + args.steps, "seed": args.seed, "init": args.init,
+                    "data": args.data or f"shapes_vqa train seed {sv.TRAIN_SEED}",
+                    "batch": args.batch, "lr": args.lr}
+    rcp.save_checkpoint(modules, args.out)
+    last = history[-min(20, len(history)):]
+    report = {**modules.info, "seconds": round(time.time() - started, 1),
+              "losses_last_steps": {k: sum(h[k] for h in last) / len(last)
+                                    for k in ("total", "task", "repair", "sparse")},
+              "history": history[::max(1, len(history) // 50)]}
+    if args.eval:
+        report["heldout"] = evaluate(reference, args.out, args.budget,
+                                     shapes_samples(sv.HELDOUT_SEED, args.eval, start=40000))
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
