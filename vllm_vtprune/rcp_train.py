@@ -253,7 +253,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
             terms = losses(forward(enc, modules, tau), teacher, enc, modules.num_layers, target)
             (terms["total"] / batch).backward()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / batch
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / batch
         opt.step()
         history.append({"step": step, "tau": round(tau, 4), "target": round(target, 4), **sums})
         if step % 10 == 0 or step == steps - 1:

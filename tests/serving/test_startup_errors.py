@@ -25,7 +25,8 @@ def _serve(model: str, spec: str, timeout: int = 240) -> subprocess.CompletedPro
                                           ("rcp:64", "ckpt=PATH"),
                                           ("fastv:64,layer=8", "1 to 7"),
                                           ("", "none to serve without pruning"),
-                                          ("polymorphic:64,layers=3-7-16", "'layers'")])
+                                          ("polymorphic:64,layers=3-9-16", "1 to 7"),
+                                          ("divprune:64,layers=3-7-16", "'layers'")])
 def test_malformed_or_unserved_spec_stops_the_server_at_once(spec, named):
     proc = _serve(model_path(), spec, timeout=120)
     assert proc.returncode == 2

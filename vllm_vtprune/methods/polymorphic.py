@@ -34,9 +34,10 @@ import math
 import torch
 from torch import Tensor
 
-from vllm_vtprune.registry import Method, Option, Where, int_ge
+from vllm_vtprune.registry import Method, Option, Where, int_ge, layer_list
 
-from ._common import (average_schedule, check_budget, check_finite, check_tokens, check_vector, scale_layers,
+from ._common import (average_schedule, check_budget, check_finite, check_layers, check_tokens,
+                      check_vector, scale_layers,
                       segment_mean, stable_topk)
 
 __all__ = [
@@ -279,7 +280,9 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     decoder layers (stage 1's 2x before the first) is the budget."""
     from vllm_vtprune.llm_loop import Plan, layer_counts
 
-    layers = stage2_layers(num_layers)
+    given = spec.value("layers")
+    layers = (check_layers(tuple(int(x) for x in given.split("-")), num_layers,
+                           "polymorphic stage-2") if given else stage2_layers(num_layers))
     target = spec.tokens_for(full_tokens)
 
     def counts_for(n: int) -> list[int]:
@@ -320,7 +323,9 @@ METHOD = Method(
             "rater-guided pruning at decoder layers 3, 7, 16 (scaled) to a layer-averaged budget",
     paper='"Polymorphic: Plug-and-Play Visual Token Compression for Scalable VLMs" '
           "(anonymous submission under review; no arXiv id), Secs. 3.2-3.3, Eqs. 1-12",
-    options=(Option("knn", int_ge(1), KNN, "neighbours in the local density (Eq. 3)"),),
+    options=(Option("knn", int_ge(1), KNN, "neighbours in the local density (Eq. 3)"),
+             Option("layers", layer_list, None,
+                    "stage-2 pruning layers (default 3-7-16 of 32, scaled by depth)")),
     needs=frozenset({"cls_attention", "llm_attention"}),
     prune=prune,
     encoder_budget=encoder_budget,

@@ -1,0 +1,148 @@
+"""RCP training on the embedded (tiny, frozen) LLaVA: the losses are the paper's equations
+(against slow float64 loops), only the plug-in modules learn, the data formats load."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vllm_vtprune import rcp_train
+from vllm_vtprune.data import shapes_vqa as sv
+from vllm_vtprune.embedded import model_path
+from vllm_vtprune.methods import rcp
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from vllm_vtprune.hf import HfReference
+
+    return HfReference.load(model_path())
+
+
+@pytest.fixture(scope="module")
+def modules(reference):
+    text = reference.model.config.text_config
+    return rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=0)
+
+
+def _moments64(h):
+    """Eqs. 16-17 by loops: per-dimension mean and second central moment over rows."""
+    rows, dims = h.shape
+    mu = [sum(float(h[t, c]) for t in range(rows)) / rows for c in range(dims)]
+    v = [max(0.0, sum(float(h[t, c]) ** 2 for t in range(rows)) / rows - mu[c] ** 2)
+         for c in range(dims)]
+    return mu, v
+
+
+def _repair64(student, teacher):
+    """Eq. 18 per layer, averaged over layers (sqrt(v + 1e-8) as the module does)."""
+    terms = []
+    for s, t in zip(student, teacher):
+        (ms, vs), (mt, vt) = _moments64(s), _moments64(t)
+        d = len(ms)
+        terms.append(sum((a - b) ** 2 for a, b in zip(ms, mt)) / d
+                     + sum((math.sqrt(a + 1e-8) - math.sqrt(b + 1e-8)) ** 2
+                           for a, b in zip(vs, vt)) / d)
+    return sum(terms) / len(terms)
+
+
+def test_losses_are_the_equations(reference, modules):
+    """Task: cross-entropy of the answer tokens; repair: Eqs. 16-18; sparsity: Eqs.
+    19-21 (layers inherit the last pruning layer's mask, earlier ones keep all)."""
+    image, qa = next(iter(sv.iter_questions(sv.TRAIN_SEED, 1, start=11)))
+    enc = rcp_train.encode(reference, rcp_train.Sample(image, qa.question, qa.answer))
+    forward = rcp_train.MaskedForward(reference)
+    forward.repair_layers = tuple(sorted(modules.adapters))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, teacher, _ = forward(enc, None, 1.0)
+        student = forward(enc, modules, 1.0)
+        got = rcp_train.losses(student, teacher, enc, modules.num_layers, 0.25)
+    logits, hidden, masks = student
+    task = 0.0
+    for row, target in zip(logits.double(), enc.targets.tolist()):
+        top = float(row.max())
+        task += -(float(row[target]) - top - math.log(sum(math.exp(float(x) - top) for x in row)))
+    task /= len(enc.targets)
+    layers = sorted(hidden)
+    repair = _repair64([hidden[l].double() for l in layers], [teacher[l].double() for l in layers])
+    n, rates, current = len(enc.visual), [], 1.0
+    for layer in range(modules.num_layers):
+        if layer in masks:
+            current = float(masks[layer].sum()) / n
+        rates.append(current)
+    sparse = abs(sum(rates) / len(rates) - 0.25)
+    assert abs(float(got["task"]) - task) < 1e-4 * max(1.0, task)
+    assert abs(float(got["repair"]) - repair) < 1e-4 * max(1e-3, repair)
+    assert abs(float(got["sparse"]) - sparse) < 1e-6
+    expected_total = 1.5 * task + 40 * repair + 200 * sparse
+    assert abs(float(got["total"]) - expected_total) < 1e-3 * max(1.0, expected_total)
+    assert sorted(masks) == list(modules.pruning_layers)
+    prev = None  # cumulative: nothing comes back
+    for layer in sorted(masks):
+        if prev is not None:
+            assert bool((masks[layer] <= prev).all())
+        prev = masks[layer]
+
+
+def test_masked_forward_without_pruning_is_the_transformers_model(reference):
+    """With no modules, the training forward is the frozen LLaVA's own forward."""
+    image, qa = next(iter(sv.iter_questions(sv.TRAIN_SEED, 1, start=12)))
+    enc = rcp_train.encode(reference, rcp_train.Sample(image, qa.question, qa.answer))
+    with torch.no_grad():
+        logits, _, _ = rcp_train.MaskedForward(reference)(enc, None, 1.0)
+        lm = reference.model.model.language_model
+        hidden = lm(inputs_embeds=enc.embeds[None]).last_hidden_state[0]
+        expected = reference.model.lm_head(hidden[enc.answer])
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_changes_only_the_plugin_modules(reference, tmp_path):
+    text = reference.model.config.text_config
+    modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=1)
+    backbone = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    before = {k: v.clone() for k, v in modules.tensors().items()}
+    samples = rcp_train.shapes_samples(sv.TRAIN_SEED, 4, start=20)
+    history = rcp_train.train(reference, modules, samples, steps=2, batch=2, lr=1e-2,
+                              budget=128, seed=0, log=lambda m: None)
+    assert len(history) == 2 and all(math.isfinite(h["total"]) for h in history)
+    for k, v in reference.model.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    after = modules.tensors()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("pruner.") for k in changed)
+    assert any(k.startswith("adapter.") for k in changed)
+    out = str(tmp_path / "rcp.safetensors")
+    rcp.save_checkpoint(modules, out)
+    loaded = rcp.load_checkpoint(out)
+    assert loaded.pruning_layers == modules.pruning_layers
+    for k, v in loaded.tensors().items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_jsonl_records_load_and_a_bad_one_names_its_line(tmp_path):
+    images = list(sv.iter_questions(sv.TRAIN_SEED, 3, start=30))
+    lines = []
+    for i, (image, qa) in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": qa.question,
+                                 "answer": qa.answer}))
+    good = tmp_path / "train.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    samples = rcp_train.jsonl_samples(str(good))
+    assert [s.question for s in samples] == [qa.question for _, qa in images]
+    assert samples[0].image.size == images[0][0].size
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(lines[0] + "\n" + json.dumps({"image": "missing.png", "question": "q",
+                                                 "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        rcp_train.jsonl_samples(str(bad))
+
+
+def test_schedule_anneals_temperature_and_target():
+    assert rcp_train.schedule(0, 100, 1e-3, 0.2) == (1e-3, 1.5, 1.0)
+    rate, tau, target = rcp_train.schedule(99, 100, 1e-3, 0.2)
+    assert abs(rate - 1e-4) < 1e-12 and abs(tau - 0.2) < 1e-12 and abs(target - 0.2) < 1e-12
+    assert abs(rcp_train.schedule(15, 100, 1e-3, 0.2)[2] - 0.6) < 1e-9  # halfway to r*
