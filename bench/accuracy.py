@@ -98,12 +98,12 @@ def run(answers, pairs, spec):
 
 
 def _rcp_ckpt(args) -> str:
-    if args.rcp_ckpt is None:
+    if args.rcp_ckpt == "identity":
         import tempfile
 
         from vllm_vtprune import cli
 
-        args.rcp_ckpt = os.path.join(tempfile.mkdtemp(), "rcp-identity.pt")
+        args.rcp_ckpt = os.path.join(tempfile.mkdtemp(), "rcp-identity.safetensors")
         cli.main(["rcp-init", "--out", args.rcp_ckpt])
     return args.rcp_ckpt
 
@@ -121,7 +121,8 @@ def main() -> None:
                    help="comma-separated; default: every method the path runs")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--rcp-ckpt", default=None,
-                   help="RCP modules (default: identity-initialised, `vtprune rcp-init`)")
+                   help="RCP modules (default: those shipped for the embedded model; "
+                        "'identity' for untrained ones, `vtprune rcp-init`)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -147,7 +148,8 @@ def main() -> None:
     for method in args.methods.split(","):
         cells = []
         for b in budgets:
-            spec = f"{method}:{b}" + (f",ckpt={_rcp_ckpt(args)}" if method == "rcp" else "")
+            spec = f"{method}:{b}" + (f",ckpt={_rcp_ckpt(args)}"
+                                      if method == "rcp" and args.rcp_ckpt else "")
             r = results[spec] = run(answers, pairs, spec)
             cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
                          f"time x{r['seconds'] / full['seconds']:.2f})")

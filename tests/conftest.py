@@ -10,6 +10,6 @@ def rcp_checkpoint(tmp_path_factory) -> str:
     written the way `vtprune rcp-init` writes them."""
     from vllm_vtprune import cli
 
-    out = str(tmp_path_factory.mktemp("rcp") / "rcp-identity.pt")
+    out = str(tmp_path_factory.mktemp("rcp") / "rcp-identity.safetensors")
     assert cli.main(["rcp-init", "--out", out]) == 0
     return out

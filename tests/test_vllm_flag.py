@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -311,3 +312,27 @@ def test_real_parser_merges_every_spelling_of_user_hf_overrides(vllm_parser_stat
     assert overrides.get("architectures") == [ARCH], overrides
     assert overrides.get("vtprune") == "divprune:64", overrides
     assert overrides.get("max_position_embeddings") == 4096, overrides
+
+
+def test_rcp_without_ckpt_serves_the_modules_shipped_for_the_embedded_model(tmp_path):
+    import json
+    import shutil
+
+    from vllm_vtprune.embedded import RCP_CHECKPOINT, model_path
+    from vllm_vtprune.methods import rcp
+
+    out = vllm_flag.expand(["serve", model_path(), "--vtprune", "rcp:64"])
+    overrides = json.loads(out[out.index("--hf-overrides") + 1])
+    assert overrides["vtprune"] == f"rcp:64,ckpt={RCP_CHECKPOINT}"
+    info = rcp.load_checkpoint(str(RCP_CHECKPOINT)).info
+    assert info["budget"] == 128 and info["steps"] > 0
+    other = tmp_path / "other-llava"  # the embedded model with a wider decoder
+    other.mkdir()
+    config = json.loads((Path(model_path()) / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        if (Path(model_path()) / name).exists():
+            shutil.copy(Path(model_path()) / name, other / name)
+    with pytest.raises(ValueError, match=re.escape("rcp:K,ckpt=PATH")):
+        vllm_flag.expand(["serve", str(other), "--vtprune", "rcp:64"])

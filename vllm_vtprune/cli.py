@@ -17,7 +17,8 @@
     vtprune rcp-init [MODEL] --out FILE [--seed N]
         Write RCP modules for MODEL's decoder (default: the embedded model) at their
         initialisation: pruners as initialised, repair adapters identity. Serve them with
-        --vtprune rcp:K,ckpt=FILE (masks only: the adapters change nothing until trained).
+        --vtprune rcp:K,ckpt=FILE (masks only: the adapters change nothing until trained;
+        python -m vllm_vtprune.rcp_train trains them).
 """
 from __future__ import annotations
 

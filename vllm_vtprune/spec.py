@@ -63,6 +63,11 @@ class PruneSpec:
                 return value
         return default
 
+    def with_option(self, name: str, value: Value) -> "PruneSpec":
+        options = dict(self.options)
+        options[name] = value
+        return PruneSpec(self.method, self.budget, tuple(sorted(options.items())))
+
     def value(self, name: str) -> Value | None:
         """The option's value, or the default the method declares for it."""
         return self.option(name, registry.get(self.method).option(name).default)

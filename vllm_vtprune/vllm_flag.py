@@ -174,6 +174,11 @@ def expand(argv: list[str]) -> list[str]:
                          "resprune:128), or none to serve without pruning")
     spec = spec_mod.parse(value)
     family = _family(rest)
+    config = _served_config(_model_arg(rest))
+    if config is not None:  # rcp:K on the embedded model: the modules shipped for it
+        from vllm_vtprune.embedded import with_shipped_modules
+
+        spec = with_shipped_modules(spec, config)
     check_servable(spec, family, server=True)
     _check_decoder(spec, family, rest)
     rest, overrides = _pop_hf_overrides(rest)

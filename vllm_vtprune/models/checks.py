@@ -8,7 +8,9 @@ SPEC_KEY = "vtprune"  # hf_config attribute and per-request mm_processor_kwargs 
 
 
 def server_spec(hf_config) -> spec_mod.PruneSpec | None:
-    return spec_mod.parse(getattr(hf_config, SPEC_KEY, None))
+    from vllm_vtprune.embedded import with_shipped_modules
+
+    return with_shipped_modules(spec_mod.parse(getattr(hf_config, SPEC_KEY, None)), hf_config)
 
 
 def check_supported(hf_config) -> families.Family:

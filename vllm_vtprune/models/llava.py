@@ -48,7 +48,7 @@ from vllm_vtprune.server import decisions
 #: only hides them (the latency bench's comparison arm)
 ROWS_KEY = "vtprune_rows"
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
-SPEC_BYTES = 96
+SPEC_BYTES = 512  # room for a checkpoint path
 MAX_TEXT_IDS = 32
 _VTPRUNE_KWARGS = (SPEC_KEY, TEXT_IDS_KEY, decisions.REQUEST_KEY)
 
@@ -81,8 +81,11 @@ class VTPruneLlavaProcessingInfo(LlavaProcessingInfo):
         """The request's override if it has one, else the server's spec."""
         server = server_spec(self.get_hf_config())
         if SPEC_KEY in mm_kwargs:
+            from vllm_vtprune.embedded import with_shipped_modules
+
             try:
-                spec = spec_mod.parse(mm_kwargs[SPEC_KEY])
+                spec = with_shipped_modules(spec_mod.parse(mm_kwargs[SPEC_KEY]),
+                                            self.get_hf_config())
                 # a server started with an in-LLM spec has the masked decoder: any spec
                 pipeline.check_servable(spec, family.FAMILY, server=pipeline.acts_in_llm(server))
                 if pipeline.acts_in_llm(spec):
