@@ -120,6 +120,9 @@ def main() -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated; default: every method the path runs")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--option", action="append", default=[],
+                   help="METHOD:key=value added to that method's specs (repeatable), "
+                        "e.g. polymorphic:layers=3-5-6")
     p.add_argument("--rcp-ckpt", default=None,
                    help="RCP modules (default: those shipped for the embedded model; "
                         "'identity' for untrained ones, `vtprune rcp-init`)")
@@ -150,6 +153,8 @@ def main() -> None:
         for b in budgets:
             spec = f"{method}:{b}" + (f",ckpt={_rcp_ckpt(args)}"
                                       if method == "rcp" and args.rcp_ckpt else "")
+            spec += "".join(f",{o.split(':', 1)[1]}" for o in args.option
+                            if o.split(":", 1)[0] == method)
             r = results[spec] = run(answers, pairs, spec)
             cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
                          f"time x{r['seconds'] / full['seconds']:.2f})")

@@ -314,18 +314,20 @@ def test_real_parser_merges_every_spelling_of_user_hf_overrides(vllm_parser_stat
     assert overrides.get("max_position_embeddings") == 4096, overrides
 
 
-def test_rcp_without_ckpt_serves_the_modules_shipped_for_the_embedded_model(tmp_path):
+def test_rcp_without_ckpt_serves_the_modules_shipped_for_the_embedded_model(
+        tmp_path, monkeypatch, rcp_checkpoint):
+    """What ships for the embedded model (none yet: trained modules did worse than
+    untrained ones, see rcp_train) is found without ckpt=; other models must name one."""
     import json
     import shutil
 
-    from vllm_vtprune.embedded import RCP_CHECKPOINT, model_path
-    from vllm_vtprune.methods import rcp
+    from vllm_vtprune import embedded
+    from vllm_vtprune.embedded import model_path
 
+    monkeypatch.setattr(embedded, "RCP_CHECKPOINT", Path(rcp_checkpoint))
     out = vllm_flag.expand(["serve", model_path(), "--vtprune", "rcp:64"])
     overrides = json.loads(out[out.index("--hf-overrides") + 1])
-    assert overrides["vtprune"] == f"rcp:64,ckpt={RCP_CHECKPOINT}"
-    info = rcp.load_checkpoint(str(RCP_CHECKPOINT)).info
-    assert info["budget"] == 128 and info["steps"] > 0
+    assert overrides["vtprune"] == f"rcp:64,ckpt={rcp_checkpoint}"
     other = tmp_path / "other-llava"  # the embedded model with a wider decoder
     other.mkdir()
     config = json.loads((Path(model_path()) / "config.json").read_text())

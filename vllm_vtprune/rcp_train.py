@@ -15,8 +15,12 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
 * losses (Eq. 22): ``1.5 * task + 40 * repair + 200 * sparsity``; task: next-token
   cross-entropy on the answer (teacher forcing); repair (Eqs. 16-18): the answer
   region's hidden states after each repair layer against the full-token teacher's;
-  sparsity (Eqs. 19-21): |layer-averaged retention - r*|, r* = budget / N annealed from
-  1 over the first 30 % of steps;
+  sparsity (Eqs. 19-21): |layer-averaged retention - r*|, r* = budget / N;
+* initialisation (not in the paper): the pruners' biases are calibrated on 16 samples
+  so that their threshold masks start at the budget (:func:`calibrate_biases`); r* is
+  then the target from the first step (the paper anneals it from 1 over early training,
+  which here first taught the pruners to keep everything; ``--no-calibrate`` restores
+  the paper's start); ``--init`` resumes from a checkpoint, at the target;
 * 16 pruning queries, query dropout 0.2 (the module defaults).
 
 Data: ShapesVQA's training split for the embedded model (default), or a JSONL file of
@@ -151,7 +155,8 @@ class MaskedForward:
             own = torch.eye(t, dtype=probs.dtype)  # a token always sees itself
             weights = torch.maximum(keep[None, :].expand(t, t), own)
             probs = probs * weights
-            probs = probs / probs.sum(-1, keepdim=True)
+            # a row whose kept keys all underflowed would divide 0 by 0
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
         out = (probs.to(v.dtype) @ v).transpose(0, 1).reshape(t, -1)
         x = x + attn.o_proj(out)
         return x + layer.mlp(layer.post_attention_layernorm(x)), probs
@@ -160,6 +165,7 @@ class MaskedForward:
                  hard: bool = False):
         """Logits at the answer rows, the answer rows' hidden states after each repair
         layer, and the cumulative keep mask of each pruning layer."""
+        self._modules = modules
         x = enc.embeds
         t = x.shape[0]
         positions = torch.arange(t)
@@ -188,11 +194,17 @@ class MaskedForward:
 
     repair_layers: tuple[int, ...] = ()
 
+    #: when a dict, the pruners' logits of the live tokens are appended per layer
+    record: dict | None = None
+
     def _prune(self, pruner, x, probs, enc, mask, tau, hard):
         a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1)).detach()
         h = x.float()
         logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None],
                                prev_mask=mask[None])[0]
+        if self.record is not None:
+            layer = next(l for l, p in self._modules.pruners.items() if p is pruner)
+            self.record.setdefault(layer, []).append(logits[mask > 0.5].detach())
         m = rcp.inference_mask(logits, 1.0) if hard else rcp.gumbel_sigmoid_mask(logits, tau)
         return rcp.cumulative_mask(mask, m)
 
@@ -217,18 +229,54 @@ def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float
     return {"task": task, "repair": repair, "sparse": sparse, "total": total}
 
 
-def schedule(step: int, steps: int, lr: float, target: float) -> tuple[float, float, float]:
-    """(learning rate: cosine to 0.1x, Gumbel temperature: 1.5 -> 0.2, r*: 1 -> target)."""
+def schedule(step: int, steps: int, lr: float, target: float,
+             warmup: bool = True) -> tuple[float, float, float]:
+    """(learning rate: cosine to 0.1x, Gumbel temperature: 1.5 -> 0.2, r*: 1 -> target
+    over the first 30 % of the steps, or the target throughout without ``warmup``)."""
     frac = step / max(1, steps - 1)
     rate = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
     tau = TAU_START + (TAU_END - TAU_START) * frac
-    warm = min(1.0, step / max(1.0, TARGET_WARMUP * steps))
+    warm = min(1.0, step / max(1.0, TARGET_WARMUP * steps)) if warmup else 1.0
     return rate, tau, 1.0 + (target - 1.0) * warm
 
 
 # ------------------------------------------------------------------ training
+@torch.no_grad()
+def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: list[Encoded],
+                     budget: int) -> dict[int, float]:
+    """Set each pruner's bias so that, on ``encoded``, its threshold mask (Eq. 8) keeps
+    at the first pruning layer what the layer-averaged budget allows if every later
+    layer kept as many (:func:`vllm_vtprune.methods._common.layer_average_ceiling`), and
+    95 % of the live tokens at the later ones, layer after layer.
+
+    Not in the paper: with the bias at 0 the pruners start by keeping almost every token
+    at the first pruning layer, where the straight-through gradient of a saturated
+    sigmoid cannot bring the sparsity loss down in a short training.
+    """
+    from vllm_vtprune.methods._common import layer_average_ceiling
+
+    n = len(encoded[0].visual)
+    layers = modules.pruning_layers
+    first = layer_average_ceiling(modules.num_layers, layers[0], [n] * modules.num_layers,
+                                  min(budget, n))
+    out = {}
+    for s, layer in enumerate(layers):
+        forward.record = {}
+        for enc in encoded:
+            forward(enc, modules, 1.0, hard=True)
+        logits = torch.cat(forward.record[layer])
+        keep = min(1.0, first / n) if s == 0 else 0.95
+        pruner = modules.pruners[layer]
+        shift = -float(torch.quantile(logits - pruner.bias, 1.0 - keep))
+        pruner.bias.fill_(shift)
+        out[layer] = shift
+    forward.record = None
+    return out
+
+
 def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: int,
-          batch: int, lr: float, budget: int, seed: int, log=print) -> list[dict]:
+          batch: int, lr: float, budget: int, seed: int, log=print,
+          calibrate: bool = True, warmup: bool | None = None) -> list[dict]:
     """Optimise ``modules`` in place; returns the per-step mean losses."""
     for p in reference.model.parameters():
         p.requires_grad_(False)
@@ -236,12 +284,19 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     forward.repair_layers = tuple(sorted(modules.adapters))
     torch.manual_seed(seed)
     order = random.Random(seed)
+    if calibrate:
+        biases = calibrate_biases(forward, modules, [encode(reference, samples[i]) for i in
+                                                     range(min(16, len(samples)))], budget)
+        log(f"calibrated pruner biases: {biases}")
     opt = torch.optim.AdamW(list(modules.parameters()), lr=lr, weight_decay=0.0)
     history = []
     modules.train(True)
     started = time.time()
     for step in range(steps):
-        rate, tau, target = schedule(step, steps, lr, budget_fraction(budget, reference))
+        # calibrated pruners start at the budget: the dense-to-sparse warm-up of r* would
+        # first teach them to keep everything
+        rate, tau, target = schedule(step, steps, lr, budget_fraction(budget, reference),
+                                     warmup=not calibrate if warmup is None else warmup)
         for group in opt.param_groups:
             group["lr"] = rate
         opt.zero_grad()
@@ -319,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=4000, help="ShapesVQA training questions")
     p.add_argument("--init", default=None, help="resume from this checkpoint")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="the paper's start: biases 0, r* annealed from 1")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -335,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     history = train(reference, modules, samples, steps=args.steps, batch=args.batch,
                     lr=args.lr, budget=args.budget, seed=args.seed,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True),
+                    calibrate=not args.init and not args.no_calibrate,
+                    warmup=args.no_calibrate and not args.init)
     previous = modules.info.get("steps", 0) if args.init else 0
     modules.info = {"model": os.path.abspath(path), "budget": args.budget,
                     "steps": previous + args.steps, "seed": args.seed, "init": args.init,

@@ -116,9 +116,8 @@ def test_first_token_logprobs_are_the_reference_loops_in_a_mixed_batch(fastv_llm
 
 
 def _full(spec: str, rcp_checkpoint: str) -> str:
-    """RCP at 32 with identity-initialised modules; at other budgets the modules shipped
-    for the embedded model (``rcp:K`` without ``ckpt=``)."""
-    return f"{spec},ckpt={rcp_checkpoint}" if spec == "rcp:32" else spec
+    """RCP with untrained modules (`vtprune rcp-init`)."""
+    return f"{spec},ckpt={rcp_checkpoint}" if spec.startswith("rcp:") else spec
 
 
 @pytest.mark.parametrize("spec", IN_LLM_SPECS)
@@ -158,18 +157,38 @@ def test_mixed_batch_equals_reference_alone_and_batched(fastv_llm, reference, rc
     assert moved >= 1, f"{spec} changed no request's first-token log-probability"
 
 
+@pytest.mark.parametrize("spec", ["fastv:64", "polymorphic:64"])
+def test_two_images_in_one_prompt_are_pruned_each_as_the_reference_does(fastv_llm, reference,
+                                                                          spec):
+    from vllm import SamplingParams
+
+    (im1, qa), (im2, _) = PAIRS[6], PAIRS[7]
+    question = f"<image>\n{qa.question}"  # the prompt's first image comes from _prompt
+    req = {"prompt": _prompt(question), "multi_modal_data": {"image": [im1, im2]},
+           "mm_processor_kwargs": {"vtprune": spec}}
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    out = fastv_llm.generate(req, params, use_tqdm=False)[0].outputs[0]
+    expected, logprobs = _reference_tokens(reference, [im1, im2], question,
+                                           spec_mod.parse(spec), 8)
+    assert list(out.token_ids) == expected
+    first = out.token_ids[0]
+    assert abs(out.logprobs[0][first].logprob - float(logprobs[first])) < LOGPROB_TOLERANCE
+
+
 def _reference_tokens(reference, image, question, spec, steps):
     """Greedy token ids of the reference loop (removal), EOS not stopping it, and the
     first token's log-probabilities."""
     from vllm_vtprune.hf import _expand
 
     prompt_ids = reference.tokenizer(_prompt(question)).input_ids
-    pruned = reference.image_tokens(reference.pixel_values([image]), spec, prompt_ids)
+    images = image if isinstance(image, list) else [image]
+    pruned = reference.image_tokens(reference.pixel_values(images), spec, prompt_ids)
     counts = [p.tokens.shape[0] for p in pruned]
     ids = _expand(prompt_ids, reference.image_token_id, counts)
     decoder = reference.decoder()
     plan = reference.llm_plan(ids, counts, spec, decoder.num_layers)
-    logits, cache = decoder.prefill(reference.prompt_embeds(ids, pruned[0].tokens), plan)
+    feats = torch.cat([p.tokens for p in pruned])
+    logits, cache = decoder.prefill(reference.prompt_embeds(ids, feats), plan)
     first = torch.log_softmax(logits, dim=-1)
     out = []
     embed = reference.model.get_input_embeddings()

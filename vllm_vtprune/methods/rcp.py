@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from vllm_vtprune.registry import Method, Option, Where, layer_list, path
 
-from ._common import EPS, average_schedule, check_finite, check_layers, scale_layers
+from ._common import EPS, check_finite, check_layers, layer_average_ceiling, scale_layers
 
 __all__ = [
     "NUM_QUERIES",
@@ -154,7 +154,8 @@ class ResidualCrossAttentionPruner(nn.Module):
         q = self.q_proj(self.question_queries(h_q, q_mask))
         k = self.k_proj(h_v)
         scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
-        if keep is not None:
+        if keep is not None:  # (a sample whose tokens are all pruned keeps them all here)
+            keep = keep | ~keep.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         if self.training and self.query_dropout > 0:
@@ -497,9 +498,10 @@ class RequestState:
     """One request's inference (Sec. III-D): deterministic threshold masks (Eq. 8),
     cumulative over the pruning layers, and the adapters' context from what was pruned.
 
-    The budget is a ceiling: at a pruning layer at most the count of
-    :func:`average_schedule` (the layer-averaged budget) stays, the highest logits
-    first; what the threshold drops stays dropped. Question tokens are the prompt's
+    The budget is a ceiling on the layer-averaged visual count: at a pruning layer at
+    most :func:`layer_average_ceiling` tokens stay (what keeps the average within the
+    budget if every later layer kept as many), the highest logits first; what the
+    threshold drops stays dropped, so trained modules may keep fewer. Question tokens are the prompt's
     text tokens after the last image (all text tokens when none follow); a_i is their
     attention to the live visual tokens, averaged over heads and questions (Eq. 4).
     """
@@ -508,9 +510,8 @@ class RequestState:
         self.modules = modules
         self.spans = list(image_spans)
         self.total = sum(e - s for s, e in self.spans)
-        layers = modules.pruning_layers
-        self.counts = dict(zip(layers, average_schedule(self.total, min(budget, self.total),
-                                                          layers, modules.num_layers)))
+        self.budget = min(budget, self.total)
+        self.per_layer = [self.total] * modules.num_layers  # visual tokens each layer sees
         self.keep = torch.ones(self.total, dtype=torch.bool)
         self.pruned_sum = torch.zeros(modules.hidden_size)
         self.pruned_count = 0
@@ -545,7 +546,9 @@ class RequestState:
                 logits = self.modules.pruners[layer].logits(h[cols][None], h[text][None],
                                                             a[None])[0]
             stay = inference_mask(logits).bool()
-            cap = min(self.counts[layer], int(stay.sum()))
+            ceiling = layer_average_ceiling(self.modules.num_layers, layer, self.per_layer,
+                                            self.budget)
+            cap = min(ceiling, int(stay.sum()))
             ranked = torch.argsort(logits.masked_fill(~stay, float("-inf")), descending=True,
                                    stable=True)
             chosen = ranked[:max(1, cap)]
@@ -555,6 +558,8 @@ class RequestState:
             self.keep[index[cols[dropped]]] = False
             self.pruned_sum += h[cols[dropped]].sum(0)
             self.pruned_count += int(dropped.sum())
+            left = int(self.keep.sum())
+            self.per_layer[layer:] = [left] * (self.modules.num_layers - layer)
             return Verdict(torch.nonzero(keep).flatten())
 
         return decide
@@ -591,9 +596,11 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
         return Plan()
     budget = len(image_spans) * spec.tokens_for(full_tokens)
     state = RequestState(modules, image_spans, budget)
+    first = modules.pruning_layers[0]
+    most = layer_average_ceiling(num_layers, first, state.per_layer, state.budget)
     return Plan({l: state.decide(l) for l in modules.pruning_layers},
                 {l: state.adapt(l) for l in modules.adapters},
-                layer_counts(num_layers, state.total, state.counts))
+                layer_counts(num_layers, state.total, {first: min(most, state.total)}))
 
 
 METHOD = Method(
