@@ -110,17 +110,11 @@ class PrunedDecoder:
 
     # ---------------------------------------------------------------- one layer
     def _layer(self, i: int, x: Tensor, step: Step, kv: LayerKV) -> tuple[Tensor, Tensor | None]:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         layer = self.lm.layers[i]
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        t = h.shape[0]
-        q = attn.q_proj(h).view(t, self.num_heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(h).view(t, self.num_kv, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(h).view(t, self.num_kv, self.head_dim).transpose(0, 1)
-        cos, sin = self.lm.rotary_emb(x[None], step.positions[None])
-        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        t = x.shape[0]
+        q, k, v = attention_inputs(self.lm, i, x, step.positions, self.num_heads, self.num_kv,
+                                   self.head_dim)
         kv.keys = torch.cat([kv.keys, k[0]], dim=1)
         kv.values = torch.cat([kv.values, v], dim=1)
         rep = self.num_heads // self.num_kv
@@ -201,6 +195,23 @@ def image_spans(is_image: Tensor, tokens_per_image: int | None = None) -> list[t
         else:
             spans.append((c, c + 1))
     return spans
+
+
+def attention_inputs(lm, i: int, x: Tensor, positions: Tensor, heads: int, kv_heads: int,
+                     head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer ``i``'s q [1, H, T, d] and k [1, H_kv, T, d] after RoPE, and v [H_kv, T, d],
+    for the residual stream ``x`` [T, D] of a transformers Llama (``lm``)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = lm.layers[i].self_attn
+    h = lm.layers[i].input_layernorm(x)
+    t = h.shape[0]
+    q = attn.q_proj(h).view(t, heads, head_dim).transpose(0, 1)
+    k = attn.k_proj(h).view(t, kv_heads, head_dim).transpose(0, 1)
+    v = attn.v_proj(h).view(t, kv_heads, head_dim).transpose(0, 1)
+    cos, sin = lm.rotary_emb(x[None], positions[None])
+    q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+    return q, k, v
 
 
 def spans_of(is_image: Tensor, counts: list[int]) -> list[tuple[int, int]]:

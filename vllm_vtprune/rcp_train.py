@@ -135,17 +135,13 @@ class MaskedForward:
 
     def layer(self, i: int, x: Tensor, positions: Tensor, keep: Tensor | None):
         """Decoder layer ``i``; ``keep`` [T] weights the keys (1: kept, 0: pruned)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from vllm_vtprune.llm_loop import attention_inputs
 
         layer = self.lm.layers[i]
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        t = h.shape[0]
-        q = attn.q_proj(h).view(t, self.heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(h).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(h).view(t, self.kv_heads, self.head_dim).transpose(0, 1)
-        cos, sin = self.lm.rotary_emb(x[None], positions[None])
-        q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+        t = x.shape[0]
+        q, k, v = attention_inputs(self.lm, i, x, positions, self.heads, self.kv_heads,
+                                   self.head_dim)
         rep = self.heads // self.kv_heads
         k, v = k[0].repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
         scores = (q[0] @ k.transpose(1, 2)) * attn.scaling
