@@ -55,10 +55,11 @@ def test_empty_spec_is_an_error_that_names_none(text):
     assert "none to turn pruning off" in str(err.value)
 
 
-def test_option_that_does_nothing_is_refused():
-    # polymorphic serves stage 1 only: stage-2 layers would be silently ignored
-    with pytest.raises(ValueError, match="unknown option 'layers' for method 'polymorphic'"):
-        parse("polymorphic:64,layers=3-7-16")
+def test_option_a_method_does_not_have_is_refused():
+    # divprune has no layers: they would be silently ignored
+    with pytest.raises(ValueError, match="unknown option 'layers' for method 'divprune'"):
+        parse("divprune:64,layers=3-7-16")
+    assert parse("polymorphic:64,layers=3-7-16").value("layers") == "3-7-16"  # stage 2
 
 
 def test_declared_defaults_and_text_conditioning():
