@@ -86,6 +86,7 @@ class StepState:
     slot_mapping: Tensor | None = None
     capture: dict[int, set[int]] = dataclasses.field(default_factory=dict)
     probs: dict[int, Tensor] = dataclasses.field(default_factory=dict)
+    keys: dict[tuple, tuple] = dataclasses.field(default_factory=dict)  # per request
     # -- persistent across steps
     plans: dict[int, object] = dataclasses.field(default_factory=dict)
     levels: Tensor | None = None  # [num_slots] uint8
@@ -216,6 +217,7 @@ def _plan_for(spec_text: str | None, spans: list[tuple[int, int]]):
 def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
     """Per-request rows, plans and the layers whose attention must be kept."""
     STEP.requests, STEP.rows, STEP.capture, STEP.probs = [], None, {}, {}
+    STEP.keys = {}
     runs = _image_runs(num_rows)
     md = _metadata()
     if md is None:

@@ -54,6 +54,20 @@ def _slots(kv_cache: Tensor) -> Tensor:
     return kv_cache.view(num_blocks * block_size, heads, width)
 
 
+def _request_keys(r: int, blocks: Tensor, seq_len: int, block_size: int):
+    """(KV slot of each of the request's tokens, first slot when they are consecutive
+    else None), once per step: every layer of the step reads the same slots."""
+    key = (r, seq_len)
+    cached = STEP.keys.get(key)
+    if cached is None:
+        num_blocks = -(-seq_len // block_size)
+        used = blocks[:num_blocks].long()
+        slots = (used[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+        consecutive = num_blocks == 1 or bool((used[1:] - used[:-1] == 1).all())
+        cached = STEP.keys[key] = (slots, int(slots[0]) if consecutive else None)
+    return cached
+
+
 class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         num_blocks, _, block_size, _ = kv_cache.shape
@@ -78,6 +92,8 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
         num_blocks, _, block_size, _ = kv_cache.shape
         levels = STEP.prune_levels(num_blocks * block_size)
         layer_idx = extract_layer_index(layer.layer_name)
+        if layer_idx == 0:
+            STEP.keys = {}  # a new step: its block tables may differ from the last one's
         n = query.shape[0]
         rows = _query_rows(n)
         starts = attn_metadata.query_start_loc.tolist()
@@ -86,25 +102,27 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
         capture = STEP.capture.get(layer_idx, ())
         for r in range(len(seq_lens)):
             q0, q1 = starts[r], starts[r + 1]
-            mine = torch.nonzero((rows >= q0) & (rows < q1)).flatten()
-            if mine.numel() == 0:
+            if STEP.rows is None:
+                mine = slice(q0, q1)
+                qpos = torch.arange(seq_lens[r] - (q1 - q0), seq_lens[r])
+            else:
+                mine = torch.nonzero((rows >= q0) & (rows < q1)).flatten()
+                qpos = seq_lens[r] - (q1 - q0) + (rows[mine] - q0)
+            if q1 <= q0 or qpos.numel() == 0:
                 continue
-            qpos = seq_lens[r] - (q1 - q0) + (rows[mine] - q0)
-            attended, probs = self._attend(query[mine], kv_cache, attn_metadata.block_table[r],
-                                           seq_lens[r], qpos, levels, layer_idx, r in capture)
+            keys = _request_keys(r, attn_metadata.block_table[r], seq_lens[r], block_size)
+            attended, probs = self._attend(query[mine], kv_cache, keys, seq_lens[r], qpos,
+                                           levels, layer_idx, r in capture)
             out[mine] = attended
             if probs is not None:
                 STEP.probs[r] = probs
         return output
 
-    def _attend(self, q, kv_cache, blocks, seq_len, qpos, levels, layer_idx, keep_probs):
-        block_size = kv_cache.shape[2]
-        num_blocks = -(-seq_len // block_size)
-        used = blocks[:num_blocks].long()
-        slots = (used[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+    def _attend(self, q, kv_cache, keys, seq_len, qpos, levels, layer_idx, keep_probs):
+        slots, start = keys
         flat = _slots(kv_cache)
-        if num_blocks == 1 or bool((used[1:] - used[:-1] == 1).all()):
-            kv = flat[int(slots[0]):int(slots[0]) + seq_len]  # in place: consecutive blocks
+        if start is not None:
+            kv = flat[start:start + seq_len]  # in place: consecutive blocks
         else:
             kv = flat.index_select(0, slots)
         kv = kv.transpose(0, 1)  # [H_kv, S, 2D]
@@ -113,10 +131,16 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
         if rep > 1:
             keys = keys.repeat_interleave(rep, dim=0)
             values = values.repeat_interleave(rep, dim=0)
-        pos = torch.arange(seq_len)
-        allowed = (pos[None, :] <= qpos[:, None]) & (levels[slots][None, :] > layer_idx)
-        allowed |= pos[None, :] == qpos[:, None]  # a token always sees itself
+        visible = levels[slots] > layer_idx
         qh = q.transpose(0, 1).to(keys.dtype)  # [H, Q, D]
+        if not keep_probs and qpos.numel() == 1 and bool(visible.all()):
+            # a decode row that no pruning hides anything from: plain attention
+            out = torch.nn.functional.scaled_dot_product_attention(qh, keys, values,
+                                                                   scale=self.scale)
+            return out.transpose(0, 1).to(q.dtype), None
+        pos = torch.arange(seq_len)
+        allowed = (pos[None, :] <= qpos[:, None]) & visible[None, :]
+        allowed |= pos[None, :] == qpos[:, None]  # a token always sees itself
         if not keep_probs:
             out = torch.nn.functional.scaled_dot_product_attention(
                 qh, keys, values, attn_mask=allowed, scale=self.scale)
