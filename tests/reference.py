@@ -13,6 +13,7 @@ as ``python -m pytest`` from the repository root, which puts the root on sys.pat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -192,3 +193,67 @@ def assert_resprune_order_up_to_ties(
         use = s if max(s.values()) > 0 else e
         m = max(use.values())
         assert use[got[step]] >= m - rel * m, (step, got[step], use[got[step]], m)
+
+
+# ---------------------------------------------------------------- in-LLM decisions
+# 20x the two paths' measured rounding (hidden states and scores agree to ~1e-6)
+DECISION_MARGIN = 2e-5
+
+
+@contextlib.contextmanager
+def decision_margins(method: str):
+    """Record how far each decision of the reference run is from flipping: FastV's and
+    Polymorphic's relative gap between the last kept and the first dropped score; RCP's
+    distance of every logit from its threshold and, where the layer-average ceiling cuts,
+    the gap at the cut."""
+    from vllm_vtprune.methods import _common, fastv, polymorphic, rcp
+
+    margins: list[float] = []
+    originals = []
+
+    def patch(module, name, wrapper):
+        originals.append((module, name, getattr(module, name)))
+        setattr(module, name, wrapper(getattr(module, name)))
+
+    def topk_gap(original):
+        def wrapped(scores, k, *args, **kwargs):
+            ranked = torch.sort(scores.float().flatten(), descending=True).values
+            if 0 < k < len(ranked):
+                margins.append(float((ranked[k - 1] - ranked[k]) / ranked[k - 1].abs()))
+            return original(scores, k, *args, **kwargs)
+        return wrapped
+
+    last: list[torch.Tensor] = []
+
+    def threshold(original):
+        def wrapped(logits, *args, **kwargs):
+            last[:] = [logits]
+            return original(logits, *args, **kwargs)
+        return wrapped
+
+    def ceiling(original):  # called after the threshold, with the cut it makes
+        def wrapped(*args, **kwargs):
+            cut = original(*args, **kwargs)
+            if not last:  # the plan's schedule, before any decision
+                return cut
+            logits = last.pop()
+            stay = torch.sort(logits[logits > 0], descending=True).values
+            if 0 < cut < len(stay) - 1:  # the cut decides; a flip at 0 cannot reach it
+                margins.append(float(stay[cut - 1] - stay[cut]))
+            else:  # the threshold decides
+                margins.append(float(logits.abs().min()))
+            return cut
+        return wrapped
+
+    if method == "fastv":
+        patch(fastv, "stable_topk", topk_gap)
+    elif method == "polymorphic":
+        patch(polymorphic, "stable_topk", topk_gap)
+    elif method == "rcp":
+        patch(rcp, "layer_average_ceiling", ceiling)
+        patch(rcp, "inference_mask", threshold)
+    try:
+        yield margins
+    finally:
+        for module, name, value in reversed(originals):
+            setattr(module, name, value)

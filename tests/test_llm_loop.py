@@ -8,6 +8,8 @@ from vllm_vtprune import llm_loop, spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import model_path
 
+from tests.reference import DECISION_MARGIN, decision_margins
+
 
 @pytest.fixture(scope="module")
 def reference():
@@ -27,8 +29,8 @@ def prompt(reference):
     pruned = reference.image_tokens(reference.pixel_values([p[0] for p in pairs]), None, ids)
     full = _expand(ids, reference.image_token_id, [576, 576])
     embeds = reference.prompt_embeds(full, torch.cat([p.tokens for p in pruned]))
-    spans = llm_loop.image_spans(torch.tensor(full) == reference.image_token_id, 576)
-    assert len(spans) == 2  # the two images are adjacent in this tokenizer's ids
+    spans = llm_loop.spans_of(torch.tensor(full) == reference.image_token_id, [576, 576])
+    assert spans == [(3, 579), (579, 1155)]  # adjacent images, one span each
     return embeds, spans
 
 
@@ -80,7 +82,9 @@ def test_removing_pruned_rows_equals_masking_them(reference, prompt):
     kept token, in prefill and in 8 decode steps."""
     embeds, spans = prompt
     dec = _decoder(reference)
-    out_r, logits_r = _greedy(dec, embeds, _fastv_plan(spans), "remove", 8, reference)
+    with decision_margins("fastv") as margins:  # a choice no rounding can flip
+        out_r, logits_r = _greedy(dec, embeds, _fastv_plan(spans), "remove", 8, reference)
+    assert min(margins) > DECISION_MARGIN, margins
     _, logits_m = _greedy(dec, embeds, _fastv_plan(spans), "mask", 8, reference, out_r)
     torch.testing.assert_close(logits_r, logits_m, rtol=1e-4, atol=1e-4)
     unpruned = dec.prefill(embeds, llm_loop.Plan())[0]
@@ -125,13 +129,13 @@ def test_fastv_decision_layer_scales_with_depth_and_is_checked():
         fastv.decision_layer(8, 8)
 
 
-def test_image_spans_one_run_per_image_cut_at_the_image_size():
-    ids = torch.tensor([1, 4, 4, 4, 7, 4, 4, 9])
-    assert llm_loop.image_spans(ids == 4) == [(1, 4), (5, 7)]
-    assert llm_loop.image_spans(torch.tensor([1, 2, 3]) == 4) == []
+def test_spans_of_cuts_image_tokens_by_each_images_count():
     mask = torch.tensor([0, 1, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)  # adjacent images
-    assert llm_loop.image_spans(mask, 2) == [(1, 3), (3, 5), (6, 8)]
-    assert llm_loop.image_spans(mask, 4) == [(1, 5), (6, 8)]
+    assert llm_loop.spans_of(mask, [2, 2, 2]) == [(1, 3), (3, 5), (6, 8)]
+    assert llm_loop.spans_of(mask, [4, 2]) == [(1, 5), (6, 8)]
+    assert llm_loop.spans_of(torch.tensor([1, 2]) == 4, []) == []
+    with pytest.raises(ValueError, match="6 image tokens for images of"):
+        llm_loop.spans_of(mask, [4, 4])
 
 
 def test_reference_generate_with_fastv_budget_above_count_is_unpruned(reference):
@@ -179,8 +183,10 @@ def test_multi_layer_plans_remove_equals_mask(reference, rcp_checkpoint, spec):
     parsed = spec_mod.parse(spec)
     ids, embeds, counts = _single_image(reference)(parsed)
     dec = _decoder(reference)
-    out_r, logits_r = _greedy(dec, embeds, reference.llm_plan(ids, counts, parsed, 8),
-                              "remove", 8, reference)
+    with decision_margins(parsed.method) as margins:  # a choice no rounding can flip
+        out_r, logits_r = _greedy(dec, embeds, reference.llm_plan(ids, counts, parsed, 8),
+                                  "remove", 8, reference)
+    assert min(margins) > DECISION_MARGIN, margins
     _, logits_m = _greedy(dec, embeds, reference.llm_plan(ids, counts, parsed, 8), "mask", 8,
                           reference, out_r)
     torch.testing.assert_close(logits_r, logits_m, rtol=1e-4, atol=1e-4)

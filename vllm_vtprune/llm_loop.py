@@ -183,20 +183,6 @@ class PrunedDecoder:
         return self.lm_head(self.lm.norm(x))[0]
 
 
-def image_spans(is_image: Tensor, tokens_per_image: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) of each image in a prompt: runs of image tokens (``is_image`` [T]
-    bool), cut every ``tokens_per_image`` when given (two images may be adjacent)."""
-    cols = torch.nonzero(is_image).flatten().tolist()
-    spans: list[tuple[int, int]] = []
-    for c in cols:
-        if spans and spans[-1][1] == c and (
-                tokens_per_image is None or c - spans[-1][0] < tokens_per_image):
-            spans[-1] = (spans[-1][0], c + 1)
-        else:
-            spans.append((c, c + 1))
-    return spans
-
-
 def attention_inputs(lm, i: int, x: Tensor, positions: Tensor, heads: int, kv_heads: int,
                      head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Layer ``i``'s q [1, H, T, d] and k [1, H_kv, T, d] after RoPE, and v [H_kv, T, d],

@@ -3,7 +3,6 @@ attention against the transformers reference loop, which removes the pruned rows
 (vllm_vtprune.llm_loop), with per-request specs of different methods batched together."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -14,6 +13,8 @@ from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import model_path
 from vllm_vtprune.families.llava import ARCHITECTURE
+
+from tests.reference import DECISION_MARGIN, decision_margins
 
 SPEC = "fastv:64"  # the server's spec: it installs the masked decoder for every request
 PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 8, start=7300))
@@ -147,7 +148,7 @@ def test_mixed_batch_equals_reference_alone_and_batched(fastv_llm, reference, rc
     parsed = with_shipped_modules(spec_mod.parse(spec), reference.model.config)
     moved = 0
     for (image, qa), served in zip(mine, batched):
-        with _decision_margins(parsed.method) as margins:
+        with decision_margins(parsed.method) as margins:
             expected, logprobs = _reference_tokens(reference, image, qa.question, parsed,
                                                    DECODE_TOKENS)
         # the kept sets are decided, not tied: vLLM's floats (another CPU's too, ~1e-6)
@@ -173,76 +174,13 @@ def test_two_images_in_one_prompt_are_pruned_each_as_the_reference_does(fastv_ll
            "mm_processor_kwargs": {"vtprune": spec}}
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     out = fastv_llm.generate(req, params, use_tqdm=False)[0].outputs[0]
-    with _decision_margins(spec.split(":")[0]) as margins:
+    with decision_margins(spec.split(":")[0]) as margins:
         expected, logprobs = _reference_tokens(reference, [im1, im2], question,
                                                spec_mod.parse(spec), 8)
     assert min(margins) > DECISION_MARGIN, margins
     assert list(out.token_ids) == expected
     first = out.token_ids[0]
     assert abs(out.logprobs[0][first].logprob - float(logprobs[first])) < LOGPROB_TOLERANCE
-
-
-# 20x the two paths' measured rounding (hidden states and scores agree to ~1e-6)
-DECISION_MARGIN = 2e-5
-
-
-@contextlib.contextmanager
-def _decision_margins(method: str):
-    """Record how far each decision of the reference run is from flipping: FastV's and
-    Polymorphic's relative gap between the last kept and the first dropped score; RCP's
-    distance of every logit from its threshold and, where the layer-average ceiling cuts,
-    the gap at the cut."""
-    from vllm_vtprune.methods import _common, fastv, polymorphic, rcp
-
-    margins: list[float] = []
-    originals = []
-
-    def patch(module, name, wrapper):
-        originals.append((module, name, getattr(module, name)))
-        setattr(module, name, wrapper(getattr(module, name)))
-
-    def topk_gap(original):
-        def wrapped(scores, k, *args, **kwargs):
-            ranked = torch.sort(scores.float().flatten(), descending=True).values
-            if 0 < k < len(ranked):
-                margins.append(float((ranked[k - 1] - ranked[k]) / ranked[k - 1].abs()))
-            return original(scores, k, *args, **kwargs)
-        return wrapped
-
-    last: list[torch.Tensor] = []
-
-    def threshold(original):
-        def wrapped(logits, *args, **kwargs):
-            last[:] = [logits]
-            return original(logits, *args, **kwargs)
-        return wrapped
-
-    def ceiling(original):  # called after the threshold, with the cut it makes
-        def wrapped(*args, **kwargs):
-            cut = original(*args, **kwargs)
-            if not last:  # the plan's schedule, before any decision
-                return cut
-            logits = last.pop()
-            stay = torch.sort(logits[logits > 0], descending=True).values
-            if 0 < cut < len(stay) - 1:  # the cut decides; a flip at 0 cannot reach it
-                margins.append(float(stay[cut - 1] - stay[cut]))
-            else:  # the threshold decides
-                margins.append(float(logits.abs().min()))
-            return cut
-        return wrapped
-
-    if method == "fastv":
-        patch(fastv, "stable_topk", topk_gap)
-    elif method == "polymorphic":
-        patch(polymorphic, "stable_topk", topk_gap)
-    elif method == "rcp":
-        patch(rcp, "layer_average_ceiling", ceiling)
-        patch(rcp, "inference_mask", threshold)
-    try:
-        yield margins
-    finally:
-        for module, name, value in reversed(originals):
-            setattr(module, name, value)
 
 
 def _reference_tokens(reference, image, question, spec, steps):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, int_ge
 
-from ._common import check_budget, check_finite, check_vector, stable_topk
+from ._common import check_budget, check_finite, check_vector, scale_layers, stable_topk
 
 __all__ = ["last_token_image_attention", "select"]
 
@@ -61,8 +61,8 @@ REFERENCE_LAYER, REFERENCE_DEPTH = 2, 32
 def decision_layer(option: int | None, num_layers: int) -> int:
     """The layer whose input is pruned (the attention of the layer before it ranks):
     ``layer=K`` as given, else K=2 scaled from 32 layers to ``num_layers`` (at least 1)."""
-    layer = option if option is not None else max(
-        1, round(REFERENCE_LAYER * num_layers / REFERENCE_DEPTH))
+    layer = option if option is not None else scale_layers(
+        (REFERENCE_LAYER,), num_layers, REFERENCE_DEPTH)[0]
     if not 1 <= layer < num_layers:
         raise ValueError(f"fastv layer={layer} is outside the model's decoder; accepted: "
                          f"1 to {num_layers - 1}")

@@ -254,7 +254,7 @@ def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
         del STEP.plans[slot]
 
 
-def _current(req: RequestRows, num_rows: int) -> Tensor:
+def _current(req: RequestRows) -> Tensor:
     """Indices of ``req``'s rows among the current rows."""
     if STEP.rows is None:
         return torch.arange(req.q0, req.q1)
@@ -278,7 +278,7 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
     x = hidden if residual is None else hidden + residual
     levels = STEP.levels
     for req in deciding:
-        cur = _current(req, x.shape[0])
+        cur = _current(req)
         live_q = torch.nonzero(alive[cur]).flatten()
         local = _original(cur[live_q]) - req.q0  # positions (whole prefill)
         live_q = live_q[local < req.prompt_len]  # the prompt, not recomputed output
@@ -328,7 +328,7 @@ def adapt(layer: int, hidden: Tensor, residual: Tensor | None):
         return hidden, residual
     x = hidden if residual is None else hidden + residual
     for req in adapting:
-        cur = _current(req, x.shape[0])
+        cur = _current(req)
         # answer rows: the last prompt row and every generated one (recomputed or new)
         rows = cur[_original(cur) - req.q0 >= req.prompt_len - 1] if req.whole_prefill else cur
         x[rows] = req.plan.adapters[layer](x[rows])
