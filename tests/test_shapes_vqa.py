@@ -301,3 +301,153 @@ def test_iter_questions_equal_turns_and_fresh_images(start):
         prev = j
     # The first image is the first sample of the range that has the type.
     assert _find_index(seed, pairs[0][0], start) == start
+
+
+# ---------------------------------------------------------------- the hard split
+
+HARD_N = 300
+HARD_WORDS = WORDS + ["seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen",
+                      "fourteen", "fifteen", "sixteen"]
+RELATION_RE = re.compile(r"^what color is the (\w+) (left of|right of|above|below) "
+                         r"the (\w+) (\w+) \?$")
+COMPARE_RE = re.compile(r"^is the (\w+) (\w+) (left of|right of|above|below) "
+                        r"the (\w+) (\w+) \?$")
+# (axis, sign): the named object lies on this side of the reference.
+SIDES = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}
+
+
+@pytest.fixture(scope="module")
+def hard():
+    return [sv.make_sample(SEED, i, split="hard") for i in range(HARD_N)]
+
+
+def _only(objs, color, shape):
+    matching = [o for o in objs if (o.color, o.shape) == (color, shape)]
+    assert len(matching) == 1, (color, shape, objs)
+    return matching[0]
+
+
+def _along(o, ref, axis):
+    return o.cx - ref.cx if axis == "x" else o.cy - ref.cy
+
+
+def _hard_answer(qa, objs):
+    if qa.qtype == "count":
+        shape = COUNT_RE.match(qa.question).group(1)
+        return HARD_WORDS[sum(o.shape == shape for o in objs)]
+    if qa.qtype == "relation":
+        shape, word, color, ref_shape = RELATION_RE.match(qa.question).groups()
+        ref = _only(objs, color, ref_shape)
+        axis, sign = SIDES[word]
+        others = [o for o in objs if o is not ref and o.shape == shape]
+        # no candidate straddles the reference's centre line: "left of" is unambiguous
+        assert all(abs(_along(o, ref, axis)) >= MARGIN for o in others), (qa, objs)
+        named = [o for o in others if _along(o, ref, axis) * sign > 0]
+        assert len(named) == 1, (qa, objs)
+        return named[0].color
+    if qa.qtype == "compare":
+        c1, s1, word, c2, s2 = COMPARE_RE.match(qa.question).groups()
+        a, b = _only(objs, c1, s1), _only(objs, c2, s2)
+        axis, sign = SIDES[word]
+        assert abs(_along(a, b, axis)) >= MARGIN, (qa, objs)
+        return "yes" if _along(a, b, axis) * sign > 0 else "no"
+    return _expected_answer(qa, objs)
+
+
+def test_hard_split_is_deterministic_and_unlike_the_standard():
+    a, b = sv.make_sample(5, 3, split="hard"), sv.make_sample(5, 3, split="hard")
+    assert np.array_equal(_pixels(a.image), _pixels(b.image))
+    assert (a.objects, a.distractors, a.qas) == (b.objects, b.distractors, b.qas)
+    assert not np.array_equal(_pixels(a.image), _pixels(sv.make_sample(5, 3).image))
+    with pytest.raises(ValueError, match="hard"):
+        sv.make_sample(5, 3, split="harder")
+
+
+def test_hard_objects_many_small_and_disjoint_from_distractors(hard):
+    counts = Counter(len(s.objects) for s in hard)
+    assert min(counts) == 1 and max(counts) == 16, counts
+    assert sum(n for k, n in counts.items() if k >= 10) > 0.3 * HARD_N
+    sizes = [o.size for s in hard for o in s.objects]
+    assert min(sizes) <= 14 and max(sizes) <= 64
+    assert sum(sz < 20 for sz in sizes) > 0.15 * len(sizes)  # a patch or so
+    with_distractors = 0
+    for s in hard:
+        everything = s.objects + s.distractors
+        for i, a in enumerate(everything):
+            x0, y0, x1, y1 = _extent(a)
+            assert 0 <= x0 and x1 <= SIZE and 0 <= y0 and y1 <= SIZE, a
+            for b in everything[i + 1:]:
+                bx0, by0, bx1, by1 = _extent(b)
+                assert x1 <= bx0 or bx1 <= x0 or y1 <= by0 or by1 <= y0, (a, b)
+        # distractors wear the objects' colours and are never a questioned shape
+        assert {d.color for d in s.distractors} <= {o.color for o in s.objects}
+        assert {d.shape for d in s.distractors} <= {"ring", "bar"}
+        with_distractors += bool(s.distractors)
+    assert with_distractors > 0.7 * HARD_N
+
+
+def test_hard_distractor_pixels(hard):
+    """A ring is hollow (background at its centre, its colour on its rim); a bar is
+    flat (its colour at its centre, background above its top edge)."""
+    seen = Counter()
+    for s in hard[:120]:
+        px = _pixels(s.image)
+        for d in s.distractors:
+            colour = EXPECTED_COLORS[d.color]
+            x0, y0, x1, y1 = _extent(d)
+            if d.shape == "ring":
+                assert tuple(int(v) for v in px[d.cy, d.cx]) != colour, d
+                assert tuple(int(v) for v in px[d.cy, x0 + 1]) == colour, d
+            else:
+                assert tuple(int(v) for v in px[d.cy, d.cx]) == colour, d
+                assert tuple(int(v) for v in px[y0, d.cx]) != colour, d
+            seen[d.shape] += 1
+    assert seen["ring"] > 20 and seen["bar"] > 20, seen
+
+
+def test_hard_answers_recomputed_from_objects(hard):
+    types = Counter()
+    for s in hard:
+        for qa in s.qas:
+            assert qa.answer == _hard_answer(qa, s.objects), (qa, s.objects)
+            types[qa.qtype] += 1
+    assert set(types) == {"exist", "color", "count", "position", "relation", "compare"}
+    for t in ("relation", "compare", "color"):
+        assert types[t] > 0.3 * HARD_N, types
+
+
+def test_hard_answer_spread(hard):
+    answers = {t: Counter(qa.answer for s in hard for qa in s.qas if qa.qtype == t)
+               for t in ("relation", "compare", "count")}
+    assert set(answers["relation"]) == set(EXPECTED_COLORS)
+    yes, no = answers["compare"]["yes"], answers["compare"]["no"]
+    assert 0.4 <= yes / (yes + no) <= 0.6, answers["compare"]
+    assert set(answers["count"]) - set(WORDS), answers["count"]  # counts beyond six
+    words = {m.group(2) for s in hard for qa in s.qas if qa.qtype == "relation"
+             for m in [RELATION_RE.match(qa.question)]}
+    assert words == set(SIDES)
+
+
+def test_hard_missing_two_object_types_were_impossible(hard):
+    for s in hard:
+        kinds = {qa.qtype for qa in s.qas}
+        pair_counts = Counter((o.color, o.shape) for o in s.objects)
+        unique = [o for o in s.objects if pair_counts[(o.color, o.shape)] == 1]
+        if "compare" not in kinds:
+            assert not any(abs(_along(a, b, ax)) >= MARGIN for a in unique for b in unique
+                           if a is not b for ax in ("x", "y")), s.objects
+        if "relation" not in kinds:
+            for ref in unique:
+                for word, (axis, sign) in SIDES.items():
+                    for shape in EXPECTED_SHAPES:
+                        others = [o for o in s.objects if o is not ref and o.shape == shape]
+                        if any(abs(_along(o, ref, axis)) < MARGIN for o in others):
+                            continue
+                        named = [o for o in others if _along(o, ref, axis) * sign > 0]
+                        assert len(named) != 1, (ref, word, shape, s.objects)
+
+
+def test_hard_iter_questions_takes_turns_over_six_types():
+    pairs = list(sv.iter_questions(SEED, 12, start=40, split="hard"))
+    order = ["exist", "color", "count", "position", "relation", "compare"]
+    assert [qa.qtype for _, qa in pairs] == order * 2

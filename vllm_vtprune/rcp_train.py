@@ -8,7 +8,8 @@ Mitigating Distribution Shift in Large Vision-Language Models" (arXiv 2604.04972
 Sec. III-D, on the transformers model (every backbone weight frozen):
 
 * masks: the pruners' Gumbel-sigmoid straight-through masks (Eqs. 6-7) with the
-  temperature annealed from 1.5 to 0.2, cumulative over the pruning layers; a pruned
+  temperature annealed from 1.5 to 0.2 and the noise faded out over the last steps
+  (:func:`noise_scale`), cumulative over the pruning layers; a pruned
   visual token is removed from every later query's attention by renormalising the
   softmax over the kept keys (exact masking in the forward pass, differentiable in the
   mask);
@@ -49,6 +50,7 @@ from vllm_vtprune.methods import rcp
 
 TASK_WEIGHT, REPAIR_WEIGHT, SPARSE_WEIGHT = 1.5, 40.0, 200.0
 TAU_START, TAU_END = 1.5, 0.2
+NOISE_FLAT, NOISE_END = 0.6, 0.9  # Eq. 6's noise: full until, zero from (share of steps)
 TARGET_WARMUP = 0.3  # share of the steps over which r* goes from 1 to budget / N
 
 
@@ -158,7 +160,7 @@ class MaskedForward:
         return x + layer.mlp(layer.post_attention_layernorm(x)), probs
 
     def __call__(self, enc: Encoded, modules: rcp.RcpModules | None, tau: float,
-                 hard: bool = False):
+                 hard: bool = False, noise: float = 1.0):
         """Logits at the answer rows, the answer rows' hidden states after each repair
         layer, and the cumulative keep mask of each pruning layer."""
         self._modules = modules
@@ -173,7 +175,7 @@ class MaskedForward:
         layers = modules.num_layers if modules is not None else len(self.lm.layers)
         for i in range(layers):
             if modules is not None and i in modules.pruners:
-                new = self._prune(modules.pruners[i], x, probs, enc, mask, tau, hard)
+                new = self._prune(modules.pruners[i], x, probs, enc, mask, tau, hard, noise)
                 dropped = mask - new
                 pruned_sum = pruned_sum + (dropped[:, None] * x[enc.visual].float()).sum(0)
                 pruned_count = pruned_count + dropped.sum()
@@ -193,7 +195,7 @@ class MaskedForward:
     #: when a dict, the pruners' logits of the live tokens are appended per layer
     record: dict | None = None
 
-    def _prune(self, pruner, x, probs, enc, mask, tau, hard):
+    def _prune(self, pruner, x, probs, enc, mask, tau, hard, noise):
         a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1)).detach()
         h = x.float()
         logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None],
@@ -201,7 +203,8 @@ class MaskedForward:
         if self.record is not None:
             layer = next(l for l, p in self._modules.pruners.items() if p is pruner)
             self.record.setdefault(layer, []).append(logits[mask > 0.5].detach())
-        m = rcp.inference_mask(logits, 1.0) if hard else rcp.gumbel_sigmoid_mask(logits, tau)
+        m = (rcp.inference_mask(logits, 1.0) if hard
+             else rcp.gumbel_sigmoid_mask(logits, tau, noise=noise))
         return rcp.cumulative_mask(mask, m)
 
     def _repair(self, modules, i, x, enc, mask, pruned_sum, pruned_count):
@@ -234,6 +237,18 @@ def schedule(step: int, steps: int, lr: float, target: float,
     tau = TAU_START + (TAU_END - TAU_START) * frac
     warm = min(1.0, step / max(1.0, TARGET_WARMUP * steps)) if warmup else 1.0
     return rate, tau, 1.0 + (target - 1.0) * warm
+
+
+def noise_scale(step: int, steps: int) -> float:
+    """Scale of Eq. 6's noise: 1 over the first 60 % of the steps, then down to 0 at 90 %.
+
+    Not in the paper: with the noise kept to the end, training sees masks that keep a
+    token with probability sigmoid(logit) while inference keeps it iff logit > 0
+    (Eq. 8), and modules trained so pruned far more at inference than they were trained
+    for. The noise-free last steps train the inference rule itself.
+    """
+    frac = step / max(1, steps - 1)
+    return min(1.0, max(0.0, (NOISE_END - frac) / (NOISE_END - NOISE_FLAT)))
 
 
 # ------------------------------------------------------------------ training
@@ -293,6 +308,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
         # first teach them to keep everything
         rate, tau, target = schedule(step, steps, lr, budget_fraction(budget, reference),
                                      warmup=not calibrate if warmup is None else warmup)
+        noise = noise_scale(step, steps)
         for group in opt.param_groups:
             group["lr"] = rate
         opt.zero_grad()
@@ -301,15 +317,18 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
             enc = encode(reference, samples[order.randrange(len(samples))])
             with torch.no_grad():
                 _, teacher, _ = forward(enc, None, tau)
-            terms = losses(forward(enc, modules, tau), teacher, enc, modules.num_layers, target)
+            terms = losses(forward(enc, modules, tau, noise=noise), teacher, enc,
+                           modules.num_layers, target)
             (terms["total"] / batch).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / batch
         opt.step()
-        history.append({"step": step, "tau": round(tau, 4), "target": round(target, 4), **sums})
+        history.append({"step": step, "tau": round(tau, 4), "noise": round(noise, 4),
+                        "target": round(target, 4), **sums})
         if step % 10 == 0 or step == steps - 1:
             log(f"step {step + 1}/{steps} total {sums['total']:.4f} task {sums['task']:.4f} "
                 f"repair {sums['repair']:.5f} sparse {sums['sparse']:.4f} tau {tau:.2f} "
+                f"noise {noise:.2f} "
                 f"({time.time() - started:.0f} s)")
     modules.train(False)
     return history

@@ -91,6 +91,20 @@ def test_gumbel_sigmoid_forward_values_and_grad():
     assert abs(frac - torch.sigmoid(torch.tensor(3.0)).item()) < 0.05
 
 
+def test_gumbel_sigmoid_noise_scale():
+    """noise=0 is Eq. 8's threshold in the forward pass; a half scale halves the noise."""
+    logits = torch.randn(1000, requires_grad=True)
+    m = rcp.gumbel_sigmoid_mask(logits, tau=0.3, noise=0.0)
+    assert torch.equal(m.detach(), (logits.detach() > 0).float())
+    m.sum().backward()
+    soft = torch.sigmoid(logits.detach() / 0.3)
+    assert torch.allclose(logits.grad, soft * (1 - soft) / 0.3, atol=1e-5)
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(4)).clamp(1e-8, 1 - 1e-8)
+    half = rcp.gumbel_sigmoid_mask(logits.detach(), 1.0, torch.Generator().manual_seed(4), 0.5)
+    expected = (logits.detach() + 0.5 * (torch.log(u) - torch.log(1 - u))) > 0
+    assert torch.equal(half, expected.float())
+
+
 def test_query_dropout_only_in_training():
     p = _pruner()
     assert p.query_dropout == 0.2 and rcp.ResidualCrossAttentionPruner(8).num_queries == 16

@@ -15,6 +15,17 @@ answers:
 
 A 20 px object covers fewer than 2x2 of the 14 px CLIP patches, so a pruning method that
 drops the wrong tokens loses the answer.
+
+Two splits share the generator (:data:`SPLITS`). ``standard`` is the above. ``hard``
+holds 1 to 16 objects down to 12 px (under one patch), up to 6 distractors (hollow
+rings and flat bars, never named by a question) painted in the colours of the objects,
+and two more question types that need two objects:
+
+* ``relation`` -- "what color is the square left of the red circle ?" (or right of,
+  above, below) where the red circle is unique, exactly one square lies on that side of
+  it and no square lies within the margin of its centre line.
+* ``compare``  -- "is the red circle above the blue square ?" yes/no, both unique, their
+  centres at least the margin apart along the asked axis.
 """
 from __future__ import annotations
 
@@ -37,10 +48,38 @@ COLORS = {
     "orange": (245, 130, 20),
 }
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+# Counts of the hard split, which holds up to 16 objects.
+MORE_NUMBERS = ("seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen",
+                "fifteen", "sixteen")
+COUNT_WORDS = NUMBERS + MORE_NUMBERS
 QUESTION_TYPES = ("exist", "color", "count", "position")
+TWO_OBJECT_TYPES = ("relation", "compare")
 MIN_SIZE, MAX_SIZE = 20, 100
-# Position questions skip objects whose centre lies this close to the midline.
+# Position questions skip objects whose centre lies this close to the midline; relation
+# and compare questions skip pairs this close along the asked axis.
 MIDLINE_MARGIN = 16
+DISTRACTOR_SHAPES = ("ring", "bar")
+# Relation words and the axis (0: x, 1: y) and sign they test against the reference.
+RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """What one split's images hold and which questions it asks."""
+
+    name: str
+    max_objects: int
+    min_size: int
+    max_size: int
+    max_distractors: int
+    question_types: tuple[str, ...]
+    train_seed: int
+    heldout_seed: int
+
+
+STANDARD = Split("standard", 6, MIN_SIZE, MAX_SIZE, 0, QUESTION_TYPES, 1, 2)
+HARD = Split("hard", 16, 12, 64, 6, QUESTION_TYPES + TWO_OBJECT_TYPES, 3, 4)
+SPLITS = {s.name: s for s in (STANDARD, HARD)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +108,7 @@ class Sample:
     image: Image.Image
     objects: list[Obj]
     qas: list[QA]
+    distractors: list[Obj] = dataclasses.field(default_factory=list)
 
 
 def _rng(seed: int, index: int) -> random.Random:
@@ -97,21 +137,49 @@ def _overlaps(a: Obj, b: Obj, gap: int = 4) -> bool:
     return not (ax1 + gap <= bx0 or bx1 + gap <= ax0 or ay1 + gap <= by0 or by1 + gap <= ay0)
 
 
-def _place_objects(rng: random.Random) -> list[Obj]:
-    target = rng.randint(1, 6)
+def _place_objects(rng: random.Random, split: Split = STANDARD) -> list[Obj]:
+    target = rng.randint(1, split.max_objects)
     objs: list[Obj] = []
     for _ in range(400):
         if len(objs) == target:
             break
         # Sizes are drawn log-uniformly so that small, few-patch objects are common.
-        size = int(round(np.exp(rng.uniform(np.log(MIN_SIZE), np.log(MAX_SIZE)))))
-        h = size // 2
-        o = Obj(rng.choice(SHAPES), rng.choice(list(COLORS)),
-                rng.randint(h + 2, IMAGE_SIZE - size + h - 2),
-                rng.randint(h + 2, IMAGE_SIZE - size + h - 2), size)
+        o = _random_obj(rng, split.min_size, split.max_size, SHAPES, list(COLORS))
         if not any(_overlaps(o, p) for p in objs):
             objs.append(o)
     return objs
+
+
+def _random_obj(rng: random.Random, min_size: int, max_size: int, shapes, colors) -> Obj:
+    size = int(round(np.exp(rng.uniform(np.log(min_size), np.log(max_size)))))
+    h = size // 2
+    return Obj(rng.choice(shapes), rng.choice(colors),
+               rng.randint(h + 2, IMAGE_SIZE - size + h - 2),
+               rng.randint(h + 2, IMAGE_SIZE - size + h - 2), size)
+
+
+def _place_distractors(rng: random.Random, split: Split, objs: list[Obj]) -> list[Obj]:
+    """Rings and bars in the colours the objects use, clear of every object."""
+    if not split.max_distractors:
+        return []
+    target = rng.randint(0, split.max_distractors)
+    colors = sorted({o.color for o in objs})
+    out: list[Obj] = []
+    for _ in range(200):
+        if len(out) == target:
+            break
+        o = _random_obj(rng, max(split.min_size, 14), 40, DISTRACTOR_SHAPES, colors)
+        if not any(_overlaps(o, p) for p in objs + out):
+            out.append(o)
+    return out
+
+
+def ring_width(size: int) -> int:
+    return max(2, size // 5)
+
+
+def bar_height(size: int) -> int:
+    return max(4, size // 3)
 
 
 def draw_shape(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
@@ -120,8 +188,13 @@ def draw_shape(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
         d.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
     elif o.shape == "square":
         d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-    else:
+    elif o.shape == "triangle":
         d.polygon([((x0 + x1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=fill)
+    elif o.shape == "ring":
+        d.ellipse((x0, y0, x1 - 1, y1 - 1), outline=fill, width=ring_width(o.size))
+    else:  # a horizontal bar through the box's centre
+        top = o.cy - bar_height(o.size) // 2
+        d.rectangle((x0, top, x1 - 1, top + bar_height(o.size) - 1), fill=fill)
 
 
 def _draw(bg: np.ndarray, objs: list[Obj]) -> Image.Image:
@@ -165,7 +238,7 @@ def _color_question(rng: random.Random, objs: list[Obj]) -> QA | None:
 def _count_question(rng: random.Random, objs: list[Obj]) -> QA:
     shape = rng.choice(SHAPES)
     n = sum(o.shape == shape for o in objs)
-    return QA("count", f"how many {_plural(shape)} are there ?", NUMBERS[n])
+    return QA("count", f"how many {_plural(shape)} are there ?", COUNT_WORDS[n])
 
 
 def _position_question(rng: random.Random, objs: list[Obj]) -> QA | None:
@@ -191,39 +264,98 @@ def _position_question(rng: random.Random, objs: list[Obj]) -> QA | None:
               "top" if o.cy < mid else "bottom")
 
 
+def _unique(objs: list[Obj]) -> list[Obj]:
+    """The objects no other object shares colour and shape with, in placement order."""
+    counts: dict[tuple[str, str], int] = {}
+    for o in objs:
+        counts[(o.color, o.shape)] = counts.get((o.color, o.shape), 0) + 1
+    return [o for o in objs if counts[(o.color, o.shape)] == 1]
+
+
+def _offset(o: Obj, ref: Obj, axis: int) -> int:
+    return (o.cx - ref.cx) if axis == 0 else (o.cy - ref.cy)
+
+
+def _relation_question(rng: random.Random, objs: list[Obj]) -> QA | None:
+    options = []
+    for ref in _unique(objs):
+        for word, (axis, sign) in RELATIONS.items():
+            for shape in SHAPES:
+                others = [o for o in objs if o is not ref and o.shape == shape]
+                offsets = [_offset(o, ref, axis) for o in others]
+                if any(abs(d) < MIDLINE_MARGIN for d in offsets):
+                    continue
+                side = [o for o, d in zip(others, offsets) if d * sign > 0]
+                if len(side) == 1:
+                    options.append((ref, word, shape, side[0]))
+    if not options:
+        return None
+    ref, word, shape, target = rng.choice(options)
+    return QA("relation", f"what color is the {shape} {word} the {ref.color} {ref.shape} ?",
+              target.color)
+
+
+def _compare_question(rng: random.Random, objs: list[Obj]) -> QA | None:
+    unique = _unique(objs)
+    options = [(a, b, axis) for a in unique for b in unique if a is not b
+               for axis in (0, 1) if abs(_offset(a, b, axis)) >= MIDLINE_MARGIN]
+    if not options:
+        return None
+    a, b, axis = rng.choice(options)
+    word = rng.choice([w for w, (ax, _) in RELATIONS.items() if ax == axis])
+    sign = RELATIONS[word][1]
+    answer = "yes" if _offset(a, b, axis) * sign > 0 else "no"
+    return QA("compare", f"is the {a.color} {a.shape} {word} the {b.color} {b.shape} ?", answer)
+
+
 _MAKERS = {
     "exist": _exist_question,
     "color": _color_question,
     "count": _count_question,
     "position": _position_question,
+    "relation": _relation_question,
+    "compare": _compare_question,
 }
 
 
-def make_sample(seed: int, index: int, questions_per_type: int = 1) -> Sample:
-    """Render sample ``index`` of the split identified by ``seed``; pure in its arguments."""
+def split_of(name: str | Split) -> Split:
+    if isinstance(name, Split):
+        return name
+    if name not in SPLITS:
+        raise ValueError(f"unknown ShapesVQA split {name!r}; accepted: {', '.join(SPLITS)}")
+    return SPLITS[name]
+
+
+def make_sample(seed: int, index: int, questions_per_type: int = 1,
+                split: str | Split = "standard") -> Sample:
+    """Render sample ``index`` of ``split`` under ``seed``; pure in its arguments."""
+    split = split_of(split)
     rng = _rng(seed, index)
-    objs = _place_objects(rng)
-    image = _draw(_background(rng), objs)
+    objs = _place_objects(rng, split)
+    distractors = _place_distractors(rng, split, objs)
+    image = _draw(_background(rng), objs + distractors)
     qas: list[QA] = []
-    for qtype in QUESTION_TYPES:
+    for qtype in split.question_types:
         for _ in range(questions_per_type):
             qa = _MAKERS[qtype](rng, objs)
             if qa is not None and qa not in qas:
                 qas.append(qa)
-    return Sample(image, objs, qas)
+    return Sample(image, objs, qas, distractors)
 
 
-def iter_questions(seed: int, num: int, start: int = 0) -> Iterator[tuple[Image.Image, QA]]:
-    """Yield ``num`` (image, question) pairs with the four types in equal turns.
+def iter_questions(seed: int, num: int, start: int = 0,
+                   split: str | Split = "standard") -> Iterator[tuple[Image.Image, QA]]:
+    """Yield ``num`` (image, question) pairs with the split's types in equal turns.
 
-    Question ``i`` has type ``QUESTION_TYPES[i % 4]``; images that cannot ask that type
+    Question ``i`` has type ``types[i % len(types)]``; images that cannot ask that type
     (no uniquely present shape, say) are skipped, so every image is used at most once.
     """
+    types = split_of(split).question_types
     index = start
     for i in range(num):
-        want = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        want = types[i % len(types)]
         while True:
-            sample = make_sample(seed, index)
+            sample = make_sample(seed, index, split=split)
             index += 1
             qa = next((q for q in sample.qas if q.qtype == want), None)
             if qa is not None:
@@ -231,6 +363,6 @@ def iter_questions(seed: int, num: int, start: int = 0) -> Iterator[tuple[Image.
                 break
 
 
-# Split seeds: training never sees the held-out images.
-TRAIN_SEED = 1
-HELDOUT_SEED = 2
+# The standard split's seeds: training never sees the held-out images.
+TRAIN_SEED = STANDARD.train_seed
+HELDOUT_SEED = STANDARD.heldout_seed

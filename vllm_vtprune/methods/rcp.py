@@ -90,11 +90,17 @@ def attention_logit(a: Tensor, keep: Tensor | None = None) -> Tensor:
     return log_a - mean
 
 
-def gumbel_sigmoid_mask(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
-    """Straight-through Gumbel-sigmoid mask (Eqs. 6-7): hard 0/1 forward, soft backward."""
+def gumbel_sigmoid_mask(logits: Tensor, tau: float, generator: torch.Generator | None = None,
+                        noise: float = 1.0) -> Tensor:
+    """Straight-through Gumbel-sigmoid mask (Eqs. 6-7): hard 0/1 forward, soft backward.
+
+    ``noise`` scales Eq. 6's logistic noise (1: the paper). At 0 the forward mask is the
+    inference rule (Eq. 8) exactly; the temperature alone never gets there, since it
+    divides noise and logits alike and the hard mask thresholds their sum at 0.
+    """
     u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(EPS, 1 - EPS)
-    noise = torch.log(u) - torch.log1p(-u)  # logistic noise
-    y_soft = torch.sigmoid((logits + noise) / tau)
+    g = torch.log(u) - torch.log1p(-u)  # logistic noise
+    y_soft = torch.sigmoid((logits + noise * g) / tau)
     hard = (y_soft > 0.5).to(y_soft.dtype)
     return hard - y_soft.detach() + y_soft
 
