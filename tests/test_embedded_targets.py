@@ -57,13 +57,13 @@ def test_joint_class_numbers_colour_shape_pairs():
 
     from vllm_vtprune.embedded.train import joint_class
 
-    colours, shapes = list(sv.COLORS), list(sv.SHAPES)
+    colours, shapes = list(sv.COLORS), list(sv.SHAPES + sv.DISTRACTOR_SHAPES)
     pairs = [(c, s) for c in colours for s in shapes]
     t = {"colour": torch.tensor([[0] + [1 + colours.index(c) for c, _ in pairs]]),
          "shape": torch.tensor([[0] + [1 + shapes.index(s) for _, s in pairs]])}
     got = joint_class(t)[0].tolist()
     assert got[0] == 0
-    # Every (colour, shape) pair gets its own class, 1 .. colours x shapes.
+    # Every (colour, shape) pair, distractors' included, gets its own class.
     assert sorted(got[1:]) == list(range(1, len(pairs) + 1))
 
 

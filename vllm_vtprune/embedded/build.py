@@ -47,26 +47,36 @@ VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=8,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
             rms_norm_eps=1e-5, rope_theta=10000.0)
+# shapes-llava v2: LLaVA-1.5's tower depth (24, features from layer -2) and an LLM deep
+# enough that the papers' decision layers stay distinct after scaling from 32.
+V2_VISION_LAYERS, V2_TEXT_LAYERS = 24, 16
 
 
-def vocabulary() -> list[str]:
+def vocabulary(size: int | None = None) -> list[str]:
+    """The word-level vocabulary; its first 92 words are the v1 model's, the counts up to
+    sixteen (the hard split's) follow, so a v1 checkpoint's rows keep their meaning."""
     words: list[str] = list(SPECIAL_TOKENS)
     pieces = [" ".join(sv.SHAPES), " ".join(sv.SHAPES).replace(" ", "s ") + "s",
               " ".join(sv.COLORS), " ".join(sv.NUMBERS), EXTRA_WORDS,
               "is there a what color is the how many are there on the left or the right "
-              "at the top or the bottom ?"]
+              "at the top or the bottom ?", " ".join(sv.MORE_NUMBERS)]
     for piece in pieces:
         for w in piece.split():
             if w not in words:
                 words.append(w)
-    return words
+    if size is not None and not 0 < size <= len(words):
+        raise ValueError(f"vocabulary size {size}: this tokenizer has 1 to {len(words)} words")
+    return words[:size]
 
 
-def build_tokenizer():
+V1_VOCAB_SIZE = len(vocabulary()) - len(sv.MORE_NUMBERS)
+
+
+def build_tokenizer(vocab_size: int | None = None):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(vocab_size))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -84,25 +94,29 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_processor():
+def build_processor(vocab_size: int | None = None):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
         do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True,
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(),
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(vocab_size),
                           patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
-def build_config():
+def build_config(vision_layers: int = VISION["num_hidden_layers"],
+                 text_layers: int = TEXT["num_hidden_layers"], vocab_size: int = V1_VOCAB_SIZE):
+    """The v1 model's config by default; ``build_config(*V2 layers, len(vocabulary()))``
+    is v2's."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vocab_size = len(vocabulary())
     text = LlamaConfig(vocab_size=vocab_size, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                       pad_token_id=PAD_ID, tie_word_embeddings=False, **TEXT)
-    return LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=text,
+                       pad_token_id=PAD_ID, tie_word_embeddings=False,
+                       **{**TEXT, "num_hidden_layers": text_layers})
+    vision = CLIPVisionConfig(**{**VISION, "num_hidden_layers": vision_layers})
+    return LlavaConfig(vision_config=vision, text_config=text,
                        image_token_index=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        pad_token_id=PAD_ID, tie_word_embeddings=False)
@@ -129,11 +143,12 @@ def save_checkpoint(model, out_dir: str | Path, dtype=torch.float16) -> Path:
     tensors = {to_llava_hf_key(k): v.detach().to(dtype).contiguous()
                for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = build_config()
+    vision, text = model.config.vision_config, model.config.text_config
+    config = build_config(vision.num_hidden_layers, text.num_hidden_layers, text.vocab_size)
     config.torch_dtype = dtype
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(out)
-    build_processor().save_pretrained(out)
+    build_processor(text.vocab_size).save_pretrained(out)
     _write_generation_config(out)
     return out
 

@@ -59,9 +59,9 @@ def next_token_logits(model, tokenizer, questions: list[str], feats: list[torch.
 
 
 def evaluate(model, tokenizer, num: int = 400, seed: int = sv.HELDOUT_SEED,
-             keep: KeepFn | None = None, batch: int = 16) -> dict:
+             keep: KeepFn | None = None, batch: int = 16, split: str = "standard") -> dict:
     """Accuracy overall and per question type; greedy first token against the answer."""
-    pairs = list(sv.iter_questions(seed, num))
+    pairs = list(sv.iter_questions(seed, num, split=split))
     correct = collections.Counter()
     total = collections.Counter()
     for start in range(0, num, batch):
@@ -94,11 +94,13 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--num", type=int, default=400)
     p.add_argument("--random-keep", type=int, default=None)
+    p.add_argument("--split", choices=sorted(sv.SPLITS), default="standard")
     args = p.parse_args()
     torch.manual_seed(0)
     model, tok = load_model(args.model or model_path())
     keep = random_keep(args.random_keep) if args.random_keep else None
-    print(json.dumps(evaluate(model, tok, args.num, keep=keep), indent=2))
+    seed = sv.split_of(args.split).heldout_seed
+    print(json.dumps(evaluate(model, tok, args.num, seed, keep=keep, split=args.split), indent=2))
 
 
 if __name__ == "__main__":

@@ -37,14 +37,17 @@ import torch.nn.functional as F
 
 from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.embedded import MODEL_DIR
-from vllm_vtprune.embedded.build import (IMAGE_TOKEN_ID, build_config, build_tokenizer,
-                                         save_checkpoint)
+from vllm_vtprune.embedded.build import (IMAGE_TOKEN_ID, V2_TEXT_LAYERS, V2_VISION_LAYERS,
+                                         build_config, build_tokenizer, save_checkpoint,
+                                         vocabulary)
 from vllm_vtprune.embedded.conversation import IGNORE, collate, normalise
 from vllm_vtprune.embedded.evaluate import evaluate, random_keep
 
 GRID = sv.IMAGE_SIZE // sv.PATCH
 NUM_PATCHES = GRID * GRID
 MIN_COVER = 0.1  # share of a patch an object must cover to count as under it
+# what the patch probe names: the questioned shapes, then the hard split's distractors
+PROBE_SHAPES = sv.SHAPES + sv.DISTRACTOR_SHAPES
 
 
 # ---------------------------------------------------------------------------------------
@@ -56,7 +59,7 @@ class Pool:
     """Rendered training images (uint8 HWC), their objects, questions and patch targets."""
 
     images: np.ndarray
-    objects: list
+    objects: list  # the questioned objects (distractors are only in the targets)
     qas: list
     colour: torch.Tensor  # [N, 576] 0 = background, else 1 + colour index
     shape: torch.Tensor   # [N, 576] 0 = background, else 1 + shape index
@@ -86,36 +89,40 @@ def object_coverage(objs) -> np.ndarray:
     return out
 
 
-def patch_targets(objs) -> dict[str, np.ndarray]:
-    """Dense per-patch targets of one image (see :class:`Pool`)."""
+def patch_targets(objs, distractors=()) -> dict[str, np.ndarray]:
+    """Dense per-patch targets of one image (see :class:`Pool`). A distractor's patches
+    get its colour and its own shape class, but no centre (it is never counted) and no
+    side."""
     colours, n = list(sv.COLORS), NUM_PATCHES
     colour, shape = np.zeros(n, np.int64), np.zeros(n, np.int64)
     centre, side = np.zeros(n, np.float32), np.full((n, 2), -1.0, np.float32)
     touched = np.zeros(n, bool)
-    if objs:
-        cover = object_coverage(objs)
+    everything = list(objs) + list(distractors)
+    if everything:
+        cover = object_coverage(everything)
         touched = cover.max(0) > 0
         best = cover.argmax(0)
         under = cover.max(0) >= MIN_COVER
         mid = sv.IMAGE_SIZE / 2
-        for i, o in enumerate(objs):
+        for i, o in enumerate(everything):
             mine = under & (best == i)
             colour[mine] = 1 + colours.index(o.color)
-            shape[mine] = 1 + sv.SHAPES.index(o.shape)
-            side[mine] = (float(o.cx < mid), float(o.cy < mid))
-            centre[(o.cy // sv.PATCH) * GRID + o.cx // sv.PATCH] = 1.0
+            shape[mine] = 1 + PROBE_SHAPES.index(o.shape)
+            if i < len(objs):
+                side[mine] = (float(o.cx < mid), float(o.cy < mid))
+                centre[(o.cy // sv.PATCH) * GRID + o.cx // sv.PATCH] = 1.0
     return dict(colour=colour, shape=shape, centre=centre, side=side, touched=touched)
 
 
 QUESTIONS_PER_TYPE = 3
 
 
-def training_questions(index: int, exist_questions: int) -> tuple:
-    """Image ``index`` of the training split with up to 3 questions of each type, and up to
-    ``exist_questions`` existence questions: binding colour to shape is learnt last, so it
-    gets more of the signal."""
-    s = sv.make_sample(sv.TRAIN_SEED, index, questions_per_type=max(QUESTIONS_PER_TYPE,
-                                                                    exist_questions))
+def training_questions(index: int, exist_questions: int, split: str = "standard") -> tuple:
+    """Image ``index`` of ``split``'s training images with up to 3 questions of each type,
+    and up to ``exist_questions`` existence questions: binding colour to shape is learnt
+    last, so it gets more of the signal."""
+    s = sv.make_sample(sv.split_of(split).train_seed, index,
+                       questions_per_type=max(QUESTIONS_PER_TYPE, exist_questions), split=split)
     limit = lambda qa: exist_questions if qa.qtype == "exist" else QUESTIONS_PER_TYPE  # noqa: E731
     seen: dict[str, int] = {}
     qas = []
@@ -126,16 +133,31 @@ def training_questions(index: int, exist_questions: int) -> tuple:
     return s, qas
 
 
-def _render(index: int, exist_questions: int) -> tuple:
-    s, qas = training_questions(index, exist_questions)
-    return np.asarray(s.image, dtype=np.uint8), s.objects, qas, patch_targets(s.objects)
+def _render(job: tuple[str, int], exist_questions: int) -> tuple:
+    split, index = job
+    s, qas = training_questions(index, exist_questions, split)
+    return (np.asarray(s.image, dtype=np.uint8), s.objects, qas,
+            patch_targets(s.objects, s.distractors))
 
 
-def render_pool(num: int, offset: int, workers: int, exist_questions: int) -> Pool:
-    """Render training images ``offset .. offset + num`` of the training split."""
+def pool_jobs(num: int, offset: int, hard_share: float) -> list[tuple[str, int]]:
+    """(split, index) of each pool image: training images ``offset ..`` of each split, the
+    hard ones spread evenly through the pool."""
+    hard = round(num * hard_share)
+    jobs, taken = [], {"standard": 0, "hard": 0}
+    for i in range(num):
+        split = "hard" if (i + 1) * hard // num > i * hard // num else "standard"
+        jobs.append((split, offset + taken[split]))
+        taken[split] += 1
+    return jobs
+
+
+def render_pool(num: int, offset: int, workers: int, exist_questions: int,
+                hard_share: float = 0.0) -> Pool:
+    """Render ``num`` training images from index ``offset`` on (see :func:`pool_jobs`)."""
     render = functools.partial(_render, exist_questions=exist_questions)
     with multiprocessing.get_context("fork").Pool(workers) as p:
-        rows = p.map(render, range(offset, offset + num), chunksize=64)
+        rows = p.map(render, pool_jobs(num, offset, hard_share), chunksize=64)
     stack = lambda key: torch.from_numpy(np.stack([r[3][key] for r in rows]))  # noqa: E731
     return Pool(np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows],
                 stack("colour"), stack("shape"), stack("centre"), stack("side"),
@@ -182,6 +204,71 @@ def build_model(seed: int, grid_scale: float):
     return model
 
 
+def _net2deeper(old_layers, new_layers, used_old: int, used_new: int, zero_output) -> None:
+    """Fill ``new_layers`` from ``old_layers``: the first ``used_old`` old layers spread
+    over the first ``used_new`` new ones, each followed by copies of itself whose output
+    projections are zeroed (so they add nothing to the residual stream), and the rest
+    copied one to one."""
+    for j in range(len(new_layers)):
+        if j < used_new:
+            i = j * used_old // used_new
+            first = j == -(-i * used_new // used_old)  # the first new layer mapped to i
+        else:
+            i, first = used_old + (j - used_new), True
+        new_layers[j].load_state_dict(old_layers[i].state_dict())
+        if not first:
+            zero_output(new_layers[j])
+
+
+def deepen(model, vision_layers: int = V2_VISION_LAYERS, text_layers: int = V2_TEXT_LAYERS):
+    """A deeper LLaVA computing the same function as ``model`` (Net2DeeperNet: Chen et al.,
+    "Net2Net: Accelerating Learning via Knowledge Transfer", arXiv 1511.05641, Sec. 2.2,
+    with zeroed output projections as the identity layers), and the full vocabulary.
+
+    The tower layers up to LLaVA's feature layer (-2) spread over the new tower's up to
+    its -2; the LLM's layers over the new LLM's. New layers start as copies of the layer
+    before them, so their attention maps are a trained layer's, not random ones. Rows of
+    the new words (counts above six) start at the mean number embedding and a zero
+    output row.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    old_v = model.model.vision_tower.encoder.layers
+    old_t = model.model.language_model.layers
+    cfg = build_config(vision_layers, text_layers, len(vocabulary()))
+    deep = LlavaForConditionalGeneration(cfg).to(next(model.parameters()).dtype)
+    state = {k: v for k, v in model.state_dict().items()
+             if ".layers." not in k and "embed_tokens" not in k and "lm_head" not in k}
+    missing = deep.load_state_dict(state, strict=False).missing_keys
+    assert all(".layers." in k or "embed_tokens" in k or "lm_head" in k for k in missing)
+    skip = -model.config.vision_feature_layer - 1  # tower layers after the feature layer
+
+    def zero_clip(layer):
+        for p in (layer.self_attn.out_proj, layer.mlp.fc2):
+            torch.nn.init.zeros_(p.weight), torch.nn.init.zeros_(p.bias)
+
+    def zero_llama(layer):
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+
+    _net2deeper(old_v, deep.model.vision_tower.encoder.layers,
+                len(old_v) - skip, vision_layers - skip, zero_clip)
+    _net2deeper(old_t, deep.model.language_model.layers, len(old_t), text_layers, zero_llama)
+    _grow_vocabulary(model, deep)
+    return deep
+
+
+@torch.no_grad()
+def _grow_vocabulary(model, deep) -> None:
+    old_emb, old_head = model.get_input_embeddings().weight, model.lm_head.weight
+    n = old_emb.shape[0]
+    numbers = [vocabulary().index(w) for w in sv.NUMBERS]
+    deep.get_input_embeddings().weight[:n] = old_emb
+    deep.get_input_embeddings().weight[n:] = old_emb[numbers].mean(0)
+    deep.lm_head.weight[:n] = old_head
+    deep.lm_head.weight[n:] = 0.0
+
+
 def load_checkpoint(path: str):
     """Continue from a checkpoint this script wrote (run with ``--vision-steps 0`` to keep
     its tower, and a new ``--data-offset`` so the pool holds unseen images)."""
@@ -210,7 +297,7 @@ class PatchProbe(torch.nn.Module):
         # Shape needs the object's outline, several patches away from most of its patches;
         # it is learnt last, so it gets more weight than colour.
         self.shape_weight, self.side_weight = shape_weight, side_weight
-        self.n_col, self.n_shape = len(sv.COLORS) + 1, len(sv.SHAPES) + 1
+        self.n_col, self.n_shape = len(sv.COLORS) + 1, len(PROBE_SHAPES) + 1
         # The joint colour x shape class makes "is there a red circle" one feature to match,
         # where separate colour and shape features would leave the LLM to bind them.
         self.n_joint = (self.n_col - 1) * (self.n_shape - 1) + 1
@@ -251,7 +338,7 @@ class PatchProbe(torch.nn.Module):
 def joint_class(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """0 for background, else 1 + colour index x number of shapes + shape index."""
     obj = t["colour"] > 0
-    joint = (t["colour"] - 1) * len(sv.SHAPES) + t["shape"]
+    joint = (t["colour"] - 1) * len(PROBE_SHAPES) + t["shape"]
     return torch.where(obj, joint, torch.zeros_like(joint))
 
 
@@ -402,13 +489,16 @@ def train(args) -> None:
         model = load_checkpoint(args.init)
         if args.add_grid_positions:
             add_grid_positions(model, args.grid_scale)
+        if args.deepen:
+            model = deepen(model)
     else:
         model = build_model(args.seed, args.grid_scale)
     model.train()
-    tok = build_tokenizer()
+    tok = build_tokenizer(model.config.text_config.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
-    pool = render_pool(args.pool, args.data_offset, args.threads, args.exist_questions)
+    pool = render_pool(args.pool, args.data_offset, args.threads, args.exist_questions,
+                       args.hard_share)
     log("pool rendered")
     probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight,
                        args.side_weight)
@@ -422,10 +512,21 @@ def train(args) -> None:
     options = {k: v for k, v in vars(args).items() if k not in ("out", "command", "threads")}
     report = {"parameters": n_params, "command": args.command, "options": options,
               "vision_probe_accuracy": vision_acc, "train_minutes": round(minutes, 1),
-              "heldout": evaluate(model, tok, args.eval_num),
-              "heldout_random64": evaluate(model, tok, args.eval_num, keep=random_keep(64))}
+              **heldout_report(model, tok, args.eval_num, args.hard_share > 0)}
     print(json.dumps(report, indent=2), flush=True)
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def heldout_report(model, tok, num: int, hard: bool) -> dict:
+    """Held-out accuracy with all 576 tokens and with a random 64, per split."""
+    out = {}
+    for split in ("standard", "hard") if hard else ("standard",):
+        suffix = "" if split == "standard" else "_hard"
+        seed = sv.split_of(split).heldout_seed
+        out["heldout" + suffix] = evaluate(model, tok, num, seed, split=split)
+        out["heldout_random64" + suffix] = evaluate(model, tok, num, seed, keep=random_keep(64),
+                                                    split=split)
+    return out
 
 
 def main() -> None:
@@ -446,6 +547,11 @@ def main() -> None:
                    help="amplitude of the 2-D cosine position table added to CLIP's")
     p.add_argument("--add-grid-positions", action="store_true",
                    help="with --init: add the 2-D position table to the checkpoint's tower")
+    p.add_argument("--deepen", action="store_true",
+                   help=f"with --init: grow to {V2_VISION_LAYERS} tower and {V2_TEXT_LAYERS} "
+                   "LLM layers computing the same function (shapes-llava v2)")
+    p.add_argument("--hard-share", type=float, default=0.0,
+                   help="share of the pool drawn from the hard split (0: standard only)")
     p.add_argument("--llm-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -465,6 +571,8 @@ def main() -> None:
     args = p.parse_args()
     if args.add_grid_positions and not args.init:
         p.error("--add-grid-positions needs --init (a model built from seed always has the table)")
+    if args.deepen and not args.init:
+        p.error("--deepen needs --init (the checkpoint to grow)")
     args.command = "python -m vllm_vtprune.embedded.train " + " ".join(sys.argv[1:])
     train(args)
 
