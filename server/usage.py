@@ -37,7 +37,7 @@ from prometheus_client import Counter
 
 from vllm_vtprune import families
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune.server import decisions
+from vllm_vtprune.server import decisions, stats
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 IMAGE_PART_TYPES = ("image_url", "input_image", "image_pil", "image")
@@ -47,6 +47,7 @@ TOKENS_BEFORE = Counter("vtprune_visual_tokens_before", "Visual tokens before pr
 TOKENS_AFTER = Counter("vtprune_visual_tokens_after", "Visual tokens fed to the LLM", ["method"])
 KV_TOKENS_SAVED = Counter("vtprune_kv_cache_tokens_saved", "KV-cache tokens saved", ["method"])
 KV_BYTES_SAVED = Counter("vtprune_kv_cache_bytes_saved", "KV-cache bytes saved", ["method"])
+stats.register_collector()  # the engine's encode and pruning seconds
 TOKEN_LAYERS_SKIPPED = Counter("vtprune_llm_token_layers_skipped",
                                "(visual token, decoder layer) pairs pruned inside the LLM "
                                "(compute skipped, KV cache not freed)", ["method"])

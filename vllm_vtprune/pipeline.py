@@ -16,6 +16,7 @@ a request's kept set depend on what it was batched with.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Protocol
 
 import torch
@@ -66,6 +67,7 @@ class PrunedImage:
     origins: Tensor  # [K] patch index each token stands at (a merged token: its representative)
     kept: Tensor | None  # [K] patch indices when the tokens are a plain subset, else None
     positions: Tensor | None = None  # [K, 2] (row, col) of each origin in the patch grid
+    prune_seconds: float = 0.0  # in the method's selection (with any tower layers it runs)
 
     @classmethod
     def subset(cls, tokens: Tensor, kept: Tensor) -> "PrunedImage":
@@ -203,7 +205,10 @@ def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
     ctx = ImageContext(tower, project, pixel_values, spec, text, num_patches, k)
     if method.where is not registry.Where.INSIDE_ENCODER:
         ctx.hidden, ctx.last_input = run_to_feature_layer(tower, pixel_values)
-    return method.prune(ctx)
+    started = time.perf_counter()
+    image = method.prune(ctx)
+    image.prune_seconds = time.perf_counter() - started
+    return image
 
 
 def unpruned(tower: VisionTower, project: Projector, hidden: Tensor) -> PrunedImage:

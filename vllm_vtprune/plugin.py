@@ -17,9 +17,11 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vllm_vtprune import families, vllm_flag
+    from vllm_vtprune.server import stats
 
     # "module:Class" keeps vLLM's model code out of processes that never build the model.
     for family in families.families():
         ModelRegistry.register_model(family.architecture, family.vllm_class)
     vllm_flag.install()
+    stats.ensure_path()  # before vLLM starts the engine, which inherits the path
     _registered = True

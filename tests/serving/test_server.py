@@ -125,17 +125,31 @@ def test_bad_override_and_bad_image_get_400_and_server_keeps_serving(client, que
     assert r.usage.vtprune["visual_tokens_after"] == 64
 
 
-def test_metrics_count_the_savings(server, client, questions):
-    def saved():
-        with urllib.request.urlopen(server + "/metrics") as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith('vtprune_kv_cache_tokens_saved_total{method="resprune"}'):
-                    return float(line.split()[-1])
-        return 0.0
+def _metric(server, name: str) -> float:
+    with urllib.request.urlopen(server + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+    return 0.0
 
-    before = saved()
+
+def test_metrics_count_the_savings(server, client, questions):
+    name = 'vtprune_kv_cache_tokens_saved_total{method="resprune"}'
+    before = _metric(server, name)
     ask(client, questions[7][1].question, [questions[7][0]])
-    assert saved() - before == FULL_TOKENS - 64
+    assert _metric(server, name) - before == FULL_TOKENS - 64
+
+
+def test_metrics_time_the_engine_encoding_and_pruning(server, client, questions):
+    """The engine process's tower and pruning seconds reach the API server's /metrics."""
+    names = ("vtprune_images_encoded_total", "vtprune_image_encode_seconds_total",
+             "vtprune_pruning_seconds_total")
+    before = [_metric(server, n) for n in names]
+    ask(client, questions[8][1].question, [questions[8][0]])
+    ask(client, questions[9][1].question, [questions[9][0], questions[10][0]])
+    images, encode, prune = (_metric(server, n) - b for n, b in zip(names, before))
+    assert images == 3
+    assert encode > prune > 0
 
 
 def _trace_lines(path):

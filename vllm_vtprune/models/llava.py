@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,7 +43,7 @@ from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_supported,
                                         server_spec)
 from vllm_vtprune.families import llava as family
-from vllm_vtprune.server import decisions
+from vllm_vtprune.server import decisions, stats
 
 #: hf_overrides key: "skip" (default) takes pruned rows out of the decoder's batch, "mask"
 #: only hides them (the latency bench's comparison arm)
@@ -290,8 +291,13 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if image_input["type"] != "pixel_values" or specs is None:
             return self._process_image_input(image_input)
         pixels = image_input["pixel_values"]
-        return [self._embed_one(pixels[i:i + 1], decode_spec(specs[i]), text_ids[i])
-                for i in range(len(pixels))]
+        started = time.perf_counter()
+        parsed = [decode_spec(specs[i]) for i in range(len(pixels))]
+        images = [self._embed_one(pixels[i:i + 1], spec, text_ids[i])
+                  for i, spec in enumerate(parsed)]
+        stats.add(len(images), time.perf_counter() - started,
+                  sum(image.prune_seconds for image in images))
+        return [self._tokens(image, spec) for image, spec in zip(images, parsed)]
 
     def _embed_one(self, pixel_values: torch.Tensor, spec, text_ids: torch.Tensor):
         text = None
@@ -301,6 +307,9 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         image = pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
                                      spec, text)
         pipeline.trace(spec, ids.tolist(), image)
+        return image
+
+    def _tokens(self, image: pipeline.PrunedImage, spec) -> torch.Tensor:
         if self._in_llm:  # the decoder loop reads each image's spec off its embeddings
             from vllm_vtprune.models import in_llm
 
