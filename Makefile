@@ -6,7 +6,7 @@ SPEC  ?= resprune:64
 # On CPU vLLM reserves KV-cache space in host RAM (GiB); its GPU default would take 92 %.
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: setup serve test test-fast bench-accuracy bench-kernels train
+.PHONY: setup serve test test-fast bench-accuracy bench-latency bench-kernels train
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,9 @@ test-fast: setup
 
 bench-accuracy: setup
 	$(PY) bench/accuracy.py
+
+bench-latency: setup
+	$(PY) bench/latency.py
 
 bench-kernels: setup
 	$(PY) bench/kernels.py

@@ -7,8 +7,12 @@ each configuration's generate time and its ratio to the full-token run. With
 ``--path transformers`` the same questions go through the transformers reference path
 (one request at a time), which also runs the methods inside the LLM (FastV).
 
-    python bench/accuracy.py [--num 200] [--budgets 192,128,64,32] [--methods ...]
-        [--path vllm|transformers]
+    python bench/accuracy.py --quick              # ~2 min: 40 questions, 4 methods at 64
+    python bench/accuracy.py [--num 200] [--budgets 192,128,64,32,16] [--methods ...]
+        [--split standard|hard] [--path vllm|transformers] [--json F] [--plot F.png]
+
+Every served method runs by default (``random`` included); RCP with the modules shipped
+for the embedded model, or untrained ones where none are shipped (labelled so).
 """
 from __future__ import annotations
 
@@ -97,15 +101,55 @@ def run(answers, pairs, spec):
             "seconds": seconds}
 
 
-def _rcp_ckpt(args) -> str:
-    if args.rcp_ckpt == "identity":
+def _rcp_ckpt(args) -> str | None:
+    """RCP's modules: --rcp-ckpt, else those shipped for the embedded model, else
+    untrained ones (`vtprune rcp-init`)."""
+    from vllm_vtprune.embedded import RCP_CHECKPOINT
+
+    if args.rcp_ckpt is None and RCP_CHECKPOINT.exists():
+        return None  # the shipped ones, picked by the server
+    if args.rcp_ckpt in (None, "identity"):
         import tempfile
 
         from vllm_vtprune import cli
 
         args.rcp_ckpt = os.path.join(tempfile.mkdtemp(), "rcp-identity.safetensors")
         cli.main(["rcp-init", "--out", args.rcp_ckpt])
+        args.rcp_label = "rcp (untrained)"
     return args.rcp_ckpt
+
+
+QUICK = dict(num=40, budgets="64", methods="resprune,divprune,random,fastv")
+
+
+def spec_for(method: str, budget: int, args) -> str:
+    spec = f"{method}:{budget}"
+    if method == "rcp" and _rcp_ckpt(args):
+        spec += f",ckpt={args.rcp_ckpt}"
+    return spec + "".join(f",{o.split(':', 1)[1]}" for o in args.option
+                          if o.split(":", 1)[0] == method)
+
+
+def plot(results: dict, full: dict, budgets: list[int], args) -> None:
+    """Accuracy against visual tokens, a line per method, full tokens drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(full["accuracy"], color="black", linewidth=2, label="full tokens (576)")
+    for method, by_budget in results.items():
+        ax.plot(budgets, [by_budget[b]["accuracy"] for b in budgets], marker="o",
+                label=args.labels.get(method, method))
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xticks=budgets, xticklabels=[str(b) for b in budgets],
+           xlabel="visual tokens per image (budget)", ylabel="accuracy",
+           title=f"ShapesVQA {args.split}, {args.num} held-out questions, through {args.path}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
 
 
 def main() -> None:
@@ -113,55 +157,73 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=200)
-    p.add_argument("--budgets", default="192,128,64,32")
+    p.add_argument("--budgets", default="192,128,64,32,16")
     p.add_argument("--path", choices=("vllm", "transformers"), default="vllm",
                    help="vllm (served methods) or the transformers reference path "
                         "(also methods inside the LLM that have a reference plan)")
     p.add_argument("--methods", default=None,
                    help="comma-separated; default: every method the path runs")
+    p.add_argument("--split", default="standard", help="ShapesVQA split: standard or hard")
+    p.add_argument("--quick", action="store_true",
+                   help="40 questions, resprune, divprune, random and fastv at 64")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--plot", default=None, help="PNG of accuracy against visual tokens")
     p.add_argument("--option", action="append", default=[],
                    help="METHOD:key=value added to that method's specs (repeatable), "
                         "e.g. polymorphic:layers=3-5-6")
     p.add_argument("--rcp-ckpt", default=None,
-                   help="RCP modules (default: those shipped for the embedded model; "
-                        "'identity' for untrained ones, `vtprune rcp-init`)")
+                   help="RCP modules (default: those shipped for the embedded model, else "
+                        "untrained ones; 'identity' for untrained, `vtprune rcp-init`)")
     args = p.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    args.labels = {}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from vllm_vtprune.data import shapes_vqa as sv
 
+    split = sv.split_of(args.split)
     if args.methods is None:
         runs = [n for n, m in registry.methods().items()
-                if m.served or (args.path == "transformers" and m.llm_plan is not None)
-                ]
+                if m.served or (args.path == "transformers" and m.llm_plan is not None)]
         args.methods = ",".join(runs)
     answers = vllm_answers() if args.path == "vllm" else transformers_answers()
-    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, args.num, start=20_000))
+    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
     run(answers, pairs[:8], "none")  # warm-up
     full = run(answers, pairs, "none")
-    results = {"none": full}
+    results: dict[str, dict[int, dict]] = {}
     budgets = [int(b) for b in args.budgets.split(",")]
     print(f"full tokens: accuracy {full['accuracy']:.3f} per type "
           + json.dumps({k: round(v, 3) for k, v in full["per_type"].items()})
           + f", {full['seconds']:.1f} s for {args.num} requests")
-    header = "| method | " + " | ".join(f"{b} acc (retained)" for b in budgets) + " |"
-    print(header)
+    print("| method | " + " | ".join(f"{b} acc (retained)" for b in budgets) + " |")
     print("|" + "---|" * (len(budgets) + 1))
     for method in args.methods.split(","):
         cells = []
+        answers(pairs[:2], spec_for(method, budgets[0], args))  # off the clock: engine start
         for b in budgets:
-            spec = f"{method}:{b}" + (f",ckpt={_rcp_ckpt(args)}"
-                                      if method == "rcp" and args.rcp_ckpt else "")
-            spec += "".join(f",{o.split(':', 1)[1]}" for o in args.option
-                            if o.split(":", 1)[0] == method)
-            r = results[spec] = run(answers, pairs, spec)
+            spec = spec_for(method, b, args)
+            r = results.setdefault(method, {})[b] = run(answers, pairs, spec) | {"spec": spec}
             cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
                          f"time x{r['seconds'] / full['seconds']:.2f})")
-        print(f"| {method} | " + " | ".join(cells) + " |", flush=True)
+        if method == "rcp" and getattr(args, "rcp_label", None):
+            args.labels[method] = args.rcp_label
+        print(f"| {args.labels.get(method, method)} | " + " | ".join(cells) + " |", flush=True)
+    print("\nper question type (accuracy at each budget; full tokens first):")
+    for qtype in full["per_type"]:
+        print(f"  {qtype:9} full {full['per_type'][qtype]:.2f} | " + " | ".join(
+            f"{m} " + " ".join(f"{results[m][b]['per_type'].get(qtype, 0):.2f}" for b in budgets)
+            for m in results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"split": args.split, "num": args.num, "path": args.path, "full": full,
+                       "methods": {args.labels.get(m, m): {str(b): r for b, r in v.items()}
+                                   for m, v in results.items()}}, f, indent=2)
+    if args.plot:
+        plot(results, full, budgets, args)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
