@@ -7,6 +7,8 @@ generated workload (ShapesVQA images and questions, from ``--seed``), for:
 * ``limit:K``: text-only prompts exactly as long as the prompts pruned to K (same engine
   as vanilla, same output length): what an image of K tokens could cost at best, with
   no vision tower and no pruning;
+* ``none``: the pruning class serving full tokens (its overhead over vanilla, and the
+  whole tower's time per image);
 * ``METHOD:K``: every method x budget, per request (``mm_processor_kwargs``) on one
   ``vllm serve --vtprune none`` server (methods inside the LLM on one started with
   ``--vtprune fastv:64``, whose masked decoder serves them all).
@@ -288,6 +290,8 @@ def configs(methods: list[str], budgets: list[int]) -> list[Config]:
 
     out = [Config("vanilla", "vanilla", None, None)]
     out += [Config(f"limit:{b}", "vanilla", None, b) for b in budgets]
+    if methods:  # the pruning class without pruning: its overhead, the tower's time
+        out.append(Config("none", "encoder", "none", None))
     for m in methods:
         where = "in_llm" if m in registry.in_llm() else "encoder"
         out += [Config(f"{m}:{b}", where, f"{m}:{b}", b) for b in budgets]

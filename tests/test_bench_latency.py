@@ -48,8 +48,8 @@ def test_speedup_and_efficiency_against_vanilla_and_the_limit():
 
 def test_configs_put_the_limit_beside_every_budget():
     names = [c.name for c in latency.configs(["resprune", "fastv"], [128, 64])]
-    assert names == ["vanilla", "limit:128", "limit:64", "resprune:128", "resprune:64",
+    assert names == ["vanilla", "limit:128", "limit:64", "none", "resprune:128", "resprune:64",
                      "fastv:128", "fastv:64"]
     servers = {c.name: c.server for c in latency.configs(["resprune", "fastv"], [64])}
-    assert servers == {"vanilla": "vanilla", "limit:64": "vanilla", "resprune:64": "encoder",
-                       "fastv:64": "in_llm"}
+    assert servers == {"vanilla": "vanilla", "limit:64": "vanilla", "none": "encoder",
+                       "resprune:64": "encoder", "fastv:64": "in_llm"}
