@@ -8,7 +8,7 @@ each configuration's generate time and its ratio to the full-token run. With
 (one request at a time), which also runs the methods inside the LLM (FastV).
 
     python bench/accuracy.py --quick              # ~2 min: 40 questions, 4 methods at 64
-    python bench/accuracy.py [--num 200] [--budgets 192,128,64,32,16] [--methods ...]
+    python bench/accuracy.py [--num 200] [--budgets 576,192,128,64,32,16] [--methods ...]
         [--split standard|hard] [--path vllm|transformers] [--json F] [--plot F.png]
 
 Every served method runs by default (``random`` included); RCP with the modules shipped
@@ -157,7 +157,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=200)
-    p.add_argument("--budgets", default="192,128,64,32,16")
+    p.add_argument("--budgets", default="576,192,128,64,32,16")
     p.add_argument("--path", choices=("vllm", "transformers"), default="vllm",
                    help="vllm (served methods) or the transformers reference path "
                         "(also methods inside the LLM that have a reference plan)")

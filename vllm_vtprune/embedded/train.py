@@ -18,6 +18,12 @@ Two stages, the way LLaVA itself is built from a pretrained CLIP:
    feed the LLM every object patch plus a random share of the background, which is
    several times cheaper than 576 tokens and teaches the lookup first; a growing share of
    steps uses all 576 tokens, the way the model is served.
+
+shapes-llava v2 (``--init V1 --deepen --hard-share 0.5``) starts from the trained v1:
+:func:`deepen` grows it to LLaVA-1.5's tower depth (24 layers, features from layer -2)
+and a 16-layer LLM computing the same function, and both stages then go on over a pool
+that mixes the standard and the hard split (``--hard-share``); training from a seed at
+that depth costs several times the v1 model's 183 CPU-minutes.
 """
 from __future__ import annotations
 
