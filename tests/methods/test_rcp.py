@@ -234,3 +234,13 @@ def test_retention_and_sparsity_loss():
     assert batched.item() == pytest.approx(expected)
     with pytest.raises(ValueError):
         rcp.retention_rates({12: m5}, 10, n)
+
+
+@pytest.mark.parametrize("budget,pruned", [(576, False), (1000, False), (575, True)])
+def test_budget_at_the_token_count_keeps_everything(rcp_checkpoint, budget, pruned):
+    """As for every other method, rcp:K with K at or above the image's tokens prunes
+    nothing (no decision, no adapter); one token fewer prunes."""
+    from vllm_vtprune import spec as spec_mod
+
+    plan = rcp.llm_plan(spec_mod.parse(f"rcp:{budget},ckpt={rcp_checkpoint}"), [(5, 581)], 8, 576)
+    assert bool(plan.decisions) is pruned and bool(plan.adapters) is pruned

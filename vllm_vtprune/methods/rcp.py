@@ -598,9 +598,9 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     if modules.num_layers != num_layers:
         raise ValueError(f"rcp ckpt={spec.value('ckpt')}: made for {modules.num_layers} "
                          f"decoder layers, this model has {num_layers}")
-    if not image_spans:
-        return Plan()
     budget = len(image_spans) * spec.tokens_for(full_tokens)
+    if budget >= sum(e - s for s, e in image_spans):
+        return Plan()  # a budget at or above the token count keeps everything, as elsewhere
     state = RequestState(modules, image_spans, budget)
     first = modules.pruning_layers[0]
     most = layer_average_ceiling(num_layers, first, state.per_layer, state.budget)
