@@ -399,11 +399,14 @@ def plot(results: list[dict], concurrency: list[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = _colours(results)
+    budgets = sorted({r["budget"] for r in results if r["budget"] is not None}, reverse=True)
     for r in results:
-        style = "--" if r["config"].startswith("limit:") else "-"
-        width = 2.5 if r["config"] == "vanilla" else 1.2
+        name = r["config"].split(":")[0]
+        style = ("-", ":", "-.", "--")[budgets.index(r["budget"]) % 4] if r["budget"] else "-"
+        width = 2.5 if name in ("vanilla", "limit") else 1.2
         left.plot(concurrency, [r["runs"][c]["req_per_s"] for c in concurrency], style,
-                  marker="o", linewidth=width, label=r["config"])
+                  color=colours[name], marker="o", linewidth=width, label=r["config"])
     left.set_xscale("log")
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set(xlabel="concurrent requests", ylabel="requests / s", title="throughput",
@@ -419,12 +422,24 @@ def plot(results: list[dict], concurrency: list[int], path: str) -> None:
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["budget"])
         right.plot([r["budget"] for r in rs], [r["runs"][c0]["ttft_p50"] * 1e3 for r in rs],
-                   "--" if name == "limit" else "-", marker="o", label=name)
+                   "--" if name == "limit" else "-", color=colours[name], marker="o",
+                   linewidth=2.5 if name == "limit" else 1.2, label=name)
     right.set(xlabel="visual tokens (budget)", ylabel="TTFT p50 ms",
               title=f"time to first token, concurrency {c0}")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _colours(results: list[dict]) -> dict[str, str]:
+    """One colour per method (its budgets differ by line style); vanilla black, the
+    limit grey."""
+    import matplotlib
+
+    names = list(dict.fromkeys(r["config"].split(":")[0] for r in results))
+    palette = iter(matplotlib.colormaps["tab10"].colors)
+    fixed = {"vanilla": "black", "limit": "grey", "none": "tab:brown"}
+    return {n: fixed.get(n) or matplotlib.colors.to_hex(next(palette)) for n in names}
 
 
 # ------------------------------------------------------------------ main
@@ -463,6 +478,8 @@ def parse_args(argv=None):
                         "8 prompts of 8 output tokens")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only draw --plot from a JSON this bench wrote")
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -491,8 +508,19 @@ def server_for(kind: str, args, model: str, log_dir: Path):
     return Server(model, extra, log_dir, kind)
 
 
+def replot(path: str, out: str) -> None:
+    data = json.loads(Path(path).read_text())
+    results = data["results"]
+    for r in results:  # JSON keys are strings
+        r["runs"] = {int(c): v for c, v in r["runs"].items()}
+    plot(results, [int(c) for c in data["args"]["concurrency"]], out)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        replot(args.replot, args.plot or args.replot.replace(".json", ".png"))
+        return
     remote = args.base_url is not None
     model = None if remote else model_path(args.model)
     cfgs = configs(args.methods, args.budgets)
