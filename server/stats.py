@@ -50,8 +50,8 @@ def add(images: int, encode_seconds: float, prune_seconds: float) -> None:
     path = os.environ.get(ENV)
     if not path:
         return
-    try:
-        with open(path, "r+b") as f:
+    try:  # created if gone: a server outliving the process that made the file still counts
+        with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             values = _unpack(f.read(_SIZE))
             f.seek(0)

@@ -44,9 +44,18 @@ def test_collector_names_and_no_file(stats_file, monkeypatch):
 
 
 def test_ensure_path_creates_once(monkeypatch):
-    monkeypatch.delenv(stats.ENV, raising=False)
+    monkeypatch.setenv(stats.ENV, "")  # restored afterwards: later servers keep their file
+    monkeypatch.delenv(stats.ENV)
     path = stats.ensure_path()
-    assert stats.ensure_path() == path
-    stats.add(1, 2.0, 1.0)
-    assert stats.read()["encode_seconds"] == 2.0
-    stats._remove(path)
+    try:
+        assert stats.ensure_path() == path
+        stats.add(1, 2.0, 1.0)
+        assert stats.read()["encode_seconds"] == 2.0
+    finally:
+        stats._remove(path)
+
+
+def test_a_removed_file_is_created_again(stats_file):
+    stats_file.unlink()
+    stats.add(1, 0.5, 0.25)
+    assert stats.read() == {"images": 1.0, "encode_seconds": 0.5, "prune_seconds": 0.25}

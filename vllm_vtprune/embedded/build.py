@@ -72,7 +72,9 @@ def vocabulary(size: int | None = None) -> list[str]:
 V1_VOCAB_SIZE = len(vocabulary()) - len(sv.MORE_NUMBERS)
 
 
-def build_tokenizer(vocab_size: int | None = None):
+def build_tokenizer(vocab_size: int = V1_VOCAB_SIZE):
+    """The word-level tokenizer of a model with ``vocab_size`` words (v1's by default,
+    as :func:`build_config`)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -94,7 +96,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_processor(vocab_size: int | None = None):
+def build_processor(vocab_size: int = V1_VOCAB_SIZE):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(
