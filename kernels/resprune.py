@@ -8,10 +8,12 @@
 * ``torch``: always the torch path.
 
 Both paths share the preprocessing (:func:`vllm_vtprune.methods.resprune.prepare_inputs`:
-validation, fp32 upcast, Gram matrix, gate of Eq. (13)/(15), floored initial energies,
+validation, fp32 upcast, squared norms, gate of Eq. (13)/(15), floored initial energies,
 seed) and the restart rule, so on fp32 inputs they return the same indices; the only
-difference is the summation order of ``sum_j L[j, p] L[j, :]`` (BLAS vs. a sequential
-loop in the kernel), i.e. ulp-level differences that can only matter on near-ties.
+differences are summation orders (the kernel reads the pivot rows of G from one matmul,
+the torch path computes each as a matrix-vector product; ``sum_j L[j, p] L[j, :]`` is a
+BLAS call there and a sequential loop in the kernel), i.e. ulp-level differences that can
+only matter on near-ties.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def resprune_order_batch(
         return torch.stack([getattr(p, field) for p in prep]).contiguous()
 
     order = launch_greedy(
-        stacked("gram"),
+        torch.stack([_rp.gram(p.tokens) for p in prep]).contiguous(),
         stacked("gate"),
         stacked("diag"),
         stacked("e0"),

@@ -79,3 +79,29 @@ def test_budget_at_or_above_the_patch_count_keeps_every_patch_in_order(reference
     image = _prune(reference, pixels, ids, "dcp:1000")
     assert image.origins.tolist() == list(range(576))
     torch.testing.assert_close(image.tokens, projected, rtol=1e-5, atol=1e-6)
+
+
+def test_probed_layer_is_the_layer_and_its_probe_the_plain_softmax(reference, image_state):
+    """DCP computes a stage's layer once with its attention exposed (row blocks): the
+    output must be transformers' own layer, the probe the softmax of q k^T / sqrt(d)."""
+    pixels = image_state[0]
+    tower = reference.tower
+    layer = tower.vm.encoder.layers[1]
+    with torch.no_grad():
+        h = tower.layer(0, tower.embed(pixels))
+        x_att, out, probe = tower.layer_probed(1, h)
+        want = tower.layer(1, h)
+        x = layer.layer_norm1(h)[0]
+        heads = layer.self_attn.num_heads
+        split = lambda t: t.view(t.shape[0], heads, -1).transpose(0, 1)  # noqa: E731
+        q, k, v = (split(proj(x)) for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                layer.self_attn.v_proj))
+        attn = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+    assert out.shape == want.shape == h.shape
+    assert torch.allclose(out, want, rtol=1e-4, atol=1e-4)
+    assert (out - want).abs().max() < (want - h).abs().max() * 1e-3  # far below the layer's change
+    assert torch.allclose(probe.attn, attn.mean(dim=0), atol=1e-6)
+    assert torch.allclose(probe.cls_attn, attn[:, 0], atol=1e-6)
+    assert torch.allclose(probe.context, attn @ v, atol=1e-5)
+    assert torch.allclose(x_att, h + layer.self_attn.out_proj(
+        (attn @ v).transpose(0, 1).reshape(1, h.shape[1], -1)), atol=1e-5)

@@ -33,8 +33,9 @@ class Probe:
 
     cls_attn: Tensor | None  # [H, P+N]: softmax row of the CLS query; None without CLS
     keys: Tensor  # [H, P+N, head_dim]
-    attn: Tensor | None = None  # [H, P+N, P+N] full softmax attention when asked for
+    attn: Tensor | None = None  # [P+N, P+N] softmax attention averaged over heads, when asked for
     values: Tensor | None = None  # [H, P+N, head_dim] when asked for
+    context: Tensor | None = None  # [H, P+N, head_dim] softmax(q k^T) v, when asked for
 
 
 class VisionTower(Protocol):
@@ -52,8 +53,9 @@ class VisionTower(Protocol):
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         """Attention that layer ``i`` computes on its input ``hidden`` [1, M, C]."""
 
-    def layer_parts(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer ``i``'s residual stream after its attention and after its FFN branch."""
+    def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
+        """Layer ``i`` computed once with its attention exposed: the residual stream after
+        its attention and after its FFN branch, and its full probe (``attn``, ``values``)."""
 
 
 Projector = Callable[[Tensor], Tensor]

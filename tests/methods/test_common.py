@@ -59,3 +59,13 @@ def test_methods_import_neither_vllm_nor_transformers():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_finite_check_takes_large_finite_values_whose_sum_overflows():
+    big = torch.full((4, 3), 3e38)  # the sum is +inf; every entry is finite
+    assert torch.equal(check_tokens(big), big)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = big.clone()
+        bad[2, 1] = value
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            check_tokens(bad)

@@ -296,3 +296,21 @@ def test_non_finite_raises(fn):
             dcp.tatcs_select(torch.randn(8, 4), torch.tensor([1.0, float("inf"), 0, 0]), 3)
         else:
             dcp.cls_score(torch.tensor([1.0, float("inf")]))
+
+
+def test_top_k_mask_is_a_stable_descending_sorts_first_k():
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randint(0, 4, (7, 40), generator=gen).float()  # many ties
+    for k in (1, 3, 5, 40):
+        order = torch.sort(e, dim=1, descending=True, stable=True).indices[:, :k]
+        want = torch.zeros_like(e, dtype=torch.bool).scatter_(1, order, True)
+        assert torch.equal(dcp.top_k_mask(e, k), want)
+
+
+def test_served_scores_equal_the_public_terms_with_head_averaged_attention():
+    L = _layer(m=20, d=6, heads=3)
+    want = dcp.importance_scores(**L)
+    scores = dcp.StageScores(L["cls_attn"], L["x_in"], L["x_att"], L["attn"].mean(dim=0),
+                             L["values"])
+    got = dcp._importance(L["tokens"], scores)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

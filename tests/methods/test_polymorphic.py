@@ -162,3 +162,22 @@ def test_stage2_schedule_average_matches_budget():
     assert P.stage2_schedule(50, 64) == [50, 50, 50]
     with pytest.raises(ValueError):
         P.stage2_schedule(128, 64, layers=(7, 3))
+
+
+def test_squared_distance_matches_explicit_differences_and_is_zero_for_equal_tokens():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 16, generator=gen) * 10
+    x[7] = x[3]
+    want = ((x.double()[:, None] - x.double()[None]) ** 2).sum(-1)
+    got = P.squared_distance(x)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+    assert got[3, 7] == 0 and got[7, 3] == 0 and torch.all(got.diagonal() == 0)
+    # the floor sits between float64 round-off and float32 differences that matter: tokens
+    # 1e-5 of their norm apart stay apart, tokens one last bit apart count as equal
+    y = x[:2].clone()
+    y[1] = y[0] * (1 + 1e-5)
+    assert P.squared_distance(y)[0, 1] > 0
+    y[1] = y[0]
+    y[1, 0] = torch.nextafter(y[0, 0], torch.tensor(1e9))
+    assert P.squared_distance(y)[0, 1] == 0

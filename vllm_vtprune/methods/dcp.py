@@ -31,6 +31,7 @@ Choices where the text is silent or ambiguous (each repeated where it applies):
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -84,6 +85,10 @@ def kappa(kept: Tensor, full: Tensor) -> float:
     f = check_tokens(full, "full")
     if k.shape[1] != f.shape[1]:
         raise ValueError(f"kept has dim {k.shape[1]}, full has dim {f.shape[1]}")
+    return _kappa(k, f)
+
+
+def _kappa(k: Tensor, f: Tensor) -> float:
     num = float(_dispersion(k.double()))
     den = float(_dispersion(f.double()))
     if den == 0.0:
@@ -99,10 +104,13 @@ def cls_score(cls_attn: Tensor) -> Tensor:
     ``cls_attn``: [H, M] per head or [M] already averaged (patch columns only).
     """
     a = check_finite(cls_attn, "cls_attn")
-    if a.dim() == 2:
-        a = a.mean(dim=0)
-    if a.dim() != 1:
+    if a.dim() not in (1, 2):
         raise ValueError(f"cls_attn must be [H, M] or [M], got shape {tuple(cls_attn.shape)}")
+    return _cls_score(a)
+
+
+def _cls_score(a: Tensor) -> Tensor:
+    a = a.mean(dim=0) if a.dim() == 2 else a
     return a / (a.sum() + EPS)
 
 
@@ -111,10 +119,14 @@ def cosine_score(x: Tensor) -> Tensor:
 
     With a single token the mean over no others is taken as 0 (c = 1).
     """
-    x = check_tokens(x)
+    return _cosine_score(check_tokens(x))
+
+
+def _cosine_score(x: Tensor) -> Tensor:
+    # sum_j cos(x_i, x_j) = x^_i . sum_j x^_j: O(M d) instead of the O(M^2 d) matrix
     m = x.shape[0]
-    cos = cosine_matrix(x)
-    off = cos.sum(dim=1) - cos.diagonal()
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    off = xn @ xn.sum(dim=0) - (xn * xn).sum(dim=-1)
     c = 1.0 - off / max(m - 1, 1)
     return c / (c.sum() + EPS)
 
@@ -134,6 +146,10 @@ def variation_score(x_in: Tensor, x_att: Tensor, x_ffn: Tensor) -> Tensor:
     x_ffn = check_tokens(x_ffn, "x_ffn")
     if not x_in.shape == x_att.shape == x_ffn.shape:
         raise ValueError("x_in, x_att and x_ffn must have the same shape")
+    return _variation_score(x_in, x_att, x_ffn)
+
+
+def _variation_score(x_in: Tensor, x_att: Tensor, x_ffn: Tensor) -> Tensor:
     in_norm = x_in.norm(dim=-1)
     score = torch.zeros(x_in.shape[0])
     for x_b in (x_att, x_ffn):
@@ -161,10 +177,15 @@ def ablation_score(attn: Tensor, values: Tensor, hidden: Tensor) -> Tensor:
             f"attn must be [.., {m}, {m}] and values [.., {m}, dv] for {m} tokens, "
             f"got {tuple(attn.shape)} and {tuple(values.shape)}"
         )
-    ratio = a / (1.0 - a + EPS)  # [i, k]
-    ratio = ratio.masked_fill(torch.eye(m, dtype=torch.bool), 0.0)
-    influence = ratio * y.norm(dim=-1, keepdim=True) * v.norm(dim=-1).unsqueeze(0)
-    return influence.sum(dim=0) / max(m - 1, 1)
+    return _ablation_score(a, v, y)
+
+
+def _ablation_score(a: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    """Eq. 23 on head-averaged ``a`` [M, M] and ``v`` [M, dv]: the sum over queries i is
+    one vector-matrix product with |y_i|, not an [M, M] product matrix."""
+    m = y.shape[0]
+    ratio = (a / (1.0 - a + EPS)).fill_diagonal_(0.0)  # [i, k], i != k
+    return (y.norm(dim=-1) @ ratio) * v.norm(dim=-1) / max(m - 1, 1)
 
 
 def importance_scores(
@@ -191,6 +212,15 @@ def importance_scores(
     if attn is not None and values is not None:
         s = s + ablation_score(attn, values, y)
     return s
+
+
+def _importance(y: Tensor, scores: "StageScores") -> Tensor:
+    """Eq. 9 on validated float32 inputs (the served path checks the layer once)."""
+    s = _cosine_score(y)
+    if scores.cls_attn is not None:
+        s = s + _cls_score(scores.cls_attn)
+    s = s + _variation_score(scores.x_in, scores.x_att, y)
+    return s + _ablation_score(scores.attn, scores.values.mean(dim=0), y)
 
 
 def partition(scores: Tensor, num_anchors: int) -> tuple[Tensor, Tensor]:
@@ -237,19 +267,34 @@ def graph_update(
     lowest context index); edges with e_ij <= 0 get weight 0 (see module docstring).
     Returns [M_a, d] in the order of ``anchors``.
     """
-    x = check_tokens(tokens)
-    p = check_finite(positions, "positions")
+    return _graph_update(check_tokens(tokens), anchors, context,
+                         check_finite(positions, "positions"), k_n, tau, alpha)
+
+
+def _graph_update(x: Tensor, anchors: Tensor, context: Tensor, p: Tensor, k_n: int,
+                  tau: float, alpha: float) -> Tensor:
     x_anc = x[anchors]
     if context.numel() == 0 or alpha == 0:
         return x_anc
-    e = edge_weights(x[context], x_anc, p[context], p[anchors], tau)  # [Mc, Ma]
-    k = min(k_n, e.shape[0])
-    order = torch.sort(e, dim=0, descending=True, stable=True).indices[:k]  # [k, Ma]
-    w = torch.gather(e, 0, order).clamp_min(0.0)
-    total = w.sum(dim=0, keepdim=True)
-    w = torch.where(total > 0, w / total.clamp_min(EPS), torch.zeros_like(w))
-    neighbours = x[context][order]  # [k, Ma, d]
-    return x_anc + alpha * (w.unsqueeze(-1) * neighbours).sum(dim=0)
+    x_ctx = x[context]
+    # e_ij of Eq. 3 with anchors as rows ([Ma, Mc]): each anchor's top-k_n is then a
+    # reduction along contiguous memory
+    e = edge_weights(x_anc, x_ctx, p[anchors], p[context], tau)
+    w = torch.where(top_k_mask(e, min(k_n, e.shape[1])), e.clamp_min(0.0), 0.0)
+    total = w.sum(dim=1, keepdim=True)
+    w = torch.where(total > 0, w / total.clamp_min(EPS), 0.0)
+    return x_anc + alpha * (w @ x_ctx)  # each anchor's weighted top-k_n neighbours
+
+
+def top_k_mask(e: Tensor, k: int) -> Tensor:
+    """Bool [A, M]: the ``k`` largest entries of each row of ``e``, ties at the k-th value
+    to the lowest column (what a stable descending sort's first k give), from a partial
+    top-k instead of a full sort."""
+    kth = torch.topk(e, k, dim=1).values[:, -1:]  # [A, 1]
+    above = e > kth
+    tied = e == kth
+    room = k - above.sum(dim=1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=1) <= room))
 
 
 def acgr_stage(
@@ -280,6 +325,22 @@ def acgr_stage(
     return anchors.to(tokens.device), updated.to(device=tokens.device, dtype=tokens.dtype)
 
 
+class StageScores(NamedTuple):
+    """One encoder layer's inputs to Eq. 9, validated float32: CLS attention [H, M] (or
+    None), the residual stream at the layer input and after its attention [M, d], its
+    patch-to-patch attention averaged over heads [M, M] and its values [H, M, dv]."""
+
+    cls_attn: Tensor | None
+    x_in: Tensor
+    x_att: Tensor
+    attn: Tensor
+    values: Tensor
+
+
+def _split(y: Tensor, target: int, scores: StageScores) -> tuple[Tensor, Tensor]:
+    return partition(_importance(y, scores), min(target, y.shape[0]))
+
+
 def _score_and_split(tokens, target, cls_attn, x_in, x_att, x_ffn, attn, values):
     """Eq. 9 scores and the anchor/context split of one stage (fp32 tokens, clipped target)."""
     y = check_tokens(tokens)
@@ -296,20 +357,28 @@ def greedy_representative_init(tokens: Tensor, k: int, cls_attn: Tensor | None =
     G_i = mean_{j in U} cos(x_i, x_j) - max_{p in S} cos(x_i, x_p) + a_hat_i over i in U.
     """
     x = check_tokens(tokens)
+    a_hat = cls_score(cls_attn) if cls_attn is not None else None
+    return _greedy_init(x, min(check_budget(k, "k"), x.shape[0]), a_hat)
+
+
+def _greedy_init(x: Tensor, k: int, a_hat: Tensor | None) -> Tensor:
+    """Eq. 5 with the sum over U kept up to date (one cosine row per pick: O(K N d)
+    instead of the N x N matrix and an O(N^2) sum per step)."""
     n = x.shape[0]
-    k = min(check_budget(k, "k"), n)
-    a_hat = cls_score(cls_attn) if cls_attn is not None else torch.zeros(n)
-    cos = cosine_matrix(x)
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    sum_u = xn @ xn.sum(dim=0)  # sum over U = every token, the candidate included
+    bonus = a_hat if a_hat is not None else torch.zeros(n)
     unselected = torch.ones(n, dtype=torch.bool)
     max_to_selected = torch.zeros(n)
     chosen: list[int] = []
     for step in range(k):
-        mean_u = (cos * unselected.float()).sum(dim=1) / unselected.sum()
-        gain = mean_u - max_to_selected + a_hat
+        gain = sum_u / (n - step) - max_to_selected + bonus
         i = int(torch.argmax(gain.masked_fill(~unselected, float("-inf"))))
         chosen.append(i)
         unselected[i] = False
-        max_to_selected = cos[i] if step == 0 else torch.maximum(max_to_selected, cos[i])
+        cos_i = xn @ xn[i]
+        sum_u = sum_u - cos_i
+        max_to_selected = cos_i if step == 0 else torch.maximum(max_to_selected, cos_i)
     return torch.tensor(chosen, dtype=torch.long)
 
 
@@ -351,11 +420,16 @@ def tatcs_select(
     """
     x = check_tokens(tokens)
     t = _text_vector(text, x.shape[1])
+    k = min(check_budget(budget), x.shape[0])
+    a_hat = cls_score(cls_attn) if cls_attn is not None else None
+    return _tatcs(x, t, k, a_hat, iters).to(tokens.device)
+
+
+def _tatcs(x: Tensor, t: Tensor, k: int, a_hat: Tensor | None, iters: int) -> Tensor:
     n = x.shape[0]
-    k = min(check_budget(budget), n)
     if k == n:
-        return torch.arange(n, device=tokens.device)
-    centers = x[greedy_representative_init(x, k, cls_attn)]
+        return torch.arange(n)
+    centers = x[_greedy_init(x, k, a_hat)]
     for _ in range(iters):
         assign = text_aware_similarity(x, centers, t).argmax(dim=1)
         centers = _update_centers(x, assign, centers)
@@ -372,7 +446,7 @@ def tatcs_select(
         i = int(torch.argmax(sim[:, c].masked_fill(used, float("-inf"))))
         picked[c] = i
         used[i] = True
-    return torch.sort(picked).values.to(tokens.device)
+    return torch.sort(picked).values
 
 
 def final_stage(
@@ -433,6 +507,8 @@ def prune(ctx) -> "PrunedImage":
 
     ``ctx.tower`` runs one layer at a time; its ``prefix`` tokens (CLS) are carried
     through every stage unpruned, and its ``grid`` gives the patch positions of Eq. 3.
+    A stage's layer is computed once, its attention kept for the scores
+    (``layer_probed``); each stage validates the layer output once.
     """
     from vllm_vtprune.pipeline import PrunedImage
 
@@ -441,28 +517,56 @@ def prune(ctx) -> "PrunedImage":
     targets = schedule(ctx.num_patches, ctx.budget, tower.num_layers, every=2)
     positions = grid_positions(ctx.num_patches, width=tower.grid[1])
     origin = torch.arange(ctx.num_patches)
-    graph = dict(k_n=int(ctx.option("kn")), tau=float(ctx.option("tau")))
+    graph = Graph(int(ctx.option("kn")), float(ctx.option("tau")), ALPHA)
     for i in range(tower.num_layers):
         stage = (i + 1) // 2 - 1
         if (i + 1) % 2 or stage >= len(targets):
             h = tower.layer(i, h)
             continue
-        probe = tower.probe(i, h, full=True)
-        x_att, x_out = tower.layer_parts(i, h)
-        cls_attn = probe.cls_attn[:, p:] if probe.cls_attn is not None else None
-        scores = dict(cls_attn=cls_attn, x_in=h[0, p:], x_att=x_att[0, p:],
-                      x_ffn=x_out[0, p:], attn=probe.attn[:, p:, p:], values=probe.values[:, p:])
-        y = x_out[0, p:]
+        x_att, x_out, probe = tower.layer_probed(i, h)
+        y = check_tokens(x_out[0, p:], f"vision tower layer {i} output")
+        scores = StageScores(probe.cls_attn[:, p:] if probe.cls_attn is not None else None,
+                             h[0, p:].float(), x_att[0, p:].float(), probe.attn[p:, p:],
+                             probe.values[:, p:])
         if stage == len(targets) - 1:
-            kept, new, _ = final_stage(
-                y, targets[stage], positions, ctx.text, **scores, **graph,
-                delta=float(ctx.option("delta")),
-                text_space_tokens=ctx.project(y) if ctx.text is not None else None)
+            kept, new = _last_stage(y, targets[stage], positions, scores, graph, ctx.text,
+                                    float(ctx.option("delta")),
+                                    lambda: ctx.project(x_out[0, p:]).float())
         else:
-            kept, new = acgr_stage(y, targets[stage], positions, **scores, **graph)
-        positions, origin = positions[kept.cpu()], origin[kept.cpu()]
+            kept, new = _stage(y, targets[stage], positions, scores, graph)
+        positions, origin = positions[kept], origin[kept]
         h = torch.cat([x_out[:, :p], new[None].to(h.dtype)], dim=1)
     return PrunedImage.merged(ctx.project(h[0, p:]), origin)
+
+
+class Graph(NamedTuple):
+    """Eq. 3-4's options: neighbours per anchor, edge temperature, update strength."""
+
+    k_n: int
+    tau: float
+    alpha: float
+
+
+def _stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
+           graph: Graph) -> tuple[Tensor, Tensor]:
+    """One ACGR stage (Sec. 3.2) on a validated float32 layer output ``y``."""
+    anchors, context = _split(y, target, scores)
+    return anchors, _graph_update(y, anchors, context, positions, *graph)
+
+
+def _last_stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
+                graph: Graph, text: Tensor | None, delta: float,
+                text_space: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`final_stage` on the served path: the projection into the text's space
+    (``text_space()``) is computed only when kappa switches to TATCS."""
+    anchors, context = _split(y, target, scores)
+    if text is not None and _kappa(y[anchors], y) > delta:
+        space = text_space()
+        a_hat = _cls_score(scores.cls_attn) if scores.cls_attn is not None else None
+        kept = _tatcs(space, _text_vector(text, space.shape[1]),
+                      min(target, y.shape[0]), a_hat, 3)
+        return kept, y[kept]
+    return anchors, _graph_update(y, anchors, context, positions, *graph)
 
 
 def _uses_text(options) -> bool:

@@ -26,7 +26,10 @@ _TIE_DECIMALS = 6
 
 def cosine_distance(x: Tensor) -> Tensor:
     """d(i, j) = 1 - cos(x_i, x_j) for all pairs (zero vectors: cos = 0, so d = 1)."""
-    d = 1.0 - cosine_matrix(x)
+    return _snap(1.0 - cosine_matrix(x))
+
+
+def _snap(d: Tensor) -> Tensor:
     return torch.round(d, decimals=_TIE_DECIMALS)
 
 
@@ -34,25 +37,30 @@ def select(tokens: Tensor, budget: int) -> Tensor:
     """Indices (int64, ascending) of ``min(budget, N)`` tokens by greedy max-min diversity.
 
     ``tokens``: [N, D] post-projector embeddings (any float dtype; computed in fp32).
+    The first pick needs every token's nearest neighbour, so the N x N cosine matrix is
+    computed once (one matmul); the greedy steps then read one row each. ``1 - c`` and the
+    snapping are both monotone, so they are applied to the N-vectors the rule reads
+    (nearest-neighbour similarities, one row per pick) instead of the whole matrix: the
+    same values as :func:`cosine_distance`'s entries, at N instead of N^2 work.
     """
     x = check_tokens(tokens)
     k = min(check_budget(budget), x.shape[0])
     n = x.shape[0]
     if k == n:
         return torch.arange(n, dtype=torch.long, device=tokens.device)
-    d = cosine_distance(x)
-    # First pick: the token farthest from its nearest neighbour.
-    off_diag = d.masked_fill(torch.eye(n, dtype=torch.bool, device=d.device), float("inf"))
-    first = int(torch.argmax(off_diag.min(dim=1).values))
+    cos = cosine_matrix(x)
+    # First pick: the token farthest from its nearest neighbour (largest 1 - max cos).
+    cos.fill_diagonal_(float("-inf"))
+    first = int(torch.argmax(_snap(1.0 - cos.max(dim=1).values)))
     chosen = [first]
-    min_dist = d[first].clone()
-    taken = torch.zeros(n, dtype=torch.bool, device=d.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=cos.device)
     taken[first] = True
+    min_dist = _snap(1.0 - cos[first])
     for _ in range(k - 1):
         nxt = int(torch.argmax(min_dist.masked_fill(taken, float("-inf"))))
         chosen.append(nxt)
         taken[nxt] = True
-        min_dist = torch.minimum(min_dist, d[nxt])
+        min_dist = torch.minimum(min_dist, _snap(1.0 - cos[nxt]))
     return torch.sort(torch.tensor(chosen, dtype=torch.long)).values.to(tokens.device)
 
 

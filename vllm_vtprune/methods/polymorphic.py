@@ -43,6 +43,7 @@ from ._common import (average_schedule, check_budget, check_finite, check_layers
 __all__ = [
     "KNN",
     "RETAINED_FRACTION",
+    "squared_distance",
     "pairwise_distance",
     "local_density",
     "prominence",
@@ -61,23 +62,43 @@ STAGE2_LAYERS = (3, 7, 16)
 STAGE1_FACTOR = 2
 
 
+#: Squared distances at most this share of ``|a_i|^2 + |b_j|^2`` are float64 round-off of
+#: the matmul form (about C * 1e-16 of it) and are set to exactly 0: equal tokens are at
+#: distance 0, as explicit differences give.  Distinct float32 tokens this close differ
+#: in a few last bits only.
+SQ_DIST_FLOOR = 1e-12
+
+
+def squared_distance(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """|a_i - b_j|^2 [Na, Nb] in float64 as |a_i|^2 + |b_j|^2 - 2 a_i.b_j: one matmul
+    (N^2 C multiply-adds in BLAS) where explicit differences cost a pass over an
+    [Na, Nb, C] difference; float64 keeps the cancellation far below float32's
+    resolution, and :data:`SQ_DIST_FLOOR` makes equal tokens exactly 0."""
+    a = a.double()
+    b = a if b is None else b.double()
+    na, nb = (a * a).sum(dim=1), (b * b).sum(dim=1)
+    scale = na.unsqueeze(1) + nb.unsqueeze(0)
+    d2 = scale - 2.0 * (a @ b.T)
+    return torch.where(d2 <= SQ_DIST_FLOOR * scale, torch.zeros_like(d2), d2)
+
+
 def pairwise_distance(x: Tensor) -> Tensor:
-    """D_ij = |x_i - x_j|_2 / sqrt(C) (Eq. 1), from explicit differences for accuracy."""
-    d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
-    return d / math.sqrt(x.shape[1])
+    """D_ij = |x_i - x_j|_2 / sqrt(C) (Eq. 1), float64 (:func:`squared_distance`)."""
+    return squared_distance(x).sqrt() / math.sqrt(x.shape[1])
 
 
 def local_density(dist: Tensor, knn: int = KNN) -> Tensor:
     """rho_i = exp(-mean of the squared distances to the knn nearest others) (Eq. 3).
 
-    ``knn`` is clipped to N - 1; a single token has density 1.
+    ``knn`` is clipped to N - 1; a single token has density 1.  A partial top-k (the
+    knn smallest, ascending as a sort gives them, so the same sum), not a full sort.
     """
     n = dist.shape[0]
     k = min(knn, n - 1)
     if k < 1:
-        return torch.ones(n)
-    off = dist.masked_fill(torch.eye(n, dtype=torch.bool), float("inf"))
-    nearest = torch.sort(off, dim=1).values[:, :k]
+        return torch.ones(n, dtype=dist.dtype)
+    off = dist.clone().fill_diagonal_(float("inf"))
+    nearest = torch.topk(off, k, dim=1, largest=False, sorted=True).values
     return torch.exp(-(nearest**2).mean(dim=1))
 
 
@@ -227,7 +248,7 @@ def merge_into_kept(hidden: Tensor, kept: Tensor, pruned: Tensor) -> Tensor:
     x = check_tokens(hidden)
     if pruned.numel() == 0:
         return hidden[kept]
-    nearest = torch.cdist(x[pruned], x[kept], compute_mode="donot_use_mm_for_euclid_dist")
+    nearest = squared_distance(x[pruned], x[kept])  # argmin of D^2 is argmin of D
     segment = torch.cat([torch.arange(len(kept)), nearest.argmin(dim=1)])
     merged, _ = segment_mean(torch.cat([x[kept], x[pruned]]), segment, len(kept))
     return merged.to(hidden.dtype)

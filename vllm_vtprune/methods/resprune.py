@@ -32,8 +32,10 @@ vector), selecting pivot p at step k gives
     E      <- E - L[k, :]**2
 
 (r0: the step at which the current round began, see "Restart" below; r0 = 0 until the
-first restart) so after computing G once (O(N^2 D), one matmul, fp32) every step costs
-O(k N), independent of the embedding width D.
+first restart).  Only the K pivot rows of G are ever read, so the torch path computes
+``G[p, :] = V v_p`` when p is picked (K N D multiply-adds in all, against N^2 D for the
+whole of G: 9x less at K = 64, N = 576) and every step costs O(N D + k N).  The Triton
+kernel reads the rows from a precomputed G (one fast matmul on a GPU).
 
 Restart (when the picks span every remaining token): once every unselected token has
 residual energy exactly 0 after the round-off floor below (the budget exceeds the
@@ -59,6 +61,8 @@ Conventions (shared bit-for-bit with the Triton kernel in ``vllm_vtprune.kernels
   differ by a few ulps; every argmax here therefore treats scores
   ``>= max * TIE_SCALE`` (``TIE_SCALE`` = 1 - 1e-5) as tied and takes the lowest index
   among them.
+* ``||v_i||^2`` (the diagonal of G: initial energies, floor, default seed) is the row-wise
+  sum of squares on both paths, computed once in :func:`prepare_inputs`.
 * Round-off floor: the fp32 update ``E_i - L[k,i]^2`` cannot reach exactly 0 for a
   token that lies in the span (duplicates, collinear or zero tokens), it leaves noise of
   order eps * ||v_i||^2.  A residual energy ``E_i <= RTOL * ||v_i||^2`` (``RTOL`` =
@@ -80,6 +84,7 @@ Conventions (shared bit-for-bit with the Triton kernel in ``vllm_vtprune.kernels
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -100,7 +105,8 @@ __all__ = [
     "gate",
     "gram",
     "seed_index",
-    "greedy_order_from_gram",
+    "greedy_order",
+    "sq_norms",
     "GreedyInputs",
     "prepare_inputs",
 ]
@@ -114,12 +120,14 @@ TextArg = Union[None, Tensor, Sequence[Optional[Tensor]]]
 
 
 def gram(v: Tensor) -> Tensor:
-    """Gram matrix ``G = V V^T`` in float32 (the inner products of Eq. (10)-(11)).
-
-    ``v`` must already be float32 [N, D].  Both the torch path and the Triton kernel
-    path use this one function, so they start from identical G.
-    """
+    """Gram matrix ``G = V V^T`` in float32 (the inner products of Eq. (10)-(11)), for the
+    Triton kernel, which reads its pivot rows from it.  ``v``: float32 [N, D]."""
     return v @ v.T
+
+
+def sq_norms(v: Tensor) -> Tensor:
+    """``||v_i||^2 = G[i, i]`` (float32 [N]): Eq. (11)'s energies before any pick."""
+    return (v * v).sum(dim=1)
 
 
 def relevance(v: Tensor, text: Tensor) -> Tensor:
@@ -147,11 +155,11 @@ def argmax_lowest(s: Tensor) -> int:
     return int(torch.argmax((s >= thr).to(torch.int8)).item())
 
 
-def seed_index(g: Tensor, seed) -> int:
+def seed_index(diag: Tensor, seed) -> int:
     """The first pick: ``seed`` if given (validated), else the largest ``G[i, i]``."""
-    n = g.shape[0]
+    n = diag.shape[0]
     if seed is None:
-        return argmax_lowest(torch.diagonal(g))
+        return argmax_lowest(diag)
     if isinstance(seed, Tensor):
         if seed.numel() != 1:
             raise ValueError(f"seed must be a single index, got shape {tuple(seed.shape)}")
@@ -172,53 +180,50 @@ def _floor_energy(e: Tensor, diag: Tensor) -> Tensor:
 def _pick(e: Tensor, gvec: Tensor, sel: Tensor) -> int:
     """Eq. (14)/(16) over the unselected tokens, ties to the lowest index; if every
     gated score is 0, the largest ungated energy (lowest index if those are 0 too)."""
-    neg = torch.full_like(e, -1.0)
-    score = torch.where(sel, neg, gvec * e)
+    score = torch.where(sel, -1.0, gvec * e)
     p = argmax_lowest(score)
     if not score[p].item() > 0.0:
-        p = argmax_lowest(torch.where(sel, neg, e))
+        p = argmax_lowest(torch.where(sel, -1.0, e))
     return p
 
 
-def _gs_step(g: Tensor, L: Tensor, e: Tensor, diag: Tensor, p: int, r0: int, step: int):
-    """One Gram-Schmidt step on G (Eq. (17)) with the rows of the current round only
-    (``L[r0:step]``); writes ``L[step]`` and returns the updated, floored energies."""
-    d = e[p]
-    if not d.item() > 0.0:
-        return e  # pivot already in the span: it adds no direction, its row stays 0
-    row = (g[p] - L[r0:step, p] @ L[r0:step]) / torch.sqrt(d)
-    L[step] = row
-    return _floor_energy(e - row * row, diag)  # Eq. (11) updated for S + {p}
+def _gs_row(v: Tensor, L: Tensor, e: Tensor, p: int, r0: int, step: int) -> Tensor | None:
+    """Row ``L[step]`` of one Gram-Schmidt step (Eq. (17)) with pivot ``p``, from the
+    pivot's Gram row ``V v_p`` and the rows of the current round (``L[r0:step]``);
+    None when the pivot is already in the span (it adds no direction)."""
+    d = e[p].item()
+    if not d > 0.0:
+        return None
+    return (v @ v[p] - L[r0:step, p] @ L[r0:step]) / math.sqrt(d)
 
 
-def greedy_order_from_gram(g: Tensor, gvec: Tensor, k: int, seed: int) -> Tensor:
-    """Gated greedy selection (Eq. (12), (14), (16)) as pivoted Cholesky on ``g``.
+def greedy_order(v: Tensor, diag: Tensor, gvec: Tensor, k: int, seed: int) -> Tensor:
+    """Gated greedy selection (Eq. (12), (14), (16)) as pivoted Cholesky on ``V V^T``.
 
-    ``g``: float32 Gram matrix [N, N]; ``gvec``: gate g(r) [N]; ``k`` <= N picks;
-    ``seed``: the first pick.  Returns int64 [k] indices **in pick order**.
-    Each step costs O(j N) (Sec. III-E, Eq. (17)), independent of D.  When the current
-    round's picks span every unselected token a new round starts (module docstring).
+    ``v``: float32 tokens [N, D]; ``diag``: their squared norms; ``gvec``: gate g(r) [N];
+    ``k`` <= N picks; ``seed``: the first pick.  Returns int64 [k] indices **in pick
+    order**.  Each step costs O(N D + j N) (module docstring).  When the current round's
+    picks span every unselected token a new round starts.
     """
-    n = g.shape[0]
-    dev = g.device
-    diag = torch.diagonal(g).clone()
+    n = v.shape[0]
     e0 = _floor_energy(diag, diag)  # Eq. (11) at S = {}
     e = e0
-    L = torch.zeros(k, n, dtype=torch.float32, device=dev)
-    sel = torch.zeros(n, dtype=torch.bool, device=dev)
-    order = torch.empty(k, dtype=torch.int64, device=dev)
+    L = torch.zeros(k, n, dtype=torch.float32, device=v.device)
+    sel = torch.zeros(n, dtype=torch.bool, device=v.device)
+    order = [seed]
     r0 = 0  # step at which the current round began
     for step in range(k):
-        if step == 0:
-            p = seed
-        else:
-            if not bool((e[~sel] > 0.0).any()):
+        if step:
+            if not torch.where(sel, 0.0, e).max().item() > 0.0:
                 r0, e = step, e0  # restart: new round on the tokens not yet chosen
-            p = _pick(e, gvec, sel)
-        order[step] = p
-        e = _gs_step(g, L, e, diag, p, r0, step)
+            order.append(_pick(e, gvec, sel))
+        p = order[-1]
+        row = _gs_row(v, L, e, p, r0, step)
+        if row is not None:
+            L[step] = row
+            e = _floor_energy(e - row * row, diag)  # Eq. (11) updated for S + {p}
         sel[p] = True
-    return order
+    return torch.tensor(order, dtype=torch.int64, device=v.device)
 
 
 def _prep(tokens: Tensor, budget: int, text: Optional[Tensor], alpha: float):
@@ -244,9 +249,9 @@ def _prep(tokens: Tensor, budget: int, text: Optional[Tensor], alpha: float):
 class GreedyInputs(NamedTuple):
     """What the greedy loop starts from (see :func:`prepare_inputs`)."""
 
-    gram: Tensor  #: float32 [N, N] Gram matrix G
+    tokens: Tensor  #: float32 [N, D] validated tokens V
     gate: Tensor  #: float32 [N] gate g(r) of Eq. (15)
-    diag: Tensor  #: float32 [N] diag(G) = ||v_i||^2 (the floor is RTOL * diag)
+    diag: Tensor  #: float32 [N] ||v_i||^2 = diag(G) (the floor is RTOL * diag)
     e0: Tensor  #: float32 [N] initial residual energies, floored
     seed: int  #: the first pick
     k: int  #: number of picks, min(budget, N)
@@ -261,15 +266,13 @@ def prepare_inputs(
 ) -> GreedyInputs:
     """Validate and prepare one image's greedy inputs (same arguments as :func:`select`).
 
-    Shared by the torch path and the Triton host code, so both start from identical G,
-    gate, floor and seed.
+    Shared by the torch path and the Triton host code, so both start from identical
+    tokens, gate, norms, floor and seed.
     """
     v, k, t, alpha = _prep(tokens, budget, text, alpha)
-    g = gram(v)
-    diag = torch.diagonal(g).clone()
-    return GreedyInputs(
-        g, gate(v, t, alpha), diag, _floor_energy(diag, diag), seed_index(g, seed), k
-    )
+    diag = sq_norms(v)
+    return GreedyInputs(v, gate(v, t, alpha), diag, _floor_energy(diag, diag),
+                        seed_index(diag, seed), k)
 
 
 def select_order(
@@ -281,7 +284,7 @@ def select_order(
 ) -> Tensor:
     """Like :func:`select` but the indices come in pick order (seed first)."""
     p = prepare_inputs(tokens, budget, text, alpha, seed)
-    return greedy_order_from_gram(p.gram, p.gate, p.k, p.seed)
+    return greedy_order(p.tokens, p.diag, p.gate, p.k, p.seed)
 
 
 def select(
