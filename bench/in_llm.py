@@ -1,8 +1,9 @@
 """Prefill and decode time of pruning inside the LLM, against vanilla, in one process.
 
 On a generated LLaVA-shaped model whose LLM has ~150M parameters (so that prefill, not
-per-step overhead, dominates on a CPU), with the embedded model's vision tower,
-tokenizer and processor and random weights (timings only; no answer is read):
+per-step overhead, dominates on a CPU), a CLIP-336/14 tower of width 256 with CLIP-L's
+head size (64) and 3 layers up to the feature layer, the embedded model's tokenizer and
+processor, and random weights (timings only; no answer is read):
 
 * prefill: one request at a time, ``max_tokens=1``, median wall time over ``--repeats``
   requests, for vanilla (stock vLLM LLaVA, its own CPU attention), FastV:64 with pruned
@@ -29,6 +30,14 @@ import torch
 
 TEXT_150M = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                  num_attention_heads=16, num_key_value_heads=16)
+# the embedded tower's 64 channels in 16-channel heads make attention, not the matmuls,
+# dominate the tower, unlike CLIP-L (1024 channels, 64 per head); this keeps its depth
+# (4 layers, LLaVA's feature layer -2) and CLIP-L's head size
+VISION_256 = dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                  projection_dim=256)
+#: where the latency benches keep the generated model (the tower's width in the name, so
+#: a copy generated with another tower is not reused)
+MODEL_DIR = Path.home() / ".cache" / "vtprune" / "llava-llm150m-clip256"
 
 
 def build_model(out: Path) -> Path:
@@ -44,6 +53,8 @@ def build_model(out: Path) -> Path:
     config = build.build_config()
     for key, value in TEXT_150M.items():
         setattr(config.text_config, key, value)
+    for key, value in VISION_256.items():
+        setattr(config.vision_config, key, value)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     tensors = {build.to_llava_hf_key(k): v.detach().to(torch.float32).contiguous()
@@ -102,8 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--spec", default="fastv:64")
-    parser.add_argument("--model-dir", default=str(Path.home() / ".cache" / "vtprune"
-                                                   / "llava-llm150m"))
+    parser.add_argument("--model-dir", default=str(MODEL_DIR))
     args = parser.parse_args()
 
     from vllm_vtprune.data import shapes_vqa as sv

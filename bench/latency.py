@@ -353,9 +353,12 @@ def measure(cfg: Config, url: str, pairs, args, pruned_prompt, remote) -> dict:
 
 def with_ratios(results: list[dict]) -> None:
     """Speed-up over vanilla (requests/s, same concurrency) and efficiency = speed-up /
-    the same budget's limit speed-up."""
+    the same budget's limit speed-up; at concurrency 1 also ``efficiency_enc``, against
+    the limit plus vanilla's encoder stage per request (the tower and projection a pruning
+    method cannot drop, measured on the ``none`` configuration)."""
     by_name = {r["config"]: r for r in results}
     vanilla = by_name["vanilla"]["runs"]
+    encoder_s = (by_name.get("none") or {}).get("encode_s_per_image")
     for r in results:
         limit = by_name.get(f"limit:{r['budget']}")
         for c, run in r["runs"].items():
@@ -364,6 +367,9 @@ def with_ratios(results: list[dict]) -> None:
             if limit is not None and not r["config"].startswith(("limit:", "vanilla")):
                 lim = limit["runs"][c]["req_per_s"] / vanilla[c]["req_per_s"]
                 run["efficiency"] = run["speedup"] / lim
+                if c == 1 and encoder_s:
+                    run["efficiency_enc"] = run["req_per_s"] * (
+                        1.0 / limit["runs"][c]["req_per_s"] + encoder_s)
 
 
 # ------------------------------------------------------------------ output
@@ -372,10 +378,12 @@ def table(results: list[dict], concurrency: list[int]) -> str:
     for c in concurrency:
         lines += [f"\nconcurrency {c}",
                   "| config | TTFT p50 / p90 / p99 ms | TPOT ms | req/s | out tok/s "
-                  "| x vanilla | efficiency |", "|---|---|---|---|---|---|---|"]
+                  "| x vanilla | efficiency (vs limit + encoder) |", "|---|---|---|---|---|---|---|"]
         for r in results:
             run = r["runs"][c]
             eff = f"{run['efficiency']:.2f}" if "efficiency" in run else ""
+            if "efficiency_enc" in run:
+                eff += f" ({run['efficiency_enc']:.2f})"
             lines.append(
                 f"| {r['config']} | {run['ttft_p50'] * 1e3:.0f} / {run['ttft_p90'] * 1e3:.0f} / "
                 f"{run['ttft_p99'] * 1e3:.0f} | {run['tpot'] * 1e3:.1f} | {run['req_per_s']:.2f} "
@@ -450,9 +458,9 @@ def model_path(name: str) -> str:
         return embedded()
     if name == "llm150m":
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from in_llm import build_model
+        from in_llm import MODEL_DIR, build_model
 
-        return str(build_model(Path.home() / ".cache" / "vtprune" / "llava-llm150m"))
+        return str(build_model(MODEL_DIR))
     return name
 
 

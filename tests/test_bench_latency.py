@@ -44,6 +44,21 @@ def test_speedup_and_efficiency_against_vanilla_and_the_limit():
     assert method[1]["speedup"] == 2.0 and method[1]["ttft_speedup"] == 2.0
     assert method[1]["efficiency"] == 0.5 and method[16]["efficiency"] == 0.25
     assert "efficiency" not in limit[1] and "efficiency" not in vanilla[1]
+    assert "efficiency_enc" not in method[1]  # no `none` run: no encoder stage measured
+
+
+def test_efficiency_against_the_limit_plus_vanillas_encoder_stage():
+    none = _result("none", None, (2.0, 4.0), (0.4, 1.6))
+    none["encode_s_per_image"] = 0.025
+    results = [_result("vanilla", None, (2.0, 4.0), (0.4, 1.6)), none,
+               _result("limit:64", 64, (8.0, 16.0), (0.1, 0.2)),
+               _result("resprune:64", 64, (6.0, 4.0), (0.2, 1.6))]
+    latency.with_ratios(results)
+    method = results[3]["runs"]
+    # a request of the limit takes 1/8 s, plus 25 ms of tower: 6.67 requests/s at best
+    assert abs(method[1]["efficiency_enc"] - 6.0 / (1 / (1 / 8.0 + 0.025))) < 1e-12
+    assert abs(method[1]["efficiency_enc"] - 0.9) < 1e-12
+    assert "efficiency_enc" not in method[16]
 
 
 def test_configs_put_the_limit_beside_every_budget():
