@@ -1,11 +1,12 @@
-"""ResPrune torch path on CPU: pivoted Cholesky on the Gram matrix vs. a naive
+"""ResPrune torch path on CPU: pivoted Cholesky reading one Gram row per pick vs. a naive
 residual-matrix Gram-Schmidt (both measured in this run).
 
     .venv/bin/python bench/resprune_cpu.py [--threads 2] [--repeats 3]
 
 The naive form keeps the [N, D] residual matrix R and per step does
-``R -= (R q) q^T`` (O(N D) per step); the implemented form computes G = V V^T once and
-does O(k N) per step (see vllm_vtprune/methods/resprune.py).
+``R -= (R q) q^T`` (O(N D) per step, writing R); the implemented form computes the
+pivot's Gram row V v_p and does O(N D + k N) per step, reading V only (see
+vllm_vtprune/methods/resprune.py).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    print(f"{'N':>6} {'D':>6} {'K':>5} {'gram+cholesky ms':>17} {'naive R-matrix ms':>18} {'speedup':>8}  agreement")
+    print(f"{'N':>6} {'D':>6} {'K':>5} {'gram-row cholesky ms':>20} {'naive R-matrix ms':>18} {'speedup':>8}  agreement")
     for n, d, k in [(576, 4096, 128), (2880, 4096, 640)]:
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(n, d, generator=gen)

@@ -315,3 +315,17 @@ def test_reference_checker_can_fail():
     raster = good[:5] + [i for i in range(20) if i not in good[:5]][:7]
     with pytest.raises(AssertionError):
         assert_resprune_order_up_to_ties(x, raster)
+
+
+@pytest.mark.parametrize("k", [5, 40])
+def test_gram_rows_on_demand_and_from_the_whole_gram_pick_alike(monkeypatch, k):
+    """The two ways of reading pivot rows (``V v_p`` per pick, or rows of a precomputed
+    G) are the same equation; both must match the float64 reference."""
+    gen = torch.Generator().manual_seed(k)
+    v = torch.randn(60, 24, generator=gen)
+    text = torch.randn(3, 24, generator=gen)
+    orders = []
+    for share in (1.0, 0.0):  # 1.0: every pick reads V v_p; 0.0: always the whole G
+        monkeypatch.setattr(resprune, "FULL_GRAM_SHARE", share)
+        orders.append(order(v, k, text, 0.75))
+    assert orders[0] == orders[1] == ref_order(v, k, text, 0.75)
