@@ -27,13 +27,23 @@ def _prompt(question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
+def _model() -> str:
+    """--model, or the embedded model."""
+    from vllm_vtprune.embedded import model_path
+
+    return MODEL or model_path()
+
+
+#: the checkpoint to measure (``--model``); None: the embedded model
+MODEL = None
+
+
 def _engine(**overrides):
     from vllm import LLM
 
-    from vllm_vtprune.embedded import model_path
     from vllm_vtprune.families.llava import ARCHITECTURE
 
-    return LLM(model=model_path(), enforce_eager=True, max_model_len=2048,
+    return LLM(model=_model(), enforce_eager=True, max_model_len=2048,
                hf_overrides={"architectures": [ARCHITECTURE], **overrides},
                limit_mm_per_prompt={"image": 1},
                **({"enable_chunked_prefill": False, "enable_prefix_caching": False}
@@ -74,10 +84,9 @@ def vllm_answers():
 def transformers_answers():
     """Answers from the transformers reference path (in-LLM methods: rows removed)."""
     from vllm_vtprune import spec as spec_mod
-    from vllm_vtprune.embedded import model_path
     from vllm_vtprune.hf import HfReference
 
-    ref = HfReference.load(model_path())
+    ref = HfReference.load(_model())
 
     def answers(pairs, spec):
         parsed = spec_mod.parse(spec)
@@ -157,6 +166,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=200)
+    p.add_argument("--model", default=None,
+                   help="a ShapesVQA LLaVA checkpoint directory (default: the embedded model)")
     p.add_argument("--budgets", default="576,192,128,64,32,16")
     p.add_argument("--path", choices=("vllm", "transformers"), default="vllm",
                    help="vllm (served methods) or the transformers reference path "
@@ -175,6 +186,8 @@ def main() -> None:
                    help="RCP modules (default: those shipped for the embedded model, else "
                         "untrained ones; 'identity' for untrained, `vtprune rcp-init`)")
     args = p.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) == p.get_default(key):
