@@ -19,23 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import median_ms  # bench/ is the script's directory
 
 PROMPT_NOUNS = 3  # noun embeddings TATCS compares with
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def build_tower(width: int, heads: int, depth: int, seed: int = 0):

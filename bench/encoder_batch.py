@@ -13,27 +13,16 @@ promise across CPUs).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1000
-
-
 def main(argv=None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dcp_tower import build_tower, pixels
+    from timing import median_ms
 
     from vllm_vtprune import pipeline
 
@@ -55,9 +44,9 @@ def main(argv=None) -> None:
             for b in [int(x) for x in args.batches.split(",")]:
                 batch = px.repeat(b, 1, 1, 1)
                 with torch.no_grad():
-                    looped = timed(lambda: [run(batch[i:i + 1]) for i in range(b)],
+                    looped = median_ms(lambda: [run(batch[i:i + 1]) for i in range(b)],
                                    args.repeats)
-                    together = timed(lambda: run(batch), args.repeats)
+                    together = median_ms(lambda: run(batch), args.repeats)
                     alone, out = run(batch[:1]), run(batch)
                 same = all(torch.equal(alone[0], out[i]) for i in range(b))
                 print(f"| {threads} | {width} | {b} | {looped:.1f} | {together:.1f} | "

@@ -20,19 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_ms  # bench/ is the script's directory
 
 SELECTION_LIMIT = 0.10  # share of the pruned request's prefill a selection may take
 PROMPT = "USER: <image>\nwhat color is the square left of the red circle ? ASSISTANT:"
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # off the clock: first-call allocations
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def model_path(name: str) -> str:
