@@ -104,3 +104,20 @@ def test_training_questions_limit_each_type_and_answer_from_the_objects(index):
     # More existence questions than the other types get, where the image allows them.
     many = [training_questions(i, 6)[1] for i in range(40)]
     assert max(sum(q.qtype == "exist" for q in qs) for qs in many) > 3
+
+
+def test_type_caps_give_a_type_more_questions_and_leave_the_others():
+    import collections
+
+    from vllm_vtprune.embedded.train import _type_cap, training_questions
+
+    base = [training_questions(i, 6, "hard")[1] for i in range(30)]
+    more = [training_questions(i, 6, "hard", {"compare": 6})[1] for i in range(30)]
+    count = lambda qss, t: sum(q.qtype == t for qs in qss for q in qs)  # noqa: E731
+    assert all(collections.Counter(q.qtype for q in qs)["compare"] <= 6 for qs in more)
+    assert count(more, "compare") > count(base, "compare")
+    for t in ("exist", "color", "count", "position", "relation"):
+        assert count(more, t) == count(base, t)
+    assert _type_cap("compare=6") == ("compare", 6)
+    with pytest.raises(Exception, match="TYPE=N"):
+        _type_cap("colour=4")

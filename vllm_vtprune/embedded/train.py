@@ -123,13 +123,16 @@ def patch_targets(objs, distractors=()) -> dict[str, np.ndarray]:
 QUESTIONS_PER_TYPE = 3
 
 
-def training_questions(index: int, exist_questions: int, split: str = "standard") -> tuple:
+def training_questions(index: int, exist_questions: int, split: str = "standard",
+                       caps: dict[str, int] | None = None) -> tuple:
     """Image ``index`` of ``split``'s training images with up to 3 questions of each type,
     and up to ``exist_questions`` existence questions: binding colour to shape is learnt
-    last, so it gets more of the signal."""
+    last, so it gets more of the signal. ``caps`` raises (or lowers) a type's limit, to
+    give the types a model is weakest at more of the signal."""
+    limits = {"exist": exist_questions, **(caps or {})}
     s = sv.make_sample(sv.split_of(split).train_seed, index,
-                       questions_per_type=max(QUESTIONS_PER_TYPE, exist_questions), split=split)
-    limit = lambda qa: exist_questions if qa.qtype == "exist" else QUESTIONS_PER_TYPE  # noqa: E731
+                       questions_per_type=max(QUESTIONS_PER_TYPE, *limits.values()), split=split)
+    limit = lambda qa: limits.get(qa.qtype, QUESTIONS_PER_TYPE)  # noqa: E731
     seen: dict[str, int] = {}
     qas = []
     for qa in s.qas:
@@ -139,9 +142,9 @@ def training_questions(index: int, exist_questions: int, split: str = "standard"
     return s, qas
 
 
-def _render(job: tuple[str, int], exist_questions: int) -> tuple:
+def _render(job: tuple[str, int], exist_questions: int, caps: dict[str, int]) -> tuple:
     split, index = job
-    s, qas = training_questions(index, exist_questions, split)
+    s, qas = training_questions(index, exist_questions, split, caps)
     return (np.asarray(s.image, dtype=np.uint8), s.objects, qas,
             patch_targets(s.objects, s.distractors))
 
@@ -159,9 +162,9 @@ def pool_jobs(num: int, offset: int, hard_share: float) -> list[tuple[str, int]]
 
 
 def render_pool(num: int, offset: int, workers: int, exist_questions: int,
-                hard_share: float = 0.0) -> Pool:
+                hard_share: float = 0.0, caps: dict[str, int] | None = None) -> Pool:
     """Render ``num`` training images from index ``offset`` on (see :func:`pool_jobs`)."""
-    render = functools.partial(_render, exist_questions=exist_questions)
+    render = functools.partial(_render, exist_questions=exist_questions, caps=caps or {})
     with multiprocessing.get_context("fork").Pool(workers) as p:
         rows = p.map(render, pool_jobs(num, offset, hard_share), chunksize=64)
     stack = lambda key: torch.from_numpy(np.stack([r[3][key] for r in rows]))  # noqa: E731
@@ -504,7 +507,7 @@ def train(args) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
     pool = render_pool(args.pool, args.data_offset, args.threads, args.exist_questions,
-                       args.hard_share)
+                       args.hard_share, dict(args.type_cap))
     log("pool rendered")
     probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight,
                        args.side_weight)
@@ -535,6 +538,15 @@ def heldout_report(model, tok, num: int, hard: bool) -> dict:
     return out
 
 
+def _type_cap(text: str) -> tuple[str, int]:
+    qtype, _, n = text.partition("=")
+    known = {t for split in sv.SPLITS.values() for t in split.question_types}
+    if qtype not in known or not n.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TYPE=N with TYPE one of "
+                                         f"{', '.join(sorted(known))}")
+    return qtype, int(n)
+
+
 def main() -> None:
     import sys
     from pathlib import Path
@@ -544,6 +556,9 @@ def main() -> None:
     p.add_argument("--data-offset", type=int, default=0, help="first training image index")
     p.add_argument("--exist-questions", type=int, default=6,
                    help="existence questions per image (other types: 3)")
+    p.add_argument("--type-cap", type=_type_cap, action="append", default=[],
+                   metavar="TYPE=N", help="questions of TYPE per training image (default 3, "
+                   "exist: --exist-questions); repeatable")
     p.add_argument("--vision-steps", type=int, default=1400)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=3e-3)
