@@ -238,11 +238,13 @@ def noun_ids(tokenizer, question_ids: list[int], exclude: set[int],
     return [i for i in ids if i not in exclude][:limit]
 
 
-def trace(spec: spec_mod.PruneSpec | None, text_ids: list[int], image: PrunedImage) -> None:
+def trace(spec: spec_mod.PruneSpec | None, text_ids: list[int], image: PrunedImage,
+          rank: int = 0) -> None:
     """Append the kept set to ``$VTPRUNE_TRACE`` (JSON lines) when that variable is set.
 
     Lets tests and operators see which tokens a served request kept, and whether the
-    encoder cache was hit (a hit computes nothing, so writes nothing).
+    encoder cache was hit (a hit computes nothing, so writes nothing). Under tensor
+    parallelism every rank writes its own decision, with its ``rank``.
     """
     import json
     import os
@@ -252,6 +254,7 @@ def trace(spec: spec_mod.PruneSpec | None, text_ids: list[int], image: PrunedIma
         return
     kept = image.kept.tolist() if image.kept is not None else None
     with open(path, "a") as f:
-        f.write(json.dumps({"spec": str(spec) if spec else "none", "text_ids": text_ids,
+        f.write(json.dumps({"spec": str(spec) if spec else "none", "rank": rank,
+                            "text_ids": text_ids,
                             "num_tokens": int(image.tokens.shape[0]), "kept": kept,
                             "origins": image.origins.tolist()}) + "\n")

@@ -80,10 +80,12 @@ class VllmClipTower:
 
     prefix = CLS_TOKENS
 
-    def __init__(self, vision_model, vision_config):
+    def __init__(self, vision_model, vision_config, complete=lambda probe: probe):
         self.vm = vision_model
         self.num_layers = len(vision_model.encoder.layers)
         self.grid = clip_grid(vision_config)
+        # completes a probe of this rank's heads over every tensor-parallel rank
+        self.complete = complete
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         dtype = self.vm.embeddings.patch_embedding.weight.dtype
@@ -96,15 +98,16 @@ class VllmClipTower:
         layer = self.vm.encoder.layers[i]
         qkv, _ = layer.self_attn.qkv_proj(layer.layer_norm1(hidden))
         q, k, v = qkv.chunk(3, dim=-1)
-        return _attention_probe(q, k, v, layer.self_attn.num_heads_per_partition, full)
+        return self.complete(_attention_probe(q, k, v, layer.self_attn.num_heads_per_partition,
+                                              full))
 
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]
         qkv, _ = layer.self_attn.qkv_proj(layer.layer_norm1(hidden))
         q, k, v = qkv.chunk(3, dim=-1)
         probe = _attention_probe(q, k, v, layer.self_attn.num_heads_per_partition, True)
-        out, _ = layer.self_attn.out_proj(_attend(probe, hidden.dtype))
-        return _finish_layer(layer, hidden, out, probe)
+        out, _ = layer.self_attn.out_proj(_attend(probe, hidden.dtype))  # this rank's heads
+        return _finish_layer(layer, hidden, out, self.complete(probe))
 
 
 class HfClipTower:

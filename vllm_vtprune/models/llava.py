@@ -43,6 +43,7 @@ from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_supported,
                                         server_spec)
 from vllm_vtprune.families import llava as family
+from vllm_vtprune.models import parallel
 from vllm_vtprune.server import decisions, stats
 
 #: hf_overrides key: "skip" (default) takes pruned rows out of the decoder's batch, "mask"
@@ -255,8 +256,8 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if check_supported(vllm_config.model_config.hf_config) is not family.FAMILY:
             raise ValueError(f"vtprune: {family.ARCHITECTURE} serves {family.FAMILY.name} "
                              "models only; leave the architecture to --vtprune")
-        check_parallelism(vllm_config)
         spec = server_spec(vllm_config.model_config.hf_config)
+        check_parallelism(vllm_config, spec)
         if pipeline.acts_in_llm(spec):
             with _masked_attention(vllm_config, spec):
                 super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -271,7 +272,8 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             decoder = self.language_model.model
             decoder.forward = types.MethodType(in_llm.decoder_forward, decoder)
         self._tower = family.VllmClipTower(self.vision_tower.vision_model,
-                                           vllm_config.model_config.hf_config.vision_config)
+                                           vllm_config.model_config.hf_config.vision_config,
+                                           parallel.all_heads)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None,
                         **kwargs):
@@ -295,8 +297,9 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         parsed = [decode_spec(specs[i]) for i in range(len(pixels))]
         images = [self._embed_one(pixels[i:i + 1], spec, text_ids[i])
                   for i, spec in enumerate(parsed)]
-        stats.add(len(images), time.perf_counter() - started,
-                  sum(image.prune_seconds for image in images))
+        if parallel.tp_rank() == 0:  # one count per image, not one per rank
+            stats.add(len(images), time.perf_counter() - started,
+                      sum(image.prune_seconds for image in images))
         return [self._tokens(image, spec) for image, spec in zip(images, parsed)]
 
     def _embed_one(self, pixel_values: torch.Tensor, spec, text_ids: torch.Tensor):
@@ -306,8 +309,8 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             text = self.language_model.model.embed_tokens(ids.to(pixel_values.device))
         image = pipeline.prune_image(self._tower, self.multi_modal_projector, pixel_values,
                                      spec, text)
-        pipeline.trace(spec, ids.tolist(), image)
-        return image
+        pipeline.trace(spec, ids.tolist(), image, rank=parallel.tp_rank())  # this rank's own
+        return parallel.from_first_rank(image)
 
     def _tokens(self, image: pipeline.PrunedImage, spec) -> torch.Tensor:
         if self._in_llm:  # the decoder loop reads each image's spec off its embeddings
