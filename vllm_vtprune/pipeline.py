@@ -53,6 +53,10 @@ class VisionTower(Protocol):
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         """Attention that layer ``i`` computes on its input ``hidden`` [1, M, C]."""
 
+    def agree(self, flag: bool) -> bool:
+        """The same ``flag`` on every tensor-parallel rank (rank 0's), for a branch that
+        decides whether a rank runs a collective; ``flag`` itself in one process."""
+
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         """Layer ``i`` computed once with its attention exposed: the residual stream after
         its attention and after its FFN branch, and its full probe (``attn``, ``values``)."""
@@ -244,7 +248,8 @@ def trace(spec: spec_mod.PruneSpec | None, text_ids: list[int], image: PrunedIma
 
     Lets tests and operators see which tokens a served request kept, and whether the
     encoder cache was hit (a hit computes nothing, so writes nothing). Under tensor
-    parallelism every rank writes its own decision, with its ``rank``.
+    parallelism every rank writes its own decision, with its ``rank``; ``pid`` tells
+    data-parallel engines apart.
     """
     import json
     import os
@@ -255,6 +260,7 @@ def trace(spec: spec_mod.PruneSpec | None, text_ids: list[int], image: PrunedIma
     kept = image.kept.tolist() if image.kept is not None else None
     with open(path, "a") as f:
         f.write(json.dumps({"spec": str(spec) if spec else "none", "rank": rank,
+                            "pid": os.getpid(),
                             "text_ids": text_ids,
                             "num_tokens": int(image.tokens.shape[0]), "kept": kept,
                             "origins": image.origins.tolist()}) + "\n")

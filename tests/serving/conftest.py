@@ -6,6 +6,7 @@ offline engine is `vllm.LLM`, both loading the checkpoint shipped in the package
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -76,17 +77,16 @@ def server_log(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server") / "serve.log"
 
 
-@pytest.fixture(scope="session")
-def server(server_log, trace_file):
-    """`vllm serve EMBEDDED --vtprune resprune:64` on a free loopback port."""
+@contextlib.contextmanager
+def serving(log: Path, trace: Path, *extra: str, spec: str = SERVER_SPEC):
+    """`vllm serve EMBEDDED --vtprune SPEC [extra]` on a free loopback port; yields its URL."""
     port = free_port()
-    log = server_log
     vllm_bin = Path(sys.executable).parent / "vllm"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VTPRUNE_TRACE=str(trace_file))
-    cmd = [str(vllm_bin), "serve", model_path(), "--vtprune", SERVER_SPEC,
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VTPRUNE_TRACE=str(trace))
+    cmd = [str(vllm_bin), "serve", model_path(), "--vtprune", spec,
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
-           "--limit-mm-per-prompt", '{"image": 3}']
+           "--limit-mm-per-prompt", '{"image": 3}', *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -100,6 +100,13 @@ def server(server_log, trace_file):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def server(server_log, trace_file):
+    """`vllm serve EMBEDDED --vtprune resprune:64` on a free loopback port."""
+    with serving(server_log, trace_file) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -61,3 +61,56 @@ def test_tensor_parallel_answers_are_one_ranks(runs):
     assert [a["spec"] for a in double] == [a["spec"] for a in single]
     assert [a["prompt_tokens"] for a in double] == [a["prompt_tokens"] for a in single]
     assert [a["answer"] for a in double] == [a["answer"] for a in single]
+
+
+# ------------------------------------------------------------------ data parallelism
+DP_QUESTIONS = 12
+DP_SPECS = ("resprune:64", "divprune:16", "dcp:32", "none")
+
+
+@pytest.fixture(scope="module")
+def dp_server(tmp_path_factory):
+    """`vllm serve EMBEDDED --vtprune resprune:64 --data-parallel-size 2`: two engines
+    (one core each) behind vLLM's own load balancing."""
+    from tests.serving.conftest import serving
+
+    tmp = tmp_path_factory.mktemp("dp")
+    trace = tmp / "trace.jsonl"
+    with serving(tmp / "serve.log", trace, "--data-parallel-size", "2") as url:
+        yield url, trace
+
+
+def _answers(url: str, requests) -> list[tuple[str, dict]]:
+    """Every request at once (so both engines serve), greedy; answer and usage.vtprune."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from tests.serving.conftest import MODEL_NAME, chat_messages
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def one(req):
+        question, image, spec = req
+        out = client.chat.completions.create(
+            model=MODEL_NAME, messages=chat_messages(question, [image]), max_tokens=3,
+            temperature=0, extra_body={"mm_processor_kwargs": {"vtprune": spec}})
+        return out.choices[0].message.content, getattr(out.usage, "vtprune", None)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def test_data_parallel_engines_answer_as_one_engine(server, dp_server):
+    from vllm_vtprune.data import shapes_vqa as sv
+
+    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, DP_QUESTIONS, start=7600))
+    requests = [(qa.question, image, DP_SPECS[i % len(DP_SPECS)])
+                for i, (image, qa) in enumerate(pairs)]
+    url, trace = dp_server
+    one, two = _answers(server, requests), _answers(url, requests)
+    assert [a for a, _ in two] == [a for a, _ in one]
+    assert [u for _, u in two] == [u for _, u in one]
+    assert all(u is not None for _, u in two)
+    engines = {json.loads(line)["pid"] for line in trace.read_text().splitlines()}
+    assert len(engines) == 2, "the requests did not reach both data-parallel engines"

@@ -80,12 +80,14 @@ class VllmClipTower:
 
     prefix = CLS_TOKENS
 
-    def __init__(self, vision_model, vision_config, complete=lambda probe: probe):
+    def __init__(self, vision_model, vision_config, complete=lambda probe: probe,
+                 agree=lambda flag: flag):
         self.vm = vision_model
         self.num_layers = len(vision_model.encoder.layers)
         self.grid = clip_grid(vision_config)
         # completes a probe of this rank's heads over every tensor-parallel rank
         self.complete = complete
+        self.agree = agree
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         dtype = self.vm.embeddings.patch_embedding.weight.dtype
@@ -114,6 +116,10 @@ class HfClipTower:
     """transformers' ``CLIPVisionTransformer`` up to LLaVA's feature layer."""
 
     prefix = CLS_TOKENS
+
+    @staticmethod
+    def agree(flag: bool) -> bool:
+        return flag  # one process: nothing to agree with
 
     def __init__(self, vision_model, vision_config, feature_layer: int):
         self.vm = vision_model

@@ -531,7 +531,7 @@ def prune(ctx) -> "PrunedImage":
         if stage == len(targets) - 1:
             kept, new = _last_stage(y, targets[stage], positions, scores, graph, ctx.text,
                                     float(ctx.option("delta")),
-                                    lambda: ctx.project(x_out[0, p:]).float())
+                                    lambda: ctx.project(x_out[0, p:]).float(), tower.agree)
         else:
             kept, new = _stage(y, targets[stage], positions, scores, graph)
         positions, origin = positions[kept], origin[kept]
@@ -556,11 +556,13 @@ def _stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
 
 def _last_stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
                 graph: Graph, text: Tensor | None, delta: float,
-                text_space: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+                text_space: Callable[[], Tensor],
+                agree: Callable[[bool], bool] = lambda flag: flag) -> tuple[Tensor, Tensor]:
     """:func:`final_stage` on the served path: the projection into the text's space
-    (``text_space()``) is computed only when kappa switches to TATCS."""
+    (``text_space()``) is computed only when kappa switches to TATCS, a switch every
+    tensor-parallel rank takes alike (``agree``: the projection is a collective)."""
     anchors, context = _split(y, target, scores)
-    if text is not None and _kappa(y[anchors], y) > delta:
+    if agree(text is not None and _kappa(y[anchors], y) > delta):
         space = text_space()
         a_hat = _cls_score(scores.cls_attn) if scores.cls_attn is not None else None
         kept = _tatcs(space, _text_vector(text, space.shape[1]),

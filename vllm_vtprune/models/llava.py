@@ -273,7 +273,7 @@ class VTPruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             decoder.forward = types.MethodType(in_llm.decoder_forward, decoder)
         self._tower = family.VllmClipTower(self.vision_tower.vision_model,
                                            vllm_config.model_config.hf_config.vision_config,
-                                           parallel.all_heads)
+                                           parallel.all_heads, parallel.agree)
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None,
                         **kwargs):

@@ -12,7 +12,10 @@ on the same numbers.
 An all-reduce is not promised to give every rank bitwise the same sum on every backend,
 and a greedy selection can flip on a last bit; so the tokens each rank hands the LLM are
 broadcast from rank 0 (:func:`from_first_rank`), which makes the LLM inputs identical
-whatever the reductions did, at the cost of one [K, D] broadcast per image.
+whatever the reductions did, at the cost of one [K, D] broadcast per image. A branch that
+decides whether a rank runs a collective (DCP's switch to TATCS projects tokens through
+the row-parallel projector) is taken on rank 0's answer (:func:`agree`): ranks running
+different collectives would wait for each other forever.
 """
 from __future__ import annotations
 
@@ -53,6 +56,15 @@ def all_heads(probe: Probe) -> Probe:
         attn = tensor_model_parallel_all_reduce((attn * local).contiguous()) / (local * size)
     return dataclasses.replace(probe, cls_attn=gather(probe.cls_attn), keys=gather(probe.keys),
                                attn=attn, values=gather(probe.values))
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank."""
+    if tp_size() == 1:
+        return flag
+    from vllm.distributed import get_tp_group
+
+    return bool(get_tp_group().broadcast(torch.tensor([int(flag)]), src=0).item())
 
 
 def from_first_rank(image: PrunedImage) -> PrunedImage:
