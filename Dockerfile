@@ -3,7 +3,7 @@
 #   docker build -t vllm-vtprune .
 #   docker run --gpus all -p 8000:8000 vllm-vtprune \
 #       llava-hf/llava-1.5-7b-hf --vtprune resprune:128
-# Two GPUs, tensor parallel (encoder-side methods; every rank takes rank 0's decision):
+# Two GPUs, tensor parallel (every rank applies rank 0's decisions):
 #   docker run --gpus all --ipc=host -p 8000:8000 vllm-vtprune \
 #       llava-hf/llava-v1.6-34b-hf --vtprune resprune:0.25 --tensor-parallel-size 2
 # or two engines, data parallel (any method):

@@ -4,8 +4,9 @@ processes of their own, which a pytest process should not have to host).
 
     python tests/serving/parallel_driver.py --tp 2 --out answers.json
 
-Every request has its own image and a per-request spec (every encoder-side method at two
-budgets); with ``$VTPRUNE_TRACE`` set each rank appends the kept set it computed.
+Every request has its own image and a per-request spec: every encoder-side method at two
+budgets, or with ``--rcp-ckpt`` every method inside the LLM at two budgets (on an engine
+started with one); with ``$VTPRUNE_TRACE`` set each rank appends the decisions it took.
 """
 from __future__ import annotations
 
@@ -25,12 +26,18 @@ SPECS = [f"{m}:{b}" for m in registry.served() if m not in registry.in_llm() for
 QUESTIONS_PER_SPEC = 3
 
 
-def requests():
-    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, QUESTIONS_PER_SPEC * len(SPECS),
+def in_llm_specs(rcp_ckpt: str) -> list[str]:
+    """Every method inside the LLM at two budgets (RCP with the modules in ``rcp_ckpt``)."""
+    return [f"{m}:{b}" + (f",ckpt={rcp_ckpt}" if m == "rcp" else "")
+            for m in registry.in_llm() for b in (64, 16)]
+
+
+def requests(specs: list[str]):
+    pairs = list(sv.iter_questions(sv.HELDOUT_SEED, QUESTIONS_PER_SPEC * len(specs),
                                    start=7400))
     return [{"prompt": f"USER: <image>\n{qa.question} ASSISTANT:",
              "multi_modal_data": {"image": image},
-             "mm_processor_kwargs": {"vtprune": SPECS[i // QUESTIONS_PER_SPEC]}}
+             "mm_processor_kwargs": {"vtprune": specs[i // QUESTIONS_PER_SPEC]}}
             for i, (image, qa) in enumerate(pairs)]
 
 
@@ -38,19 +45,27 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--rcp-ckpt", default=None,
+                   help="serve the methods inside the LLM (an engine started with "
+                        "fastv:64), RCP with these modules; default: the encoder-side ones")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
+    overrides, extra, specs = {"architectures": [ARCHITECTURE]}, {}, SPECS
+    if args.rcp_ckpt:
+        overrides["vtprune"] = "fastv:64"
+        extra = {"enable_chunked_prefill": False}
+        specs = in_llm_specs(args.rcp_ckpt)
     llm = LLM(model=model_path(), enforce_eager=True, max_model_len=2048, dtype="float32",
-              tensor_parallel_size=args.tp, hf_overrides={"architectures": [ARCHITECTURE]},
-              enable_prefix_caching=False)
-    outs = llm.generate(requests(), SamplingParams(temperature=0, max_tokens=4),
-                        use_tqdm=False)
+              tensor_parallel_size=args.tp, hf_overrides=overrides,
+              enable_prefix_caching=False, **extra)
+    reqs = requests(specs)
+    outs = llm.generate(reqs, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     with open(args.out, "w") as f:
         json.dump([{"spec": r["mm_processor_kwargs"]["vtprune"], "answer": o.outputs[0].text,
                     "prompt_tokens": len(o.prompt_token_ids)}
-                   for r, o in zip(requests(), outs)], f)
+                   for r, o in zip(reqs, outs)], f)
 
 
 if __name__ == "__main__":

