@@ -19,6 +19,12 @@ import pytest
 
 DRIVER = Path(__file__).with_name("parallel_driver.py")
 TIMEOUT_S = 900
+# Ranks of one run share the machine and the code, so their own decisions must be equal.
+# Against one rank, the sharded matmuls and the all-reduce round differently (differently
+# again on AVX2, AVX-512, AMX), so a near-tie may flip: at most this share of the kept
+# tokens may differ in all. Rank-local probes (each rank's half of the heads) move far
+# more (and deadlocked DCP); measured here: 0 of the kept tokens differ.
+MAX_FLIPPED = 0.02
 
 
 def _run(tp: int, tmp: Path, *extra: str) -> tuple[list[dict], list[dict]]:
@@ -34,6 +40,28 @@ def _run(tp: int, tmp: Path, *extra: str) -> tuple[list[dict], list[dict]]:
                                 f"{run.stderr[-6000:]}"
     return (json.loads(out.read_text()),
             [json.loads(line) for line in trace.read_text().splitlines()])
+
+
+def _flipped(a: collections.Counter, b: collections.Counter) -> float:
+    """Share of kept tokens in which two runs' decisions differ, pairing each decision of
+    one run with the same spec or layer's decision of the other in order."""
+    def grouped(c):
+        out = collections.defaultdict(list)
+        for (key, kept), n in sorted(c.items()):
+            out[key] += [set(kept)] * n
+        return out
+
+    ga, gb = grouped(a), grouped(b)
+    assert {k: len(v) for k, v in ga.items()} == {k: len(v) for k, v in gb.items()}
+    total = sum(len(s) for v in ga.values() for s in v)
+    differ = 0
+    for key in ga:
+        rest = list(gb[key])
+        for kept in ga[key]:  # pair with the closest unpaired decision of the other run
+            best = min(rest, key=lambda other: len(kept ^ other))
+            rest.remove(best)
+            differ += len(kept - best)
+    return differ / total
 
 
 def _decisions(trace: list[dict], rank: int, in_llm: bool = False) -> collections.Counter:
@@ -68,8 +96,8 @@ def test_every_rank_keeps_what_one_rank_keeps(runs):
 
     assert sum(one.values()) == QUESTIONS_PER_SPEC * len(SPECS)
     assert {spec for spec, _ in one} == set(SPECS)
-    assert _decisions(runs[2][1], 0) == one
-    assert _decisions(runs[2][1], 1) == one
+    assert _decisions(runs[2][1], 0) == _decisions(runs[2][1], 1)
+    assert _flipped(_decisions(runs[2][1], 0), one) <= MAX_FLIPPED
 
 
 def test_tensor_parallel_answers_are_one_ranks(runs):
@@ -85,10 +113,13 @@ def test_every_rank_decides_inside_the_llm_as_one_rank(in_llm_runs):
     one = _decisions(in_llm_runs[1][1], 0, in_llm=True)
     # every method prunes at some layer: FastV once, Polymorphic and RCP at three layers
     assert sum(one.values()) >= 3 * len(registry.in_llm()) * 2
-    assert _decisions(in_llm_runs[2][1], 0, in_llm=True) == one
-    assert _decisions(in_llm_runs[2][1], 1, in_llm=True) == one
+    two = _decisions(in_llm_runs[2][1], 0, in_llm=True)
+    assert two == _decisions(in_llm_runs[2][1], 1, in_llm=True)
+    assert _flipped(two, one) <= MAX_FLIPPED
     # and Polymorphic's stage 1 at the encoder
-    assert _decisions(in_llm_runs[2][1], 1) == _decisions(in_llm_runs[1][1], 0)
+    assert _decisions(in_llm_runs[2][1], 0) == _decisions(in_llm_runs[2][1], 1)
+    assert _flipped(_decisions(in_llm_runs[2][1], 0), _decisions(in_llm_runs[1][1], 0)) \
+        <= MAX_FLIPPED
 
 
 def test_tensor_parallel_answers_inside_the_llm_are_one_ranks(in_llm_runs):

@@ -96,18 +96,18 @@ class VllmClipTower:
     def layer(self, i: int, hidden: Tensor) -> Tensor:
         return self.vm.encoder.layers[i](hidden)
 
-    def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
-        layer = self.vm.encoder.layers[i]
+    def _local_probe(self, layer, hidden: Tensor, full: bool) -> Probe:
+        """The probe of this rank's heads (all of them without tensor parallelism)."""
         qkv, _ = layer.self_attn.qkv_proj(layer.layer_norm1(hidden))
         q, k, v = qkv.chunk(3, dim=-1)
-        return self.complete(_attention_probe(q, k, v, layer.self_attn.num_heads_per_partition,
-                                              full))
+        return _attention_probe(q, k, v, layer.self_attn.num_heads_per_partition, full)
+
+    def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
+        return self.complete(self._local_probe(self.vm.encoder.layers[i], hidden, full))
 
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]
-        qkv, _ = layer.self_attn.qkv_proj(layer.layer_norm1(hidden))
-        q, k, v = qkv.chunk(3, dim=-1)
-        probe = _attention_probe(q, k, v, layer.self_attn.num_heads_per_partition, True)
+        probe = self._local_probe(layer, hidden, True)
         out, _ = layer.self_attn.out_proj(_attend(probe, hidden.dtype))  # this rank's heads
         return _finish_layer(layer, hidden, out, self.complete(probe))
 
@@ -137,19 +137,20 @@ class HfClipTower:
         return out[0] if isinstance(out, tuple) else out
 
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
-        layer = self.vm.encoder.layers[i]
-        x = layer.layer_norm1(hidden)
-        attn = layer.self_attn
-        return _attention_probe(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x),
-                                attn.num_heads, full)
+        return _hf_probe(self.vm.encoder.layers[i], hidden, full)
 
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]
-        attn = layer.self_attn
-        x = layer.layer_norm1(hidden)
-        probe = _attention_probe(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x),
-                                 attn.num_heads, True)
-        return _finish_layer(layer, hidden, attn.out_proj(_attend(probe, hidden.dtype)), probe)
+        probe = _hf_probe(layer, hidden, True)
+        return _finish_layer(layer, hidden, layer.self_attn.out_proj(
+            _attend(probe, hidden.dtype)), probe)
+
+
+def _hf_probe(layer, hidden: Tensor, full: bool) -> Probe:
+    x = layer.layer_norm1(hidden)
+    attn = layer.self_attn
+    return _attention_probe(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.num_heads,
+                            full)
 
 
 # ---------------------------------------------------------------- config

@@ -64,6 +64,7 @@ K_N = 5
 TAU = 10.0
 ALPHA = 0.1
 DELTA = 0.1
+TATCS_ITERS = 3  # center refinements (the paper does not say how many)
 
 
 # --- Eq. 1 / 24 --------------------------------------------------------------------
@@ -410,7 +411,7 @@ def tatcs_select(
     text: Tensor,
     budget: int,
     cls_attn: Tensor | None = None,
-    iters: int = 3,
+    iters: int = TATCS_ITERS,
 ) -> Tensor:
     """TATCS (Sec. 3.3): indices (int64, ascending) of ``min(budget, N)`` tokens.
 
@@ -464,7 +465,7 @@ def final_stage(
     k_n: int = K_N,
     tau: float = TAU,
     alpha: float = ALPHA,
-    iters: int = 3,
+    iters: int = TATCS_ITERS,
     text_space_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, bool]:
     """Last pruning stage: ACGR, replaced by TATCS when kappa(X_a, X) > delta (Sec. 3.3).
@@ -566,7 +567,7 @@ def _last_stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
         space = text_space()
         a_hat = _cls_score(scores.cls_attn) if scores.cls_attn is not None else None
         kept = _tatcs(space, _text_vector(text, space.shape[1]),
-                      min(target, y.shape[0]), a_hat, 3)
+                      min(target, y.shape[0]), a_hat, TATCS_ITERS)
         return kept, y[kept]
     return anchors, _graph_update(y, anchors, context, positions, *graph)
 

@@ -12,8 +12,8 @@ on the same numbers.
 An all-reduce is not promised to give every rank bitwise the same sum on every backend,
 and a greedy selection can flip on a last bit; so the tokens each rank hands the LLM are
 broadcast from rank 0 (:func:`from_first_rank`), which makes the LLM inputs identical
-whatever the reductions did, at the cost of one [K, D] broadcast per image. Inside the LLM the same holds for each decoder layer: a decision reads the attention of
-every head (:func:`gather_heads`) and every rank applies rank 0's verdict
+whatever the reductions did, at the cost of one [K, D] broadcast per image. Inside the
+LLM the same holds for each decoder layer: a decision reads the attention of every head (:func:`gather_heads`) and every rank applies rank 0's verdict
 (:func:`agree_verdict`), so the prune levels written into the KV slots, the rows taken
 out of the batch and the merged hidden states are alike on every rank. A branch that
 decides whether a rank runs a collective (DCP's switch to TATCS projects tokens through
@@ -47,11 +47,10 @@ def all_heads(probe: Probe) -> Probe:
     size = tp_size()
     if size == 1:
         return probe
-    from vllm.distributed import (tensor_model_parallel_all_gather,
-                                  tensor_model_parallel_all_reduce)
+    from vllm.distributed import tensor_model_parallel_all_reduce
 
     def gather(x):
-        return None if x is None else tensor_model_parallel_all_gather(x.contiguous(), dim=0)
+        return None if x is None else gather_heads(x)
 
     attn = probe.attn
     if attn is not None:  # a mean over this rank's heads -> the mean over all heads
