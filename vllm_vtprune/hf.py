@@ -1,11 +1,12 @@
-"""transformers reference path: the same pruning on ``LlavaForConditionalGeneration``.
+"""transformers reference path: the same pruning on ``LlavaForConditionalGeneration``
+(and ``LlavaNextForConditionalGeneration``: :class:`HfNextReference`).
 
 It runs :func:`vllm_vtprune.pipeline.prune_image` on transformers' CLIP tower and
 projector, with the same noun conditioning as the vLLM processor, then decodes greedily.
 It is the reference the vLLM parity test compares against, and the path for RCP training
 and GPU benchmarks (no vLLM needed).
 
-    ref = HfReference.load(path)
+    ref = HfReference.load(path)  # the class of the checkpoint's family
     answer, images = ref.generate("USER: <image>\\nis there a red circle ? ASSISTANT:",
                                   [image], spec_mod.parse("resprune:64"))
 """
@@ -19,6 +20,8 @@ from vllm_vtprune.families import llava as family
 
 
 class HfReference:
+    model_class = "LlavaForConditionalGeneration"
+
     def __init__(self, model, processor):
         self.model = model.eval()
         self.processor = processor
@@ -32,9 +35,13 @@ class HfReference:
 
     @classmethod
     def load(cls, path: str, dtype=torch.float32) -> "HfReference":
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        """The reference of the checkpoint at ``path``, of its family's class."""
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        if cls is HfReference and AutoConfig.from_pretrained(path).model_type == "llava_next":
+            cls = HfNextReference
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype)
         return cls(model, AutoProcessor.from_pretrained(path))
 
     def pixel_values(self, images) -> torch.Tensor:
@@ -43,7 +50,7 @@ class HfReference:
         return out["pixel_values"]  # float32, as vLLM's processor gives them; the tower casts
 
     @torch.no_grad()
-    def image_tokens(self, pixel_values: torch.Tensor, spec, prompt_ids: list[int]):
+    def image_tokens(self, pixel_values, spec, prompt_ids: list[int]):
         """One :class:`~vllm_vtprune.pipeline.PrunedImage` per image, as vLLM computes them."""
         text = None
         if pipeline.is_text_conditioned(spec):
@@ -51,9 +58,11 @@ class HfReference:
             ids = pipeline.noun_ids(self.tokenizer, question, {self.image_token_id})
             if ids:
                 text = self.model.get_input_embeddings()(torch.tensor(ids))
-        return [pipeline.prune_image(self.tower, self.model.model.multi_modal_projector,
-                                     pixel_values[i:i + 1], spec, text)
-                for i in range(len(pixel_values))]
+        return [self.prune_one(pixel_values, i, spec, text) for i in range(len(pixel_values))]
+
+    def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
+        return pipeline.prune_image(self.tower, self.model.model.multi_modal_projector,
+                                    pixel_values[index:index + 1], spec, text)
 
     @torch.no_grad()
     def generate(self, prompt: str, images, spec: spec_mod.PruneSpec | None,
@@ -121,6 +130,28 @@ class HfReference:
         embeds = self.prompt_embeds(ids, feats)[None]
         hidden = self.model.model.language_model(inputs_embeds=embeds).last_hidden_state
         return self.model.lm_head(hidden[0, -1])
+
+
+class HfNextReference(HfReference):
+    """LLaVA-NeXT: each image's tiles pruned together (:func:`pipeline.prune_tiled`)."""
+
+    model_class = "LlavaNextForConditionalGeneration"
+
+    def pixel_values(self, images) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        """Per image: its tiles [T, 3, 336, 336] (base first) and its (height, width)."""
+        out = self.processor.image_processor(images=[_to_rgb(im) for im in images],
+                                             return_tensors="pt")
+        return [(tiles, tuple(int(v) for v in size))
+                for tiles, size in zip(out["pixel_values"], out["image_sizes"])]
+
+    def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
+        from vllm_vtprune.families import llava_next
+
+        tiles, size = pixel_values[index]
+        layout = llava_next.layout_of(self.model.config, size)
+        return pipeline.prune_tiled(self.tower, self.model.model.multi_modal_projector,
+                                    tiles[:layout.num_tiles], layout, spec, text,
+                                    self.model.model.image_newline)
 
 
 def _to_rgb(image):

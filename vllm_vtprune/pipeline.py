@@ -132,15 +132,20 @@ def is_text_conditioned(spec: spec_mod.PruneSpec | None) -> bool:
     return spec is not None and spec.text_conditioned
 
 
-def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int) -> int:
-    """Placeholder count of one image: the budget; every token without pruning; for a
+def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int,
+                prunable: int | None = None) -> int:
+    """Placeholder count of one image of ``num_tokens`` tokens, ``prunable`` of which a
+    method chooses among (all by default; LLaVA-NeXT's newlines are not): the budget;
+    every token without pruning or when the budget covers the prunable ones; for a
     method inside the LLM, what its encoder-side stage keeps (every token without one)."""
     if spec is None:
         return num_tokens
     if acts_in_llm(spec):
         stage = registry.get(spec.method).encoder_budget
         return num_tokens if stage is None else stage(spec, num_tokens)
-    return spec.tokens_for(num_tokens)
+    prunable = num_tokens if prunable is None else prunable
+    keep = spec.tokens_for(prunable)
+    return num_tokens if keep >= prunable else keep
 
 
 def check_servable(spec: spec_mod.PruneSpec | None, family=None, server: bool = False) -> None:
@@ -213,6 +218,67 @@ def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
         ctx.hidden, ctx.last_input = run_to_feature_layer(tower, pixel_values)
     started = time.perf_counter()
     image = method.prune(ctx)
+    image.prune_seconds = time.perf_counter() - started
+    return image
+
+
+@dataclasses.dataclass
+class TiledContext(ImageContext):
+    """An image encoded as several tiles (LLaVA-NeXT), seen by a method as one tower
+    output: ``hidden`` is the base tile's prefix then every tile's patches in the packed
+    order of ``layout``; the probe is each patch's own tile's attention, built on first
+    read from the tiles' feature-layer inputs."""
+
+    layout: object = None  # vllm_vtprune.tiles.Layout
+    tile_inputs: list | None = None  # per tile: [1, P+S, C] the feature layer's input
+
+    @property
+    def probe(self) -> Probe:
+        if self._probe is None:
+            last = self.tower.num_layers - 1
+            self._probe = packed_probe([self.tower.probe(last, x) for x in self.tile_inputs],
+                                       self.layout, self.tower.prefix)
+        return self._probe
+
+
+def packed_rows(per_tile: Tensor, layout, prefix: int) -> Tensor:
+    """[T, P+S, ...] per-tile token rows -> [P+N, ...]: the base tile's prefix rows,
+    then every patch in the packed order of ``layout``."""
+    return torch.cat([per_tile[0, :prefix], per_tile[:, prefix:][layout.tile, layout.patch]])
+
+
+def packed_probe(probes: list[Probe], layout, prefix: int) -> Probe:
+    """One probe over the packed tokens from the tiles' own ([H, P+S] rows, keys)."""
+    cls = None
+    if probes[0].cls_attn is not None:
+        cls = packed_rows(torch.stack([p.cls_attn.T for p in probes]), layout, prefix).T
+    keys = packed_rows(torch.stack([p.keys.transpose(0, 1) for p in probes]), layout, prefix)
+    return Probe(cls_attn=cls, keys=keys.transpose(0, 1))
+
+
+def prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
+                spec: spec_mod.PruneSpec | None, text: Tensor | None,
+                newline: Tensor) -> PrunedImage:
+    """Visual tokens of one image encoded as tiles ([T, 3, H, W]; base first) whose
+    patches ``layout`` packs: [K, D] kept in packed order, or every token with a
+    ``newline`` [D] after each row of the unpadded grid when nothing is pruned."""
+    check_servable(spec, server=True)
+    k = kept_tokens(spec, layout.num_tokens, layout.num_patches)
+    outputs, inputs = zip(*(run_to_feature_layer(tower, tiles[t:t + 1])
+                            for t in range(layout.num_tiles)))
+    per_tile = torch.stack(outputs)  # [T, P+S, C], each tile its own pass
+    if k == layout.num_tokens:
+        from vllm_vtprune.tiles import pack
+
+        tokens = pack(project(per_tile[:, tower.prefix:]), layout, newline)
+        origins = torch.full((layout.num_tokens,), -1, dtype=torch.int64)  # -1: a newline
+        origins[layout.rows] = torch.arange(layout.num_patches)
+        return PrunedImage.merged(tokens, origins)
+    ctx = TiledContext(tower, project, tiles, spec, text, layout.num_patches, k,
+                       hidden=packed_rows(per_tile, layout, tower.prefix),
+                       layout=layout, tile_inputs=list(inputs))
+    started = time.perf_counter()
+    image = registry.get(spec.method).prune(ctx)
     image.prune_seconds = time.perf_counter() - started
     return image
 

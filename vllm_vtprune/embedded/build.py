@@ -72,7 +72,7 @@ def vocabulary(size: int | None = None) -> list[str]:
 V1_VOCAB_SIZE = len(vocabulary()) - len(sv.MORE_NUMBERS)
 
 
-def build_tokenizer(vocab_size: int = V1_VOCAB_SIZE):
+def build_tokenizer(vocab_size: int = V1_VOCAB_SIZE, max_length: int = 2048):
     """The word-level tokenizer of a model with ``vocab_size`` words (v1's by default,
     as :func:`build_config`)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -88,7 +88,7 @@ def build_tokenizer(vocab_size: int = V1_VOCAB_SIZE):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-        chat_template=CHAT_TEMPLATE, model_max_length=2048)
+        chat_template=CHAT_TEMPLATE, model_max_length=max_length)
 
 
 # OpenAI CLIP's pixel normalisation (what LLaVA-1.5's image processor uses).
@@ -159,3 +159,98 @@ def _write_generation_config(out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
          "do_sample": False}, indent=2))
+
+
+# ---------------------------------------------------------------- other families
+#: llava-hf/llava-v1.6-*'s anyres resolutions, (height, width)
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+#: Room for a few images of up to 2,928 tokens each (rotary positions: no table to grow)
+NEXT_MAX_POSITIONS = 8192
+FAMILIES = ("llava", "llava_next")
+
+
+def build_next_config(llava_config):
+    """LLaVA-NeXT's config around a LLaVA-1.5 config's tower and LLM."""
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=llava_config.vision_config.to_dict(),
+        text_config={**llava_config.text_config.to_dict(),
+                     "max_position_embeddings": NEXT_MAX_POSITIONS},
+        image_token_index=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
+        vision_feature_layer=llava_config.vision_feature_layer,
+        vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS,
+        pad_token_id=PAD_ID, tie_word_embeddings=False)
+
+
+def build_next_processor(vocab_size: int = V1_VOCAB_SIZE):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=NEXT_PINPOINTS, do_pad=True, do_center_crop=True,
+        do_resize=True, do_normalize=True, do_convert_rgb=True,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaNextProcessor(image_processor=image_processor,
+                              tokenizer=build_tokenizer(vocab_size, NEXT_MAX_POSITIONS),
+                              patch_size=14,
+                              vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def build_llava_next(source: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A LLaVA-NeXT checkpoint in the llava-hf/llava-v1.6 layout whose tower, projector
+    and LLM are the LLaVA-1.5 checkpoint ``source``'s (so its base tile answers as that
+    model does), with a drawn ``image_newline`` (seeded: the same bytes every build)."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    source, out = Path(source), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llava = AutoConfig.from_pretrained(source)
+    tensors = load_file(str(source / "model.safetensors"))
+    hidden = llava.text_config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    newline = torch.randn(hidden, generator=generator) * hidden ** -0.5
+    tensors["image_newline"] = newline.to(tensors["multi_modal_projector.linear_2.bias"].dtype)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = build_next_config(llava)
+    config.dtype = llava.dtype
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.save_pretrained(out)
+    build_next_processor(llava.text_config.vocab_size).save_pretrained(out)
+    shutil.copy(source / "generation_config.json", out / "generation_config.json")
+    return out
+
+
+def build(family: str, out_dir: str | Path) -> Path:
+    """A checkpoint of ``family`` in its public hub layout, made from the embedded model."""
+    import shutil
+
+    from vllm_vtprune.embedded import model_path
+
+    if family == "llava":
+        shutil.copytree(model_path(), out_dir, dirs_exist_ok=True)
+        return Path(out_dir)
+    if family == "llava_next":
+        return build_llava_next(model_path(), out_dir)
+    raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m vllm_vtprune.embedded.build",
+        description="Write a small checkpoint of a model family, in its public hub layout "
+                    "(vLLM and transformers load it as they load the real ones).")
+    p.add_argument("--family", choices=FAMILIES, default="llava")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    print(build(args.family, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """Model families: everything specific to one kind of served model, one module each.
 
 A family module defines ``FAMILY`` (a :class:`Family`): which served configs it matches,
-the vLLM architecture name of its pruning class, its patch grid and placeholder count
-per image, its vision-tower adapters (:class:`vllm_vtprune.pipeline.VisionTower`) and
+the vLLM architecture name of its pruning class, its patch grid and the tokens a method
+chooses among per image, its vision-tower adapters (:class:`vllm_vtprune.pipeline.VisionTower`) and
 how the question of a prompt is found. The pipeline and the methods assume none of it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable
 
 __all__ = ["Family", "families", "for_config", "for_architecture"]
 
-_MODULES = ("llava",)
+_MODULES = ("llava", "llava_next")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,9 @@ class Family:
     question_ids: Callable[[object, list[int]], list[int]]  # (tokenizer, prompt ids)
     #: What its towers give the methods (see ``registry.Method.needs``).
     provides: frozenset[str] = frozenset()
+    #: (hf_config, width, height) -> tokens a method chooses among, when an image's
+    #: placeholders hold more than its patches (LLaVA-NeXT's newlines); None: all of them
+    prunable_tokens: Callable[[object, int, int], int] | None = None
 
 
 def families() -> tuple[Family, ...]:
