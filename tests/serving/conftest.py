@@ -78,14 +78,16 @@ def server_log(tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def serving(log: Path, trace: Path, *extra: str, spec: str = SERVER_SPEC):
-    """`vllm serve EMBEDDED --vtprune SPEC [extra]` on a free loopback port; yields its URL."""
+def serving(log: Path, trace: Path, *extra: str, spec: str = SERVER_SPEC,
+            model: str | None = None, max_model_len: int = 2048):
+    """`vllm serve MODEL --vtprune SPEC [extra]` on a free loopback port (the embedded
+    model by default); yields its URL."""
     port = free_port()
     vllm_bin = Path(sys.executable).parent / "vllm"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VTPRUNE_TRACE=str(trace))
-    cmd = [str(vllm_bin), "serve", model_path(), "--vtprune", spec,
+    cmd = [str(vllm_bin), "serve", model or model_path(), "--vtprune", spec,
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "float32",
            "--limit-mm-per-prompt", '{"image": 3}', *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
