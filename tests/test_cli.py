@@ -109,3 +109,28 @@ def test_version_fallback_on_this_install(restore_metadata_version):
 def test_fixture_restored_metadata_version():
     # Runs after the fallback tests: the module function is the stdlib one again.
     assert importlib.metadata.version.__module__ == "importlib.metadata"
+
+
+def test_readme_models_table_is_the_adapters_table(capsys):
+    """The README's supported-models table is `vtprune models`, row for row."""
+    from pathlib import Path
+
+    from vllm_vtprune import families
+
+    assert cli.main(["models"]) == 0
+    printed = capsys.readouterr().out.strip()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- vtprune models -->\n", 1)[1].split("\n<!-- /vtprune models -->")[0]
+    assert block == printed
+    assert [line.split(" | ")[0].lstrip("| ") for line in block.splitlines()[2:]] == \
+        [f.name for f in families.families()]
+
+
+def test_each_family_serves_the_methods_its_towers_can_feed():
+    from vllm_vtprune import families, registry
+
+    for family in families.families():
+        for method in families.served_methods(family):
+            assert registry.get(method).needs_for({}) <= family.provides
+    next_family = families.for_architecture("VTPruneLlavaNextForConditionalGeneration")
+    assert "dcp" not in families.served_methods(next_family)

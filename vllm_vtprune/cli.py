@@ -14,6 +14,8 @@
         Validate a pruning spec and print its canonical form.
     vtprune methods
         List every pruning method: where it acts, whether it is served, its options.
+    vtprune models
+        The supported model families (the README's table): what each serves.
     vtprune rcp-init [MODEL] --out FILE [--seed N]
         Write RCP modules for MODEL's decoder (default: the embedded model) at their
         initialisation: pruners as initialised, repair adapters identity. Serve them with
@@ -90,6 +92,13 @@ def _methods(args: list[str]) -> int:
     return 0
 
 
+def _models(args: list[str]) -> int:
+    from vllm_vtprune import families
+
+    print(families.table())
+    return 0
+
+
 def _rcp_init(args: list[str]) -> int:
     import argparse
     import json
@@ -115,6 +124,7 @@ def _rcp_init(args: list[str]) -> int:
 COMMANDS = {
     "rcp-init": _rcp_init,
     "methods": _methods,
+    "models": _models,
     "serve": _serve,
     "vllm": vllm_main,
     "model-path": _model_path,

@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 from typing import Callable
 
-__all__ = ["Family", "families", "for_config", "for_architecture"]
+__all__ = ["Family", "families", "for_config", "for_architecture", "served_methods", "table"]
 
 _MODULES = ("llava", "llava_next")
 
@@ -28,6 +28,8 @@ class Family:
     question_ids: Callable[[object, list[int]], list[int]]  # (tokenizer, prompt ids)
     #: What its towers give the methods (see ``registry.Method.needs``).
     provides: frozenset[str] = frozenset()
+    #: How an image becomes tokens, and what a budget counts (the README's table)
+    images: str = ""
     #: (hf_config, width, height) -> tokens a method chooses among, when an image's
     #: placeholders hold more than its patches (LLaVA-NeXT's newlines); None: all of them
     prunable_tokens: Callable[[object, int, int], int] | None = None
@@ -55,3 +57,20 @@ def for_config(hf_config) -> Family:
 
 def for_architecture(architecture: str) -> Family | None:
     return next((f for f in families() if f.architecture == architecture), None)
+
+
+def served_methods(family: Family) -> list[str]:
+    """Methods a server of this family accepts (in-LLM ones need a server started with one)."""
+    from vllm_vtprune import registry
+
+    return [m for m in registry.served() if registry.get(m).needs_for({}) <= family.provides]
+
+
+def table() -> str:
+    """The README's supported-models table (``vtprune models``), from the adapters."""
+    rows = ["| family | served when the config is | an image's tokens | methods |",
+            "|---|---|---|---|"]
+    for f in families():
+        rows.append(f"| {f.name} | {f.description} | {f.images} | "
+                    f"{', '.join(served_methods(f))} |")
+    return "\n".join(rows)

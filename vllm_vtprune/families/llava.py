@@ -274,4 +274,5 @@ FAMILY = Family(
     grid=grid,
     question_ids=question_ids,
     provides=frozenset({"cls_attention", "keys", "encoder_layers", "text", "llm_attention"}),
+    images="one CLIP pass: 576 patches at 336 px; a budget of K keeps K of them",
 )

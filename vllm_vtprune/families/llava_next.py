@@ -119,5 +119,8 @@ FAMILY = Family(
     grid=base.grid,
     question_ids=base.question_ids,
     provides=frozenset({"cls_attention", "keys", "text"}),
+    images="a base tile and an anyres grid of 336 px tiles, unpadded, a newline per grid "
+           "row (up to 2,928 tokens); a budget of K (or a ratio) keeps K of the image's "
+           "patches across its tiles, newlines dropped",
     prunable_tokens=prunable_tokens,
 )
