@@ -166,7 +166,7 @@ def _write_generation_config(out: Path) -> None:
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 #: Room for a few images of up to 2,928 tokens each (rotary positions: no table to grow)
 NEXT_MAX_POSITIONS = 8192
-FAMILIES = ("llava", "llava_next")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 
 def build_next_config(llava_config):
@@ -225,8 +225,128 @@ def build_llava_next(source: str | Path, out_dir: str | Path, seed: int = 0) -> 
     return out
 
 
+# Qwen2-VL's conversation markers and vision tokens, after the word vocabulary.
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: A small tower and LLM; the LLM's head dim 32 gives M-RoPE 16 rotary pairs, split
+#: (t, h, w) = 4/6/6 as Qwen2-VL-7B splits its 64 as 16/24/24.
+QWEN_VISION = dict(depth=4, num_heads=4, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2, in_channels=3)
+QWEN_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                 rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                  "mrope_section": [4, 6, 6]})
+#: Pixels per image: 56x56 to 448x448 (4 to 256 LLM tokens after the 2x2 merge)
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 448 * 448
+
+
+def build_qwen_tokenizer():
+    """The word tokenizer with Qwen2-VL's special tokens and chat template."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in vocabulary() if w not in SPECIAL_TOKENS] + list(QWEN_SPECIALS)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                     unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(QWEN_SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>",
+                              "vision_eos_token": "<|vision_end|>"},
+        model_max_length=QWEN_TEXT["max_position_embeddings"])
+
+
+def build_qwen_config(family: str, tokenizer):
+    """A small Qwen2-VL (``qwen2_vl``) or Qwen2.5-VL (``qwen2_5_vl``) config."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"))}
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    text = dict(QWEN_TEXT, vocab_size=len(tokenizer), bos_token_id=pad, eos_token_id=eos,
+                pad_token_id=pad, tie_word_embeddings=False)
+    hidden = QWEN_TEXT["hidden_size"]
+    if family == "qwen2_vl":
+        vision = dict(QWEN_VISION, embed_dim=64, mlp_ratio=4, hidden_size=hidden)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    else:
+        # window attention in blocks 0 and 2, full attention in 1 and 3 (7B: 7/15/23/31)
+        vision = dict(QWEN_VISION, hidden_size=64, intermediate_size=176, out_hidden_size=hidden,
+                      window_size=112, fullatt_block_indexes=[1, 3], hidden_act="silu")
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    config.tie_word_embeddings = False
+    return config
+
+
+def build_qwen_processor(family: str, tokenizer):
+    from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    image = Qwen2VLImageProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
+                                  patch_size=14, merge_size=2, temporal_patch_size=2,
+                                  image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    video = Qwen2VLVideoProcessor(min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS,
+                                  patch_size=14, merge_size=2, temporal_patch_size=2,
+                                  image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+    return cls(image_processor=image, video_processor=video, tokenizer=tokenizer,
+               chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def to_qwen_hub_key(key: str) -> str:
+    """transformers-5 names -> the Qwen/Qwen2-VL-* hub layout (``visual.*``, ``model.*``)."""
+    for new, old in (("model.visual.", "visual."), ("model.language_model.", "model.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    if key.startswith("lm_head."):
+        return key
+    raise KeyError(f"unexpected Qwen2-VL parameter name {key!r}")
+
+
+def build_qwen(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """A small random Qwen2-VL / Qwen2.5-VL checkpoint in the hub layout (seeded)."""
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_qwen_tokenizer()
+    config = build_qwen_config(family, tokenizer)
+    cls = ("Qwen2VLForConditionalGeneration" if family == "qwen2_vl"
+           else "Qwen2_5_VLForConditionalGeneration")
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(config)
+    tensors = {to_qwen_hub_key(k): v.detach().to(torch.bfloat16).contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.dtype = torch.bfloat16
+    config.architectures = [cls]
+    config.save_pretrained(out)
+    build_qwen_processor(family, tokenizer).save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+         "do_sample": False}, indent=2))
+    return out
+
+
 def build(family: str, out_dir: str | Path) -> Path:
-    """A checkpoint of ``family`` in its public hub layout, made from the embedded model."""
+    """A checkpoint of ``family`` in its public hub layout: LLaVA-1.5 is the embedded
+    model, LLaVA-NeXT wraps its weights, the Qwen families are small and random."""
     import shutil
 
     from vllm_vtprune.embedded import model_path
@@ -236,6 +356,8 @@ def build(family: str, out_dir: str | Path) -> Path:
         return Path(out_dir)
     if family == "llava_next":
         return build_llava_next(model_path(), out_dir)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return build_qwen(family, out_dir)
     raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
 
 
