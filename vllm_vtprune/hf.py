@@ -39,8 +39,10 @@ class HfReference:
         import transformers
         from transformers import AutoConfig, AutoProcessor
 
-        if cls is HfReference and AutoConfig.from_pretrained(path).model_type == "llava_next":
-            cls = HfNextReference
+        if cls is HfReference:
+            cls = {"llava_next": HfNextReference, "qwen2_vl": HfQwenReference,
+                   "qwen2_5_vl": HfQwen25Reference}.get(
+                AutoConfig.from_pretrained(path).model_type, HfReference)
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype)
         return cls(model, AutoProcessor.from_pretrained(path))
 
@@ -152,6 +154,86 @@ class HfNextReference(HfReference):
         return pipeline.prune_tiled(self.tower, self.model.model.multi_modal_projector,
                                     tiles[:layout.num_tiles], layout, spec, text,
                                     self.model.model.image_newline)
+
+
+class HfQwenReference(HfReference):
+    """Qwen2-VL: each image's merged tokens pruned at the encoder output, kept tokens
+    placed at their unpruned M-RoPE (t, h, w) and the text after an image where it
+    stands unpruned (positions from transformers' own ``get_vision_position_ids``)."""
+
+    model_class = "Qwen2VLForConditionalGeneration"
+
+    def __init__(self, model, processor):
+        from vllm_vtprune.families import qwen2_vl
+
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = model.config.image_token_id
+        self.tower = qwen2_vl.EncoderTower(model.model.visual, model.config.vision_config,
+                                           qwen2_vl.hf_run)
+
+    def pixel_values(self, images) -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
+        """Per image: its patches [t*h*w, C*2*14*14] and its (t, h, w) patch grid."""
+        out = self.processor.image_processor(images=[_to_rgb(im) for im in images],
+                                             return_tensors="pt")
+        sizes = out["image_grid_thw"].prod(-1).tolist()
+        return [(pv, tuple(int(v) for v in thw))
+                for pv, thw in zip(out["pixel_values"].split(sizes), out["image_grid_thw"])]
+
+    def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
+        patches, grid_thw = pixel_values[index]
+        tower = self.tower.for_image(grid_thw)
+        image = pipeline.prune_image(tower, tower.project, patches, spec, text)
+        image.grid_thw = grid_thw
+        return image
+
+    @torch.no_grad()
+    def generate(self, prompt: str, images, spec, max_new_tokens: int = 4):
+        """Greedy answer with explicit M-RoPE positions, and the pruned images."""
+        prompt_ids = self.tokenizer(prompt).input_ids
+        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
+        counts = [p.tokens.shape[0] for p in pruned]
+        ids = _expand(prompt_ids, self.image_token_id, counts)
+        feats = torch.cat([p.tokens for p in pruned]) if pruned else None
+        positions = self.positions(ids, pruned)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self.last_logits(ids + out, feats, positions)
+            nxt = int(torch.argmax(logits))
+            if nxt == self.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        return self.tokenizer.decode(out, skip_special_tokens=True), pruned
+
+    def positions(self, ids: list[int], pruned) -> torch.Tensor:
+        """[3, T]: text at consecutive positions; image ``i``'s kept tokens at their
+        unpruned grid positions; the text after it from where the unpruned image ends."""
+        merge = self.model.config.vision_config.spatial_merge_size
+        cols, images, current, i = [], iter(pruned), 0, 0
+        while i < len(ids):
+            if ids[i] != self.image_token_id:
+                cols.append(torch.full((3, 1), current))
+                current, i = current + 1, i + 1
+                continue
+            image = next(images)
+            thw = torch.tensor(image.grid_thw)
+            full = self.model.model.get_vision_position_ids(current, thw, 1, merge)
+            cols.append(full[:, image.origins])
+            current += max(int(thw[1]), int(thw[2])) // merge
+            i += image.tokens.shape[0]
+        return torch.cat(cols, dim=1)
+
+    def last_logits(self, ids: list[int], feats, positions: torch.Tensor) -> torch.Tensor:
+        embeds = self.prompt_embeds(ids, feats)[None]
+        hidden = self.model.model.language_model(
+            inputs_embeds=embeds, position_ids=positions[:, None, :len(ids)]).last_hidden_state
+        return self.model.lm_head(hidden[0, -1])
+
+
+class HfQwen25Reference(HfQwenReference):
+    model_class = "Qwen2_5_VLForConditionalGeneration"
 
 
 def _to_rgb(image):
