@@ -170,16 +170,22 @@ class HfQwenReference(HfReference):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = model.config.image_token_id
-        self.tower = qwen2_vl.EncoderTower(model.model.visual, model.config.vision_config,
-                                           qwen2_vl.hf_run)
+        image_processor = processor.image_processor
+        self.tower = qwen2_vl.EncoderTower(
+            model.model.visual, model.config.vision_config,
+            qwen2_vl.hf_run(image_processor.image_mean, image_processor.image_std,
+                            image_processor.rescale_factor))
 
     def pixel_values(self, images) -> list[tuple[torch.Tensor, tuple[int, int, int]]]:
-        """Per image: its patches [t*h*w, C*2*14*14] and its (t, h, w) patch grid."""
+        """Per image: its patches [t*h*w, C*2*14*14] as raw uint8 bytes (what vLLM hands
+        its encoder, which normalises them itself) and its (t, h, w) patch grid."""
         out = self.processor.image_processor(images=[_to_rgb(im) for im in images],
-                                             return_tensors="pt")
+                                             return_tensors="pt", do_rescale=False,
+                                             do_normalize=False)
         sizes = out["image_grid_thw"].prod(-1).tolist()
+        raw = out["pixel_values"].round().to(torch.uint8)
         return [(pv, tuple(int(v) for v in thw))
-                for pv, thw in zip(out["pixel_values"].split(sizes), out["image_grid_thw"])]
+                for pv, thw in zip(raw.split(sizes), out["image_grid_thw"])]
 
     def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
         patches, grid_thw = pixel_values[index]

@@ -13,7 +13,7 @@ from typing import Callable
 
 __all__ = ["Family", "families", "for_config", "for_architecture", "served_methods", "table"]
 
-_MODULES = ("llava", "llava_next")
+_MODULES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,13 @@ MAX_TEXT_IDS = 32
 _VTPRUNE_KWARGS = (SPEC_KEY, TEXT_IDS_KEY, decisions.REQUEST_KEY)
 
 
+def image_token_id(hf_config) -> int:
+    """The placeholder token of an image (LLaVA's ``image_token_index``, Qwen's
+    ``image_token_id``)."""
+    index = getattr(hf_config, "image_token_index", None)
+    return index if index is not None else hf_config.image_token_id
+
+
 def encode_spec(spec: spec_mod.PruneSpec | None) -> torch.Tensor:
     raw = str(spec).encode() if spec is not None else b""
     if len(raw) > SPEC_BYTES:
@@ -109,7 +116,7 @@ class PruningInfo:
     def noun_token_ids(self, prompt_ids: list[int]) -> list[int]:
         tokenizer = self.get_tokenizer()
         return pipeline.noun_ids(tokenizer, self.family.FAMILY.question_ids(tokenizer, prompt_ids),
-                                 {self.get_hf_config().image_token_index}, MAX_TEXT_IDS)
+                                 {image_token_id(self.get_hf_config())}, MAX_TEXT_IDS)
 
 
 def _refuse_foreign_request_kwargs(inputs) -> None:
@@ -159,7 +166,8 @@ class PruningProcessor:
     def _call_hf_processor(self, hf_data, hf_kwargs):
         kwargs = {k: v for k, v in hf_kwargs.items() if k not in _VTPRUNE_KWARGS}
         out = super()._call_hf_processor(hf_data, kwargs)
-        num_images = len(out["pixel_values"]) if "pixel_values" in out else 0
+        num_images = (len(out["image_grid_thw"]) if "image_grid_thw" in out  # Qwen: flat pixels
+                      else len(out["pixel_values"]) if "pixel_values" in out else 0)
         spec = self.info.effective_spec(hf_kwargs)
         out["vtprune_spec"] = encode_spec(spec).repeat(num_images, 1)
         out["vtprune_text_ids"] = encode_text_ids(hf_kwargs.get(TEXT_IDS_KEY, ())).repeat(
@@ -173,7 +181,7 @@ class PruningProcessor:
                     vtprune_text_ids=MultiModalFieldConfig.batched("image"))
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        image_token_id = self.info.get_hf_config().image_token_index
+        placeholder = image_token_id(self.info.get_hf_config())
         spec = self.info.effective_spec(hf_processor_mm_kwargs)
 
         if "image" in mm_items and not isinstance(mm_items["image"], ImageProcessorItems):
@@ -185,9 +193,9 @@ class PruningProcessor:
             size = images.get_image_size(item_idx)
             n = self.info.get_num_image_tokens(image_width=size.width,
                                                image_height=size.height, spec=spec)
-            return [image_token_id] * n
+            return [placeholder] * n
 
-        return [PromptReplacement(modality="image", target=[image_token_id],
+        return [PromptReplacement(modality="image", target=[placeholder],
                                   replacement=replacement)]
 
 
@@ -228,8 +236,8 @@ class PruningModel:
         text = None
         ids = text_ids[text_ids >= 0]
         if pipeline.is_text_conditioned(spec) and ids.numel():
-            device = self.multi_modal_projector.linear_1.weight.device
-            text = self.language_model.model.embed_tokens(ids.to(device))
+            embed = self.language_model.model.embed_tokens
+            text = embed(ids.to(embed.weight.device))
         image = self._prune_one(image_input, index, spec, text)
         pipeline.trace(spec, ids.tolist(), image, rank=parallel.tp_rank())  # this rank's own
         return parallel.from_first_rank(image)
