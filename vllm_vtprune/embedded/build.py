@@ -246,6 +246,10 @@ QWEN_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                  rms_norm_eps=1e-6,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                   "mrope_section": [4, 6, 6]})
+#: Weight scale of the random Qwen models: 0.02 (transformers' default) leaves a 4-layer
+#: LLM with near-uniform attention, whose outputs barely depend on the image or on
+#: positions; at 0.1 they do, so parity tests can see a misplaced token.
+INIT_STD = 0.1
 #: Pixels per image: 56x56 to 448x448 (4 to 256 LLM tokens after the 2x2 merge)
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 448 * 448
 
@@ -280,15 +284,18 @@ def build_qwen_config(family: str, tokenizer):
         ("vision_end_token_id", "<|vision_end|>"))}
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     text = dict(QWEN_TEXT, vocab_size=len(tokenizer), bos_token_id=pad, eos_token_id=eos,
+                initializer_range=INIT_STD,
                 pad_token_id=pad, tie_word_embeddings=False)
     hidden = QWEN_TEXT["hidden_size"]
     if family == "qwen2_vl":
-        vision = dict(QWEN_VISION, embed_dim=64, mlp_ratio=4, hidden_size=hidden)
+        vision = dict(QWEN_VISION, embed_dim=64, mlp_ratio=4, hidden_size=hidden,
+                      initializer_range=INIT_STD)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
     else:
         # window attention in blocks 0 and 2, full attention in 1 and 3 (7B: 7/15/23/31)
         vision = dict(QWEN_VISION, hidden_size=64, intermediate_size=176, out_hidden_size=hidden,
-                      window_size=112, fullatt_block_indexes=[1, 3], hidden_act="silu")
+                      window_size=112, fullatt_block_indexes=[1, 3], hidden_act="silu",
+                      initializer_range=INIT_STD)
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     config.tie_word_embeddings = False
     return config

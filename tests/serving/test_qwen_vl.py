@@ -1,0 +1,187 @@
+"""Qwen2-VL and Qwen2.5-VL through real vLLM (CPU) on small random checkpoints the
+project builds (``python -m vllm_vtprune.embedded.build --family qwen2_vl|qwen2_5_vl``):
+no spec is stock vLLM; every method served on the family, at a ratio and an integer
+budget, matches the transformers reference with kept tokens at their unpruned M-RoPE
+positions, on prompts with two images of different sizes; a reference that renumbers
+the positions after pruning does not match.
+
+The models are random, so their answers are words of nearly equal probability; the
+comparison is on the log-probabilities of every generated token (vLLM's and the
+reference's, teacher-forced on vLLM's tokens), which any misplaced token or position
+moves far beyond the float32 rounding of two implementations."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vllm_vtprune import families, registry
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+QUESTIONS = ["what color is the square ?", "how many circles are there ?",
+             "is there a red triangle ?"]
+# (width, height): wide, tall, square, small; the grid (and token count) follows the size
+SIZES = [(336, 252), (224, 392), (280, 280), (140, 196)]
+# float32 vLLM vs transformers: measured differences are below 8e-6 (x86 AVX-512 here; other
+# CPUs round differently, hence the margin); positions renumbered after pruning move the
+# log-probabilities by 0.85 and more
+ATOL = 1e-4
+MAX_TOKENS = 3
+
+
+def _served(family) -> list[str]:
+    return [m for m in families.served_methods(family) if m not in registry.in_llm()]
+
+
+def _prompt(num_images: int, question: str) -> str:
+    return ("<|im_start|>user\n" + "<|vision_start|><|image_pad|><|vision_end|>" * num_images
+            + f"{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _requests():
+    images = [s.image for s in (sv.make_sample(sv.HELDOUT_SEED, 7400 + i) for i in range(4))]
+    return [([images[0].resize(SIZES[0]), images[1].resize(SIZES[1])], QUESTIONS[0]),
+            ([images[2].resize(SIZES[2])], QUESTIONS[1]),
+            ([images[3].resize(SIZES[3]), images[0].resize(SIZES[2])], QUESTIONS[2])]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+    from vllm_vtprune.embedded.build import build
+
+    path = str(build(request.param, tmp_path_factory.mktemp(request.param) / "model"))
+    from transformers import AutoConfig
+
+    return families.for_config(AutoConfig.from_pretrained(path)), path
+
+
+def _llm(path: str, **kwargs):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(model=path, enforce_eager=True, max_model_len=4096, dtype="float32",
+               limit_mm_per_prompt={"image": 2}, **kwargs)
+
+
+def _shutdown(llm) -> None:
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def _generate(llm, reqs, spec=None):
+    from vllm import SamplingParams
+
+    batch = []
+    for images, question in reqs:
+        req = {"prompt": _prompt(len(images), question), "multi_modal_data": {"image": images}}
+        if spec is not None:
+            req["mm_processor_kwargs"] = {"vtprune": spec}
+        batch.append(req)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5,
+                            ignore_eos=True)
+    outs = llm.generate(batch, params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), len(o.prompt_token_ids),
+             [{k: v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs])
+            for o in outs]
+
+
+@pytest.fixture(scope="module")
+def engines(family_model):
+    family, path = family_model
+    stock = _llm(path)
+    try:
+        stock_out = _generate(stock, _requests())
+    finally:
+        _shutdown(stock)
+    llm = _llm(path, hf_overrides={"architectures": [family.architecture]})
+    yield family, path, stock_out, llm
+    _shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def reference(family_model):
+    from vllm_vtprune.hf import HfReference
+
+    return HfReference.load(family_model[1])
+
+
+def _reference_logprobs(reference, images, question, spec, tokens, renumber=False):
+    """The reference's log-probabilities at each of vLLM's generated tokens."""
+    from vllm_vtprune.hf import _expand
+
+    prompt = _prompt(len(images), question)
+    prompt_ids = reference.tokenizer(prompt).input_ids
+    pruned = reference.image_tokens(reference.pixel_values(images), spec, prompt_ids)
+    ids = _expand(prompt_ids, reference.image_token_id, [p.tokens.shape[0] for p in pruned])
+    feats = torch.cat([p.tokens for p in pruned])
+    positions = reference.positions(ids, pruned)
+    if renumber:
+        positions = torch.arange(len(ids)).expand(3, -1)
+    steps = []
+    with torch.no_grad():
+        for i in range(len(tokens)):
+            pos = torch.cat([positions, positions[:, -1:] + torch.arange(1, i + 1)], dim=1)
+            logits = reference.last_logits(ids + tokens[:i], feats, pos)
+            steps.append(torch.log_softmax(logits.float(), -1))
+    return steps, len(ids), pruned
+
+
+def _max_gap(vllm_steps, ref_steps) -> float:
+    return max(abs(lp - float(ref[t])) for step, ref in zip(vllm_steps, ref_steps)
+               for t, lp in step.items())
+
+
+def test_no_spec_is_stock_vllm(engines):
+    family, _, stock_out, llm = engines
+    out = _generate(llm, _requests())
+    for (tokens, length, steps), (s_tokens, s_length, s_steps) in zip(out, stock_out):
+        assert (tokens, length) == (s_tokens, s_length)
+        assert max(abs(lp - s_steps[i][t]) for i, step in enumerate(steps)
+                   for t, lp in step.items()) <= ATOL
+
+
+@pytest.mark.parametrize("budget", ["0.25", "12"])
+def test_every_served_method_matches_the_reference_at_unpruned_positions(engines, reference,
+                                                                        budget):
+    family, _, _, llm = engines
+    assert {"resprune", "divprune", "random"} <= set(_served(family))
+    for method in _served(family):
+        spec = f"{method}:{budget}"
+        parsed = spec_mod.parse(spec)
+        for (images, question), (tokens, length, steps) in zip(
+                _requests(), _generate(llm, _requests(), spec)):
+            ref_steps, ref_length, pruned = _reference_logprobs(reference, images, question,
+                                                                parsed, tokens)
+            full = [p.tokens.shape[0] for p in reference.image_tokens(
+                reference.pixel_values(images), None, [])]
+            assert [p.tokens.shape[0] for p in pruned] == [parsed.tokens_for(n) for n in full]
+            assert length == ref_length
+            assert _max_gap(steps, ref_steps) <= ATOL, spec
+
+
+def test_a_reference_with_renumbered_positions_does_not_match(engines, reference):
+    """The comparison above can see positions: counted after pruning, they differ."""
+    _, _, _, llm = engines
+    images, question = _requests()[0]
+    (tokens, _, steps), = _generate(llm, [_requests()[0]], "resprune:0.25")
+    renumbered, _, _ = _reference_logprobs(reference, images, question,
+                                           spec_mod.parse("resprune:0.25"), tokens, True)
+    assert _max_gap(steps, renumbered) > 100 * ATOL
+
+
+def test_unserved_methods_are_refused_per_request(engines):
+    from vllm import SamplingParams
+
+    _, _, _, llm = engines
+    images, question = _requests()[1]
+    req = {"prompt": _prompt(1, question), "multi_modal_data": {"image": images},
+           "mm_processor_kwargs": {"vtprune": "visionzip:16"}}
+    with pytest.raises(ValueError, match="cls_attention"):
+        llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)

@@ -1,0 +1,66 @@
+"""The transformers reference path on Qwen2-VL / Qwen2.5-VL checkpoints the project
+builds: unpruned, it is transformers' own model (image features, positions, greedy
+answer); pruned, it keeps exactly the budget."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_vtprune import spec as spec_mod
+from vllm_vtprune.data import shapes_vqa as sv
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+          "what color is the square ?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def reference(request, tmp_path_factory):
+    from vllm_vtprune.embedded.build import build
+    from vllm_vtprune.hf import HfReference
+
+    path = build(request.param, tmp_path_factory.mktemp(request.param) / "model")
+    return HfReference.load(str(path))
+
+
+def _image(size=(336, 252)):
+    return sv.make_sample(2, 3).image.resize(size)
+
+
+def test_unpruned_tokens_are_transformers_image_features(reference):
+    image = _image()
+    inputs = reference.processor.image_processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        expected = getattr(expected, "pooler_output", expected)
+        expected = torch.cat(list(expected)) if isinstance(expected, (list, tuple)) else expected
+    pruned = reference.image_tokens(reference.pixel_values([image]), None, [])
+    torch.testing.assert_close(pruned[0].tokens, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unpruned_answer_and_positions_are_transformers_own(reference):
+    from vllm_vtprune.hf import _expand
+
+    image = _image((280, 420))
+    inputs = reference.processor(text=[PROMPT], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = reference.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected, _ = reference.model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"])
+    answer, pruned = reference.generate(PROMPT, [image], None)
+    assert answer == reference.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
+                                                skip_special_tokens=True)
+    ids = _expand(reference.tokenizer(PROMPT).input_ids, reference.image_token_id,
+                  [pruned[0].tokens.shape[0]])
+    assert torch.equal(reference.positions(ids, pruned), expected[:, 0])
+
+
+@pytest.mark.parametrize("spec", ["resprune:0.25", "divprune:16", "random:0.5", "resprune:1000"])
+def test_pruned_images_keep_the_budget(reference, spec):
+    parsed = spec_mod.parse(spec)
+    image = _image()
+    full = reference.image_tokens(reference.pixel_values([image]), None, [])[0].tokens.shape[0]
+    _, pruned = reference.generate(PROMPT, [image], parsed, max_new_tokens=1)
+    assert pruned[0].tokens.shape[0] == parsed.tokens_for(full)
+    assert torch.equal(pruned[0].origins, torch.sort(pruned[0].origins).values)
