@@ -57,15 +57,18 @@ TOKEN_LAYERS_SKIPPED = Counter("vtprune_llm_token_layers_skipped",
 class ModelShape:
     """What one visual token costs the served model."""
 
-    tokens_per_image: int
+    tokens_per_image: int | None  # None: it depends on the image (Qwen2-VL)
     kv_bytes_per_token: float  # all layers, keys and values
     num_layers: int = 0  # decoder layers
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ModelShape":
         mc = vllm_config.model_config
-        rows, cols = families.for_config(mc.hf_config).grid(mc.hf_config)
-        per_image = rows * cols
+        try:
+            rows, cols = families.for_config(mc.hf_config).grid(mc.hf_config)
+            per_image = rows * cols
+        except ValueError:  # no fixed grid: only the processor's decisions have counts
+            per_image = None
         # Whole-model figures: every layer and every KV head, whatever the parallelism.
         layers = mc.hf_text_config.num_hidden_layers
         kv_heads = mc.get_total_num_kv_heads()
@@ -89,9 +92,13 @@ def _kv_dtype_bytes(vllm_config) -> float:
 
 
 def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape) -> dict:
-    """The ``usage.vtprune`` object derived from the spec (untagged requests)."""
+    """The ``usage.vtprune`` object derived from the spec (untagged requests); without
+    counts where an image's count depends on its size."""
     from vllm_vtprune import pipeline
 
+    if shape.tokens_per_image is None:
+        return {"method": spec.method if spec is not None else "none",
+                "budget": spec.budget if spec is not None else None, "images": num_images}
     kept = pipeline.kept_tokens(spec, shape.tokens_per_image)
     fig = _figures(spec.method if spec is not None else "none",
                    spec.budget if spec is not None else None, num_images,

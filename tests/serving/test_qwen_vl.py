@@ -185,3 +185,33 @@ def test_unserved_methods_are_refused_per_request(engines):
            "mm_processor_kwargs": {"vtprune": "visionzip:16"}}
     with pytest.raises(ValueError, match="cls_attention"):
         llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)
+
+
+def test_server_reports_each_requests_real_counts(family_model, tmp_path):
+    """`vllm serve QWEN --vtprune resprune:0.25`: usage.vtprune counts each image's
+    tokens (which depend on its size) before and after pruning."""
+    from openai import OpenAI
+
+    from tests.serving.conftest import chat_messages, serving
+
+    family, path = family_model
+    images, question = _requests()[0]
+    with serving(tmp_path / "serve.log", tmp_path / "trace.jsonl", spec="resprune:0.25",
+                 model=path, max_model_len=4096) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="shapes-llava", max_tokens=2, temperature=0,
+                                           messages=chat_messages(question, images))
+    full = [_tokens_of(path, im) for im in images]
+    fig = r.usage.vtprune
+    assert (fig["images"], fig["visual_tokens_before"]) == (2, sum(full))
+    assert fig["visual_tokens_after"] == sum(round(0.25 * n) for n in full)
+    assert r.usage.prompt_tokens < sum(full)  # the placeholders are the kept tokens
+
+
+def _tokens_of(path: str, image) -> int:
+    """An image's merged-token count, from the processor's own grid."""
+    from transformers import AutoProcessor
+
+    grid = AutoProcessor.from_pretrained(path).image_processor(
+        images=[image], return_tensors="pt")["image_grid_thw"][0]
+    return int(grid.prod()) // 4
