@@ -67,6 +67,27 @@ def _wait_healthy(proc, url: str, log: Path) -> None:
     raise RuntimeError(f"vllm serve not healthy after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
 
 
+def offline_llm(model: str | None = None, max_model_len: int = 2048, **kwargs):
+    """`vllm.LLM` on ``model`` (the embedded one by default), float32, eager, two images
+    per prompt. The engine core runs in this process: the trace file and the test share
+    it, and no spawned process has to re-import pytest's __main__."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(model=model or model_path(), enforce_eager=True, max_model_len=max_model_len,
+               dtype="float32", limit_mm_per_prompt={"image": 2}, **kwargs)
+
+
+def shutdown(llm) -> None:
+    """Stop an offline engine before the next one starts (two would share the CPUs)."""
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def trace_file(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("trace") / "kept.jsonl"

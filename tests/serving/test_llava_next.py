@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from tests.serving.conftest import offline_llm, shutdown
 from vllm_vtprune import families, registry
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
@@ -50,20 +51,7 @@ def _prompt(question: str, num_images: int) -> str:
 
 
 def _llm(model: str, **kwargs):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    return LLM(model=model, enforce_eager=True, max_model_len=8192, dtype="float32",
-               limit_mm_per_prompt={"image": 2}, **kwargs)
-
-
-def _shutdown(llm) -> None:
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    return offline_llm(model, max_model_len=8192, **kwargs)
 
 
 def _generate(llm, reqs, spec=None):
@@ -85,7 +73,7 @@ def stock(next_model):
     try:
         return _generate(llm, _requests())
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +81,7 @@ def pruning_llm(next_model, stock, tmp_path_factory):
     os.environ["VTPRUNE_TRACE"] = str(tmp_path_factory.mktemp("trace") / "next.jsonl")
     llm = _llm(next_model, hf_overrides={"architectures": [llava_next.ARCHITECTURE]})
     yield llm
-    _shutdown(llm)
+    shutdown(llm)
     del os.environ["VTPRUNE_TRACE"]
 
 

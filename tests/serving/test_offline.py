@@ -2,10 +2,10 @@
 transformers reference path for every encoder-side method at two budgets."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
+from tests.serving.conftest import offline_llm, shutdown
 from vllm_vtprune.families.llava import ARCHITECTURE as LLAVA_ARCHITECTURE
 from vllm_vtprune import registry
 from vllm_vtprune import spec as spec_mod
@@ -26,14 +26,7 @@ MIN_ACCURACY = 0.78
 
 
 def _llm(**kwargs):
-    # The engine core runs in this process: the trace file and the test share it, and no
-    # spawned process has to re-import pytest's __main__.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    return LLM(model=model_path(), enforce_eager=True, max_model_len=2048, dtype="float32",
-               limit_mm_per_prompt={"image": 2}, **kwargs)
+    return offline_llm(**kwargs)
 
 
 def _prompt(question: str) -> str:
@@ -44,14 +37,6 @@ ACCURACY_PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 80, start=7000))
 COMPARE_PAIRS = list(sv.iter_questions(sv.HELDOUT_SEED, 16, start=7100))
 
 
-def _shutdown(llm) -> None:
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
 @pytest.fixture(scope="module")
 def stock_results():
     """Stock vLLM LLaVA's answers; its engine is shut down before ours starts."""
@@ -59,14 +44,14 @@ def stock_results():
     try:
         return {"accuracy": _generate(llm, ACCURACY_PAIRS), "compare": _generate(llm, COMPARE_PAIRS)}
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")
 def pruning_llm(stock_results):
     llm = _llm(hf_overrides={"architectures": [LLAVA_ARCHITECTURE]})
     yield llm
-    _shutdown(llm)
+    shutdown(llm)
 
 
 def _generate(llm, pairs, overrides=None):

@@ -11,11 +11,11 @@ reference's, teacher-forced on vLLM's tokens), which any misplaced token or posi
 moves far beyond the float32 rounding of two implementations."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from tests.serving.conftest import offline_llm, shutdown
 from vllm_vtprune import families, registry
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
@@ -58,21 +58,8 @@ def family_model(request, tmp_path_factory):
     return families.for_config(AutoConfig.from_pretrained(path)), path
 
 
-def _llm(path: str, **kwargs):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    return LLM(model=path, enforce_eager=True, max_model_len=4096, dtype="float32",
-               limit_mm_per_prompt={"image": 2}, **kwargs)
-
-
-def _shutdown(llm) -> None:
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+def _llm(model: str, **kwargs):
+    return offline_llm(model, max_model_len=4096, **kwargs)
 
 
 def _generate(llm, reqs, spec=None):
@@ -99,10 +86,10 @@ def engines(family_model):
     try:
         stock_out = _generate(stock, _requests())
     finally:
-        _shutdown(stock)
+        shutdown(stock)
     llm = _llm(path, hf_overrides={"architectures": [family.architecture]})
     yield family, path, stock_out, llm
-    _shutdown(llm)
+    shutdown(llm)
 
 
 @pytest.fixture(scope="module")
