@@ -53,7 +53,9 @@ class HfReference:
 
     @torch.no_grad()
     def image_tokens(self, pixel_values, spec, prompt_ids: list[int]):
-        """One :class:`~vllm_vtprune.pipeline.PrunedImage` per image, as vLLM computes them."""
+        """One :class:`~vllm_vtprune.pipeline.PrunedImage` per image, as vLLM computes them
+        (``spec`` as vLLM serves it on this model: the family's option defaults added)."""
+        spec = self.resolved(spec)
         text = None
         if pipeline.is_text_conditioned(spec):
             question = family.question_ids(self.tokenizer, prompt_ids)
@@ -61,6 +63,12 @@ class HfReference:
             if ids:
                 text = self.model.get_input_embeddings()(torch.tensor(ids))
         return [self.prune_one(pixel_values, i, spec, text) for i in range(len(pixel_values))]
+
+    def resolved(self, spec):
+        """``spec`` as vLLM serves it on this model (shipped modules, family defaults)."""
+        from vllm_vtprune.models.checks import resolved_spec
+
+        return resolved_spec(spec, self.model.config)
 
     def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
         return pipeline.prune_image(self.tower, self.model.model.multi_modal_projector,
@@ -73,6 +81,7 @@ class HfReference:
 
         Methods that act inside the LLM get every visual token from the encoder and run
         through :class:`vllm_vtprune.llm_loop.PrunedDecoder`, pruned rows removed."""
+        spec = self.resolved(spec)
         prompt_ids = self.tokenizer(prompt).input_ids
         pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
         counts = [p.tokens.shape[0] for p in pruned]
@@ -197,6 +206,7 @@ class HfQwenReference(HfReference):
     @torch.no_grad()
     def generate(self, prompt: str, images, spec, max_new_tokens: int = 4):
         """Greedy answer with explicit M-RoPE positions, and the pruned images."""
+        spec = self.resolved(spec)
         prompt_ids = self.tokenizer(prompt).input_ids
         pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
         counts = [p.tokens.shape[0] for p in pruned]

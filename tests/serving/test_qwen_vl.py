@@ -11,6 +11,7 @@ reference's, teacher-forced on vLLM's tokens), which any misplaced token or posi
 moves far beyond the float32 rounding of two implementations."""
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -202,3 +203,33 @@ def _tokens_of(path: str, image) -> int:
     grid = AutoProcessor.from_pretrained(path).image_processor(
         images=[image], return_tensors="pt")["image_grid_thw"][0]
     return int(grid.prod()) // 4
+
+
+def test_a_request_answers_alike_alone_and_batched(engines):
+    _, _, _, llm = engines
+    reqs = _requests()
+    alone = _generate(llm, [reqs[0]], "resprune:0.25")[0]
+    batched = _generate(llm, [reqs[1], reqs[0], reqs[2]], "resprune:0.25")[1]
+    assert alone[:2] == batched[:2]
+    assert max(abs(lp - batched[2][i][t]) for i, step in enumerate(alone[2])
+               for t, lp in step.items()) <= ATOL
+
+
+def test_text_conditioned_pruning_is_not_reused_for_another_question(engines, tmp_path):
+    """The same image under resprune with two questions: the encoder runs twice (the
+    nouns are in the multimodal hash); asked again, the first question hits the cache."""
+    import json
+
+    _, _, _, llm = engines
+    trace = tmp_path / "kept.jsonl"
+    os.environ["VTPRUNE_TRACE"] = str(trace)
+    try:
+        (image,), _ = _requests()[1]
+        for question in ("how many circles are there ?", "what color is the square ?",
+                         "how many circles are there ?"):
+            _generate(llm, [([image], question)], "resprune:0.25")
+    finally:
+        del os.environ["VTPRUNE_TRACE"]
+    runs = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(runs) == 2
+    assert runs[0]["text_ids"] != runs[1]["text_ids"]

@@ -30,9 +30,23 @@ class Family:
     provides: frozenset[str] = frozenset()
     #: How an image becomes tokens, and what a budget counts (the README's table)
     images: str = ""
+    #: Option defaults of methods on this family, where a paper sets them per model
+    #: (method -> option -> value); a spec that gives the option keeps its own
+    defaults: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
     #: (hf_config, width, height) -> tokens a method chooses among, when an image's
     #: placeholders hold more than its patches (LLaVA-NeXT's newlines); None: all of them
     prunable_tokens: Callable[[object, int, int], int] | None = None
+
+
+def with_defaults(spec, family: Family):
+    """``spec`` with the family's defaults for its method's options it does not give."""
+    if spec is None:
+        return spec
+    given = dict(spec.options)
+    for name, value in dict(family.defaults).get(spec.method, ()):
+        if name not in given:
+            spec = spec.with_option(name, value)
+    return spec
 
 
 def families() -> tuple[Family, ...]:

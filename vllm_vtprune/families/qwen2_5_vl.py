@@ -3,7 +3,7 @@
 ("Qwen2.5-VL Technical Report", arXiv 2502.13923, Sec. 2.1). The encoder reorders
 patches into windows and restores the order after its merger, so the methods see the
 merged tokens in raster order, as on Qwen2-VL. ResPrune's text-gate strength on this
-family is 0.3 in its paper (Sec. IV-A1, Table V); pass ``alpha=0.3`` to use it.
+family is 0.3 in its paper (Sec. IV-A1, Table V), the family's default.
 """
 from __future__ import annotations
 
@@ -29,4 +29,5 @@ FAMILY = Family(
     question_ids=base.FAMILY.question_ids,
     provides=base.PROVIDES,
     images=base.IMAGES + "; window attention in the tower",
+    defaults=base.RESPRUNE_ALPHA,
 )

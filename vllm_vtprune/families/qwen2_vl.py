@@ -150,6 +150,11 @@ def _question_ids(tokenizer, prompt_ids: list[int]) -> list[int]:
 
 
 PROVIDES = frozenset({"text"})
+#: ResPrune's text-gate strength on Qwen2.5-VL ("ResPrune: Text-Conditioned Subspace
+#: Reconstruction for Visual Token Pruning", arXiv 2603.21105, Sec. IV-A1 and Table V:
+#: its denser tokens want a weaker gate than LLaVA's 0.75); Qwen2-VL has the same kind of
+#: encoder and takes it too
+RESPRUNE_ALPHA = (("resprune", (("alpha", 0.3),)),)
 IMAGES = ("merged 2x2 windows of 14 px patches at the image's resolution (count depends "
           "on its size); a ratio keeps that share of each image's tokens, an integer caps "
           "them; kept tokens keep their M-RoPE (t, h, w)")
@@ -165,4 +170,5 @@ FAMILY = Family(
     question_ids=_question_ids,
     provides=PROVIDES,
     images=IMAGES,
+    defaults=RESPRUNE_ALPHA,
 )

@@ -8,9 +8,20 @@ SPEC_KEY = "vtprune"  # hf_config attribute and per-request mm_processor_kwargs 
 
 
 def server_spec(hf_config) -> spec_mod.PruneSpec | None:
+    return resolved_spec(spec_mod.parse(getattr(hf_config, SPEC_KEY, None)), hf_config)
+
+
+def resolved_spec(spec: spec_mod.PruneSpec | None, hf_config) -> spec_mod.PruneSpec | None:
+    """``spec`` as served on this model: the embedded model's shipped RCP modules, the
+    family's option defaults (ResPrune's alpha on Qwen) where the spec gives none."""
     from vllm_vtprune.embedded import with_shipped_modules
 
-    return with_shipped_modules(spec_mod.parse(getattr(hf_config, SPEC_KEY, None)), hf_config)
+    spec = with_shipped_modules(spec, hf_config)
+    try:
+        family = families.for_config(hf_config)
+    except ValueError:  # refused elsewhere, with the supported families
+        return spec
+    return families.with_defaults(spec, family)
 
 
 def check_supported(hf_config) -> families.Family:

@@ -34,7 +34,7 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.models import parallel
-from vllm_vtprune.models.checks import SPEC_KEY, check_supported, server_spec
+from vllm_vtprune.models.checks import SPEC_KEY, check_supported, resolved_spec, server_spec
 from vllm_vtprune.server import decisions, stats
 
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
@@ -82,11 +82,8 @@ class PruningInfo:
         """The request's override if it has one, else the server's spec."""
         server = server_spec(self.get_hf_config())
         if SPEC_KEY in mm_kwargs:
-            from vllm_vtprune.embedded import with_shipped_modules
-
             try:
-                spec = with_shipped_modules(spec_mod.parse(mm_kwargs[SPEC_KEY]),
-                                            self.get_hf_config())
+                spec = resolved_spec(spec_mod.parse(mm_kwargs[SPEC_KEY]), self.get_hf_config())
                 # a server started with an in-LLM spec has the masked decoder: any spec
                 pipeline.check_servable(spec, self.family.FAMILY,
                                         server=pipeline.acts_in_llm(server))
