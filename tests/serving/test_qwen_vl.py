@@ -224,7 +224,7 @@ def test_text_conditioned_pruning_is_not_reused_for_another_question(engines, tm
     trace = tmp_path / "kept.jsonl"
     os.environ["VTPRUNE_TRACE"] = str(trace)
     try:
-        (image,), _ = _requests()[1]
+        image = sv.make_sample(sv.HELDOUT_SEED, 7450).image.resize(SIZES[0])  # not seen before
         for question in ("how many circles are there ?", "what color is the square ?",
                          "how many circles are there ?"):
             _generate(llm, [([image], question)], "resprune:0.25")

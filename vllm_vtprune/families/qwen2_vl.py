@@ -125,11 +125,6 @@ def vllm_run(visual, pixel_values: Tensor, grid_thw) -> Tensor:
     return visual(pixel_values, grid_thw=[list(grid_thw)])
 
 
-def num_tokens(hf_config, grid_thw) -> int:
-    t, h, w = (int(v) for v in grid_thw)
-    return t * h * w // hf_config.vision_config.spatial_merge_size ** 2
-
-
 # ---------------------------------------------------------------- config
 def matches(hf_config) -> bool:
     return getattr(hf_config, "model_type", None) == "qwen2_vl"
