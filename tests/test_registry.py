@@ -59,9 +59,16 @@ def test_vtprune_methods_lists_every_method(capsys):
 def test_unsupported_family_fails_naming_the_supported():
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(model_type="qwen2_vl", vision_config=SimpleNamespace(model_type="x"))
-    with pytest.raises(ValueError, match="'qwen2_vl'.*supported: LLaVA-1.5"):
+    cfg = SimpleNamespace(model_type="idefics3", vision_config=SimpleNamespace(model_type="x"))
+    with pytest.raises(ValueError, match="'idefics3'.*supported: LLaVA-1.5") as err:
         families.for_config(cfg)
+    for name in ("LLaVA-NeXT", "Qwen2-VL", "Qwen2.5-VL"):
+        assert name in str(err.value)
+    # a LLaVA config with a tower no family adapts is not served either
+    llava_siglip = SimpleNamespace(model_type="llava",
+                                   vision_config=SimpleNamespace(model_type="siglip_vision_model"))
+    with pytest.raises(ValueError, match="'siglip_vision_model'"):
+        families.for_config(llava_siglip)
 
 
 def test_unpruned_and_subset_results_carry_origins_and_grid_positions():
