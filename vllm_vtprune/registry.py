@@ -223,8 +223,8 @@ def check_served(method: str, provides: frozenset[str] | None = None,
     if missing:
         usable = [n for n in served() if get(n).needs_for({}) <= provides]
         raise ValueError(
-            f"vtprune method {method!r} needs {', '.join(sorted(missing))}, which {model} "
-            f"does not provide; methods served for it: {', '.join(usable)}")
+            f"vtprune method {method!r} needs {', '.join(sorted(missing))}, not available on "
+            f"{model}; methods served for it: {', '.join(usable)}")
 
 
 def listing() -> str:
