@@ -57,18 +57,21 @@ TOKEN_LAYERS_SKIPPED = Counter("vtprune_llm_token_layers_skipped",
 class ModelShape:
     """What one visual token costs the served model."""
 
-    tokens_per_image: int | None  # None: it depends on the image (Qwen2-VL)
+    tokens_per_image: int | None  # None: it depends on the image (LLaVA-NeXT, Qwen2-VL)
     kv_bytes_per_token: float  # all layers, keys and values
     num_layers: int = 0  # decoder layers
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ModelShape":
         mc = vllm_config.model_config
-        try:
-            rows, cols = families.for_config(mc.hf_config).grid(mc.hf_config)
-            per_image = rows * cols
-        except ValueError:  # no fixed grid: only the processor's decisions have counts
-            per_image = None
+        family = families.for_config(mc.hf_config)
+        per_image = None  # a count that depends on the image: only decisions have it
+        if family.prunable_tokens is None:  # LLaVA-NeXT's depends on the image's size
+            try:
+                rows, cols = family.grid(mc.hf_config)
+                per_image = rows * cols
+            except ValueError:  # no fixed grid (Qwen2-VL)
+                pass
         # Whole-model figures: every layer and every KV head, whatever the parallelism.
         layers = mc.hf_text_config.num_hidden_layers
         kv_heads = mc.get_total_num_kv_heads()
