@@ -82,11 +82,8 @@ class HfReference:
         Methods that act inside the LLM get every visual token from the encoder and run
         through :class:`vllm_vtprune.llm_loop.PrunedDecoder`, pruned rows removed."""
         spec = self.resolved(spec)
-        prompt_ids = self.tokenizer(prompt).input_ids
-        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
+        pruned, ids, feats = self.prompt_inputs(prompt, images, spec)
         counts = [p.tokens.shape[0] for p in pruned]
-        ids = _expand(prompt_ids, self.image_token_id, counts)
-        feats = torch.cat([p.tokens for p in pruned]) if pruned else None
         if pipeline.acts_in_llm(spec):
             return self._generate_in_llm(ids, feats, counts, spec, max_new_tokens), pruned
         out: list[int] = []
@@ -98,6 +95,15 @@ class HfReference:
                 break
             out.append(nxt)
         return self.tokenizer.decode(out, skip_special_tokens=True), pruned
+
+    def prompt_inputs(self, prompt: str, images, spec):
+        """The pruned images, the prompt's ids with each image expanded to its kept
+        count, and the kept tokens of every image in prompt order ([K, D] or None)."""
+        prompt_ids = self.tokenizer(prompt).input_ids
+        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
+        ids = _expand(prompt_ids, self.image_token_id, [p.tokens.shape[0] for p in pruned])
+        feats = torch.cat([p.tokens for p in pruned]) if pruned else None
+        return pruned, ids, feats
 
     def decoder(self):
         from vllm_vtprune import llm_loop
@@ -206,12 +212,7 @@ class HfQwenReference(HfReference):
     @torch.no_grad()
     def generate(self, prompt: str, images, spec, max_new_tokens: int = 4):
         """Greedy answer with explicit M-RoPE positions, and the pruned images."""
-        spec = self.resolved(spec)
-        prompt_ids = self.tokenizer(prompt).input_ids
-        pruned = self.image_tokens(self.pixel_values(images), spec, prompt_ids)
-        counts = [p.tokens.shape[0] for p in pruned]
-        ids = _expand(prompt_ids, self.image_token_id, counts)
-        feats = torch.cat([p.tokens for p in pruned]) if pruned else None
+        pruned, ids, feats = self.prompt_inputs(prompt, images, self.resolved(spec))
         positions = self.positions(ids, pruned)
         out: list[int] = []
         for _ in range(max_new_tokens):

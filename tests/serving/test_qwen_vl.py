@@ -102,13 +102,7 @@ def reference(family_model):
 
 def _reference_logprobs(reference, images, question, spec, tokens, renumber=False):
     """The reference's log-probabilities at each of vLLM's generated tokens."""
-    from vllm_vtprune.hf import _expand
-
-    prompt = _prompt(len(images), question)
-    prompt_ids = reference.tokenizer(prompt).input_ids
-    pruned = reference.image_tokens(reference.pixel_values(images), spec, prompt_ids)
-    ids = _expand(prompt_ids, reference.image_token_id, [p.tokens.shape[0] for p in pruned])
-    feats = torch.cat([p.tokens for p in pruned])
+    pruned, ids, feats = reference.prompt_inputs(_prompt(len(images), question), images, spec)
     positions = reference.positions(ids, pruned)
     if renumber:
         positions = torch.arange(len(ids)).expand(3, -1)
