@@ -12,6 +12,8 @@ and GPU benchmarks (no vLLM needed).
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from vllm_vtprune import pipeline, registry
@@ -39,10 +41,12 @@ class HfReference:
         import transformers
         from transformers import AutoConfig, AutoProcessor
 
-        if cls is HfReference:
-            cls = {"llava_next": HfNextReference, "qwen2_vl": HfQwenReference,
-                   "qwen2_5_vl": HfQwen25Reference}.get(
-                AutoConfig.from_pretrained(path).model_type, HfReference)
+        if cls is HfReference:  # the family's own reference class
+            from vllm_vtprune import families
+
+            family = families.for_config(AutoConfig.from_pretrained(path))
+            module, name = family.reference.split(":")
+            cls = getattr(importlib.import_module(module), name)
         model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype)
         return cls(model, AutoProcessor.from_pretrained(path))
 

@@ -33,6 +33,8 @@ class Family:
     #: Option defaults of methods on this family, where a paper sets them per model
     #: (method -> option -> value); a spec that gives the option keeps its own
     defaults: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+    #: "module:Class" of its transformers reference path (vllm_vtprune.hf)
+    reference: str = "vllm_vtprune.hf:HfReference"
     #: (hf_config, width, height) -> tokens a method chooses among, when an image's
     #: placeholders hold more than its patches (LLaVA-NeXT's newlines); None: all of them
     prunable_tokens: Callable[[object, int, int], int] | None = None

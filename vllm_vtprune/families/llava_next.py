@@ -123,4 +123,5 @@ FAMILY = Family(
            "row (up to 2,928 tokens); a budget of K (or a ratio) keeps K of the image's "
            "patches across its tiles, newlines dropped",
     prunable_tokens=prunable_tokens,
+    reference="vllm_vtprune.hf:HfNextReference",
 )

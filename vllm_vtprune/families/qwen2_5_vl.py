@@ -30,4 +30,5 @@ FAMILY = Family(
     provides=base.PROVIDES,
     images=base.IMAGES + "; window attention in the tower",
     defaults=base.RESPRUNE_ALPHA,
+    reference="vllm_vtprune.hf:HfQwen25Reference",
 )

@@ -165,5 +165,6 @@ FAMILY = Family(
     question_ids=_question_ids,
     provides=PROVIDES,
     images=IMAGES,
+    reference="vllm_vtprune.hf:HfQwenReference",
     defaults=RESPRUNE_ALPHA,
 )
