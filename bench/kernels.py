@@ -11,11 +11,29 @@ CPU (no GPU; torch-path figures only, a one-layer decoder extrapolated to 32 lay
 Every row times both paths in the same run on the same inputs (bf16 tokens as a
 projector emits them, a 4-token "noun" text, alpha 0.75) and says whether the two
 returned the same index set.
+
+Per method (``--methods``, default every method; ``--no-methods`` skips): one request
+through a LLaVA-1.5-7B-shaped model with random bf16 weights (CLIP-L/14-336 tower, 24
+layers, feature layer -2; Llama-2-7B decoder) built from its config on the device, an
+image of 576 patches and a prompt of ``--text-tokens`` text tokens, pruned to
+``--budget``:
+
+* ``encode``: the tower, the method's selection and the projector
+  (``pipeline.prune_image``; DCP prunes inside the tower);
+* ``prefill``: the decoder over the prompt with the kept tokens. Encoder-side methods
+  run transformers' decoder (SDPA) on the shorter prompt, as vLLM would; methods inside
+  the LLM run the explicit layer loop (``llm_loop.PrunedDecoder``, pruned rows removed),
+  whose vanilla row (``vanilla-loop``) is their baseline;
+* each row's ratio to vanilla (encode + prefill), and the limit: the same decoder on a
+  prompt as long as the pruned one with no tower (``limit``).
+
+    python bench/kernels.py --methods resprune,dcp,fastv --budget 64 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -97,6 +115,166 @@ class Decoder:
         return x
 
 
+# ------------------------------------------------------------- per-method prefill
+ALL_METHODS = ("resprune", "divprune", "visionzip", "random", "dcp", "polymorphic", "fastv",
+               "rcp")
+
+
+def llava_config(tiny: bool = False):
+    """LLaVA-1.5-7B's shapes (``tiny``: the same layout, small enough for a CPU smoke run)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if tiny:
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4)
+        text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=4, vocab_size=1024)
+    else:
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                      num_attention_heads=16)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32064)
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768,
+                                       hidden_act="quick_gelu", **vision),
+        text_config=LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, **text),
+        image_token_index=text["vocab_size"] - 64, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def build_llava(cfg, device, dtype):
+    """Random weights of ``cfg``'s shapes, made on ``device`` in ``dtype``."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+class MethodBench:
+    """One request (an image of 576 patches, ``text_tokens`` text tokens) per method."""
+
+    def __init__(self, model, text_tokens: int, dev):
+        from vllm_vtprune import llm_loop
+        from vllm_vtprune.families import llava as family
+
+        cfg = model.config
+        vm = model.model.vision_tower
+        self.tower = family.HfClipTower(getattr(vm, "vision_model", vm), cfg.vision_config,
+                                        cfg.vision_feature_layer)
+        self.project = model.model.multi_modal_projector
+        self.lm = model.model.language_model
+        self.decoder = llm_loop.PrunedDecoder(self.lm, model.lm_head)
+        self.num_patches = self.tower.grid[0] * self.tower.grid[1]
+        embed = model.get_input_embeddings()
+        gen = torch.Generator().manual_seed(0)
+        size = cfg.vision_config.image_size
+        self.pixels = torch.randn(1, 3, size, size, generator=gen).to(dev)
+        ids = torch.randint(3, cfg.image_token_index, (text_tokens,), generator=gen).to(dev)
+        with torch.no_grad():
+            self.before, self.after = embed(ids[:5]), embed(ids[5:])
+            self.nouns = embed(ids[-4:])  # what a question's nouns would give ResPrune/DCP
+
+    @torch.no_grad()
+    def encode(self, spec):
+        from vllm_vtprune import pipeline
+
+        return pipeline.prune_image(self.tower, self.project, self.pixels, spec, self.nouns)
+
+    @torch.no_grad()
+    def prefill(self, spec, feats):
+        """Last hidden row; and the visual tokens each decoder layer holds, averaged."""
+        from vllm_vtprune import llm_loop, pipeline, registry
+
+        embeds = torch.cat([self.before, feats.to(self.before.dtype), self.after])
+        n = feats.shape[0]
+        if spec == "loop":
+            return self.decoder.prefill(embeds, llm_loop.Plan())[0], n
+        if spec is not None and pipeline.acts_in_llm(spec):
+            start = self.before.shape[0]
+            plan = registry.get(spec.method).llm_plan(spec, [(start, start + n)],
+                                                      self.decoder.num_layers, self.num_patches)
+            logits, _ = self.decoder.prefill(embeds, plan)
+            counts = plan.visual_counts or [n] * self.decoder.num_layers
+            return logits, sum(counts) / len(counts)
+        return self.lm(inputs_embeds=embeds[None]).last_hidden_state[0, -1], n
+
+
+def method_specs(names, budget: int, rcp_ckpt: str | None):
+    from vllm_vtprune import spec as spec_mod
+
+    out = []
+    for name in names:
+        extra = f",ckpt={rcp_ckpt}" if name == "rcp" else ""
+        out.append((name, spec_mod.parse(f"{name}:{budget}{extra}")))
+    return out
+
+
+def rcp_modules_file(cfg, path: str) -> str:
+    """RCP modules at their initialisation for ``cfg``'s decoder (masks; adapters identity)."""
+    from vllm_vtprune.methods import rcp
+
+    modules = rcp.build_modules(cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers)
+    rcp.save_checkpoint(modules, path)
+    return path
+
+
+def bench_methods(args, dev, repeats: int) -> list[dict]:
+    import tempfile
+
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = llava_config(args.tiny)
+    model = build_llava(cfg, dev, dtype)
+    bench = MethodBench(model, args.text_tokens, dev)
+    names = [m for m in args.methods.split(",") if m]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = rcp_modules_file(cfg, f"{tmp}/rcp.safetensors") if "rcp" in names else None
+        image = bench.encode(None)
+        t_enc, _ = timeit(lambda: bench.encode(None), dev, repeats)
+        t_pre, _ = timeit(lambda: bench.prefill(None, image.tokens), dev, repeats)
+        t_loop, _ = timeit(lambda: bench.prefill("loop", image.tokens), dev, repeats)
+        vanilla = t_enc + t_pre
+        rows.append(dict(method="vanilla", kept=image.tokens.shape[0],
+                         layer_avg=image.tokens.shape[0], encode_ms=t_enc * 1e3,
+                         prefill_ms=t_pre * 1e3))
+        rows.append(dict(method="vanilla-loop", kept=image.tokens.shape[0],
+                         layer_avg=image.tokens.shape[0], encode_ms=t_enc * 1e3,
+                         prefill_ms=t_loop * 1e3))
+        for name, spec in method_specs(names, args.budget, ckpt):
+            image = bench.encode(spec)
+            t_enc, image = timeit(lambda: bench.encode(spec), dev, repeats)
+            t_pre, (_, avg) = timeit(lambda: bench.prefill(spec, image.tokens), dev, repeats)
+            rows.append(dict(method=name, spec=str(spec), kept=image.tokens.shape[0],
+                             layer_avg=avg, encode_ms=t_enc * 1e3, prefill_ms=t_pre * 1e3))
+        k = args.budget
+        limit_feats = bench.before.new_zeros(k, bench.before.shape[1])
+        t_lim, _ = timeit(lambda: bench.prefill(None, limit_feats), dev, repeats)
+        rows.append(dict(method="limit", kept=k, layer_avg=k, encode_ms=0.0,
+                         prefill_ms=t_lim * 1e3))
+    loop_total = rows[1]["encode_ms"] + rows[1]["prefill_ms"]
+    for row in rows:
+        total = row["encode_ms"] + row["prefill_ms"]
+        in_llm = row["method"] in ("fastv", "polymorphic", "rcp", "vanilla-loop")
+        row["total_ms"] = total
+        row["speedup"] = (loop_total if in_llm else vanilla * 1e3) / total
+    print(f"\nper method, budget {args.budget}, {args.text_tokens} text tokens, "
+          f"{'tiny' if args.tiny else 'LLaVA-1.5-7B'} shapes, {dtype}; "
+          "speed-up against vanilla (methods inside the LLM: against vanilla-loop)")
+    print(f"{'method':>12} {'kept':>5} {'layer avg':>9} {'encode ms':>10} {'prefill ms':>11} "
+          f"{'total ms':>9} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['method']:>12} {r['kept']:>5} {r['layer_avg']:>9.1f} {r['encode_ms']:>10.2f} "
+              f"{r['prefill_ms']:>11.2f} {r['total_ms']:>9.2f} {r['speedup']:>8.2f}x", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="no GPU: torch path only, small sizes")
@@ -109,6 +287,13 @@ def main():
     ap.add_argument("--decoder-layers", type=int, default=None,
                     help="layers actually run (default 32 on GPU, 1 on CPU; extrapolated to 32)")
     ap.add_argument("--prefill-tokens", type=int, default=576 + 64)
+    ap.add_argument("--methods", default=",".join(ALL_METHODS),
+                    help="methods for the per-method prefill ('' skips it)")
+    ap.add_argument("--budget", type=int, default=128, help="per-method budget")
+    ap.add_argument("--text-tokens", type=int, default=40)
+    ap.add_argument("--tiny", action="store_true",
+                    help="per-method part on a small LLaVA-shaped model (a CPU smoke run)")
+    ap.add_argument("--json", default=None, help="write every figure here")
     args = ap.parse_args()
 
     if args.cpu:
@@ -133,6 +318,8 @@ def main():
         print(f"device CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
               "kernel not run (no GPU)")
 
+    report = dict(device=torch.cuda.get_device_name() if run_kernel else "cpu",
+                  torch=torch.__version__, kernel=[], methods=[])
     print(f"{'N':>6} {'D':>5} {'K':>4} {'torch ms':>10} {'kernel ms':>10} {'torch/kernel':>12}  same set")
     for n in sizes:
         gen = torch.Generator().manual_seed(n)
@@ -147,6 +334,8 @@ def main():
                     lambda: resprune_order_batch(v.unsqueeze(0), k, [text], 0.75), dev, repeats
                 )
                 same = sorted(o_k[0].tolist()) == o_torch.tolist()
+                report["kernel"].append(dict(n=n, d=args.dim, k=k, torch_ms=t_torch * 1e3,
+                                             kernel_ms=t_k * 1e3, same_set=same))
                 print(f"{n:>6} {args.dim:>5} {k:>4} {t_torch * 1e3:>10.2f} {t_k * 1e3:>10.2f} "
                       f"{t_torch / t_k:>11.1f}x  {same}", flush=True)
             else:
@@ -162,6 +351,13 @@ def main():
     note = "" if layers == 32 else f" (ran {layers} layer(s), x{32 / layers:g} extrapolated)"
     print(f"LLaVA-1.5-7B-shaped decoder prefill, {args.prefill_tokens} tokens, bf16: "
           f"{est * 1e3:.1f} ms{note}")
+    report["decoder_prefill_ms"] = est * 1e3
+    del dec, x
+    if args.methods:
+        report["methods"] = bench_methods(args, dev, repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

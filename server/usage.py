@@ -81,11 +81,9 @@ class ModelShape:
 
 def _kv_dtype_bytes(vllm_config) -> float:
     """Bytes per KV element; quantised caches' scales are not counted."""
-    import torch
-
     cache_dtype = str(vllm_config.cache_config.cache_dtype or "auto")
     if cache_dtype == "auto":
-        return torch.empty((), dtype=vllm_config.model_config.dtype).element_size()
+        return vllm_config.model_config.dtype.itemsize
     for prefix, size in (("fp8", 1), ("int8", 1), ("int4", 0.5), ("nvfp4", 0.5),
                          ("fp4", 0.5), ("bfloat16", 2), ("half", 2), ("float16", 2),
                          ("float32", 4), ("float", 4)):

@@ -53,7 +53,8 @@ class HfReference:
     def pixel_values(self, images) -> torch.Tensor:
         images = [_to_rgb(im) for im in images]
         out = self.processor.image_processor(images=images, return_tensors="pt")
-        return out["pixel_values"]  # float32, as vLLM's processor gives them; the tower casts
+        # float32, as vLLM's processor gives them; the tower casts
+        return out["pixel_values"].to(self.device)
 
     @torch.no_grad()
     def image_tokens(self, pixel_values, spec, prompt_ids: list[int]):
@@ -65,8 +66,13 @@ class HfReference:
             question = family.question_ids(self.tokenizer, prompt_ids)
             ids = pipeline.noun_ids(self.tokenizer, question, {self.image_token_id})
             if ids:
-                text = self.model.get_input_embeddings()(torch.tensor(ids))
+                text = self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
         return [self.prune_one(pixel_values, i, spec, text) for i in range(len(pixel_values))]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (``model.to("cuda")`` runs the reference there)."""
+        return next(self.model.parameters()).device
 
     def resolved(self, spec):
         """``spec`` as vLLM serves it on this model (shipped modules, family defaults)."""
@@ -120,7 +126,8 @@ class HfReference:
         from vllm_vtprune import llm_loop
 
         rows, cols = self.tower.grid
-        spans = llm_loop.spans_of(torch.tensor(ids) == self.image_token_id, counts)
+        spans = llm_loop.spans_of(torch.tensor(ids, device=self.device) == self.image_token_id,
+                                  counts)
         return registry.get(spec.method).llm_plan(spec, spans, num_layers, rows * cols)
 
     def _generate_in_llm(self, ids: list[int], feats, counts, spec, max_new_tokens: int) -> str:
@@ -134,14 +141,14 @@ class HfReference:
             if nxt == self.tokenizer.eos_token_id:
                 break
             out.append(nxt)
-            logits = decoder.decode(embed(torch.tensor([nxt]))[0], len(ids) + len(out) - 1,
+            logits = decoder.decode(embed(torch.tensor([nxt], device=self.device))[0], len(ids) + len(out) - 1,
                                     cache, plan)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
     @torch.no_grad()
     def prompt_embeds(self, ids: list[int], feats: torch.Tensor | None) -> torch.Tensor:
         """[T, D] input embeddings of expanded prompt ids, ``feats`` at the image tokens."""
-        ids_t = torch.tensor(ids)
+        ids_t = torch.tensor(ids, device=self.device)
         embeds = self.model.get_input_embeddings()(ids_t)
         if feats is not None:
             embeds[ids_t == self.image_token_id] = feats.to(embeds.dtype)
@@ -162,7 +169,7 @@ class HfNextReference(HfReference):
         """Per image: its tiles [T, 3, 336, 336] (base first) and its (height, width)."""
         out = self.processor.image_processor(images=[_to_rgb(im) for im in images],
                                              return_tensors="pt")
-        return [(tiles, tuple(int(v) for v in size))
+        return [(tiles.to(self.device), tuple(int(v) for v in size))
                 for tiles, size in zip(out["pixel_values"], out["image_sizes"])]
 
     def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
@@ -203,7 +210,7 @@ class HfQwenReference(HfReference):
                                              do_normalize=False)
         sizes = out["image_grid_thw"].prod(-1).tolist()
         raw = out["pixel_values"].round().to(torch.uint8)
-        return [(pv, tuple(int(v) for v in thw))
+        return [(pv.to(self.device), tuple(int(v) for v in thw))
                 for pv, thw in zip(raw.split(sizes), out["image_grid_thw"])]
 
     def prune_one(self, pixel_values, index: int, spec, text) -> pipeline.PrunedImage:
@@ -235,13 +242,13 @@ class HfQwenReference(HfReference):
         cols, images, current, i = [], iter(pruned), 0, 0
         while i < len(ids):
             if ids[i] != self.image_token_id:
-                cols.append(torch.full((3, 1), current))
+                cols.append(torch.full((3, 1), current, device=self.device))
                 current, i = current + 1, i + 1
                 continue
             image = next(images)
-            thw = torch.tensor(image.grid_thw)
+            thw = torch.tensor(image.grid_thw, device=self.device)
             full = self.model.model.get_vision_position_ids(current, thw, 1, merge)
-            cols.append(full[:, image.origins])
+            cols.append(full[:, image.origins.to(full.device)].to(self.device))
             current += max(int(thw[1]), int(thw[2])) // merge
             i += image.tokens.shape[0]
         return torch.cat(cols, dim=1)

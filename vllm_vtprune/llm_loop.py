@@ -135,14 +135,14 @@ class PrunedDecoder:
         """Logits [V] at the last prompt position, and the per-layer KV to decode with."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        n = embeds.shape[0]
-        x, rows = embeds, torch.arange(n)
-        alive = torch.ones(n, dtype=torch.bool)  # "mask" mode: rows not pruned so far
+        n, dev = embeds.shape[0], embeds.device
+        x, rows = embeds, torch.arange(n, device=dev)
+        alive = torch.ones(n, dtype=torch.bool, device=dev)  # "mask" mode: rows not pruned so far
         cache: list[LayerKV] = []
         probs = None
         for i in range(self.num_layers):
             if i in plan.decisions:
-                live = torch.arange(len(rows)) if mode == "remove" else torch.nonzero(alive).flatten()
+                live = torch.arange(len(rows), device=dev) if mode == "remove" else torch.nonzero(alive).flatten()
                 verdict = plan.decisions[i](LayerView(probs, rows[live], x[live]))
                 if verdict.hidden is not None:
                     x = x.clone()
@@ -154,7 +154,7 @@ class PrunedDecoder:
             step = Step(rows, _causal(rows, rows), want_probs=(i + 1) in plan.decisions)
             kv = LayerKV(embeds.new_zeros(self.num_kv, 0, self.head_dim),
                          embeds.new_zeros(self.num_kv, 0, self.head_dim),
-                         alive if mode == "mask" else torch.ones(len(rows), dtype=torch.bool),
+                         alive if mode == "mask" else torch.ones(len(rows), dtype=torch.bool, device=dev),
                          rows)
             x, probs = self._layer(i, x, step, kv)
             if mode == "mask" and probs is not None:
@@ -171,12 +171,12 @@ class PrunedDecoder:
                plan: Plan | None = None) -> Tensor:
         """Logits [V] for one new token at ``position`` attending each layer's cache
         (``plan``: the prefill's, whose adapters act on every decoded row)."""
-        x = embed[None]
-        pos = torch.tensor([position])
+        x, dev = embed[None], embed.device
+        pos = torch.tensor([position], device=dev)
         for i in range(self.num_layers):
             kv = cache[i]
-            kv.alive = torch.cat([kv.alive, torch.ones(1, dtype=torch.bool)])
-            step = Step(pos, torch.ones(1, kv.keys.shape[1] + 1, dtype=torch.bool))
+            kv.alive = torch.cat([kv.alive, torch.ones(1, dtype=torch.bool, device=dev)])
+            step = Step(pos, torch.ones(1, kv.keys.shape[1] + 1, dtype=torch.bool, device=dev))
             x, _ = self._layer(i, x, step, kv)
             if plan is not None and i in plan.adapters:
                 x = plan.adapters[i](x)
@@ -220,11 +220,11 @@ def _causal(query_rows: Tensor, key_rows: Tensor) -> Tensor:
 def _own_key(t: int, s: int, device) -> Tensor:
     """[t, s]: the last ``t`` keys are the queries' own (a token always sees itself)."""
     own = torch.zeros(t, s, dtype=torch.bool, device=device)
-    own[torch.arange(t), torch.arange(s - t, s)] = True
+    own[torch.arange(t, device=device), torch.arange(s - t, s, device=device)] = True
     return own
 
 
 def _as_mask(rows: Tensor, n: int) -> Tensor:
-    mask = torch.zeros(n, dtype=torch.bool)
+    mask = torch.zeros(n, dtype=torch.bool, device=rows.device)
     mask[rows] = True
     return mask

@@ -1,5 +1,8 @@
-# The kernels run on CPU through Triton's interpreter; it must be on before triton is
-# imported anywhere in the test session.
+# The kernels run where VTPRUNE_TEST_DEVICE says: "cpu" (default) through Triton's
+# interpreter, which must be on before triton is imported anywhere in the test session;
+# "cuda" compiled, on the GPU (python -m pytest tests/kernels with VTPRUNE_TEST_DEVICE=cuda).
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("VTPRUNE_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"

@@ -1,4 +1,5 @@
-"""Triton ResPrune kernel (interpreter mode, CPU) against the torch path.
+"""Triton ResPrune kernel against the torch path on the CPU: in Triton's interpreter, or
+compiled on the GPU with ``VTPRUNE_TEST_DEVICE=cuda`` (tests/kernels/conftest.py).
 
 The torch path itself is checked against a float64 lstsq reference in
 tests/methods/test_resprune.py; here the kernel must reproduce its picks (in order)
@@ -6,18 +7,27 @@ exactly on fp32 inputs, also when the picks exhaust the tokens' span and new rou
 start (restart rule), and up to ties on fp16/bf16.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
 import pytest
 import torch
 import triton  # noqa: F401  -- a missing triton must fail these tests, not skip them
 
+from tests.kernels.conftest import DEVICE
 from tests.reference import assert_resprune_order_up_to_ties, resprune_reference_order
 from vllm_vtprune import kernels
 from vllm_vtprune.kernels import resprune as kdispatch
 from vllm_vtprune.methods import resprune
+
+
+def on_device(x, texts):
+    return x.to(DEVICE), [t.to(DEVICE) if t is not None else None for t in texts]
+
+
+def kernel_orders(x, k, texts, alpha, seeds, **kw):
+    """The kernel's picks for CPU inputs, run on the test device, back on the CPU."""
+    if isinstance(texts, torch.Tensor):
+        texts = [texts] * x.shape[0]
+    x, texts = on_device(x, texts)
+    return kernels.resprune_order_batch(x, k, texts, alpha, seeds, **kw).cpu()
 
 
 def torch_orders(x, k, texts, alpha, seeds):
@@ -45,18 +55,14 @@ def test_kernel_matches_torch_fp32(b, n, d, k, block, use_text, persistent):
     x = torch.randn(b, n, d, generator=gen) * (0.5 + torch.rand(b, n, 1, generator=gen))
     texts = [torch.randn(3, d, generator=gen) if use_text else None for _ in range(b)]
     seeds = [None if i % 2 == 0 else (n // 3) for i in range(b)]
-    got = kernels.resprune_order_batch(
-        x, k, texts, 0.75, seeds, block=block, persistent=persistent
-    )
+    got = kernel_orders(x, k, texts, 0.75, seeds, block=block, persistent=persistent)
     assert got.dtype == torch.int64 and got.shape == (b, min(k, n))
     assert got.tolist() == torch_orders(x, k, texts, 0.75, seeds)
 
 
 def check_kernel(x, k, texts, seeds, block, persistent, alpha=0.75):
     """Kernel picks == torch picks (in order) == float64 reference; returns them."""
-    got = kernels.resprune_order_batch(
-        x, k, texts, alpha, seeds, block=block, persistent=persistent
-    ).tolist()
+    got = kernel_orders(x, k, texts, alpha, seeds, block=block, persistent=persistent).tolist()
     assert got == torch_orders(x, k, texts, alpha, seeds)
     for b in range(x.shape[0]):
         assert got[b] == resprune_reference_order(x[b], k, texts[b], alpha, seeds[b])
@@ -112,7 +118,7 @@ def test_kernel_half_inputs_same_set_up_to_ties(dtype, persistent):
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(2, 45, 32, generator=gen).to(dtype)
     t = torch.randn(2, 32, generator=gen).to(dtype)
-    got = kernels.resprune_order_batch(x, 15, t, 0.3, None, block=16, persistent=persistent)
+    got = kernel_orders(x, 15, t, 0.3, None, block=16, persistent=persistent)
     for b in range(2):
         ref = resprune.select_order(x[b], 15, t, 0.3).tolist()
         if sorted(got[b].tolist()) != sorted(ref):
@@ -136,6 +142,7 @@ def test_dispatch_env(monkeypatch):
     x = torch.randn(30, 16, generator=gen)
     t = torch.randn(2, 16, generator=gen)
     want = resprune.select(x, 8, t, 0.75, 3)
+    x, (t,) = on_device(x, [t])
     calls = []
     real = kdispatch.resprune_order_batch
 
@@ -147,16 +154,17 @@ def test_dispatch_env(monkeypatch):
     monkeypatch.setenv("VTPRUNE_KERNELS", "torch")
     assert kernels.resprune_select(x, 8, t, 0.75, 3).tolist() == want.tolist()
     assert calls == []
-    monkeypatch.setenv("VTPRUNE_KERNELS", "auto")  # CPU tensor -> torch path
+    monkeypatch.setenv("VTPRUNE_KERNELS", "auto")  # CPU tensor -> torch path, CUDA -> kernel
     assert kernels.resprune_select(x, 8, t, 0.75, 3).tolist() == want.tolist()
-    assert calls == []
+    assert calls == ([] if DEVICE == "cpu" else [1])
+    calls.clear()
     monkeypatch.setenv("VTPRUNE_KERNELS", "triton")
     assert kernels.resprune_select(x, 8, t, 0.75, 3).tolist() == want.tolist()
     assert calls == [1]
     xb = torch.stack([x, x.flip(0)])
     out = kernels.resprune_select_batch(xb, 8, t, 0.75, [3, None])
     assert calls == [1, 1]
-    assert out.tolist() == resprune.select_batch(xb, 8, t, 0.75, [3, None]).tolist()
+    assert out.tolist() == resprune.select_batch(xb.cpu(), 8, t.cpu(), 0.75, [3, None]).tolist()
     monkeypatch.setenv("VTPRUNE_KERNELS", "cuda-please")
     with pytest.raises(ValueError):
         kernels.resprune_select(x, 8)
@@ -167,7 +175,7 @@ def test_kernel_path_validates(monkeypatch):
     x = torch.randn(10, 8)
     x[2, 3] = float("nan")
     with pytest.raises(ValueError):
-        kernels.resprune_select(x, 3)
+        kernels.resprune_select(x.to(DEVICE), 3)
     with pytest.raises(ValueError):
-        kernels.resprune_select(torch.randn(10, 8), 3, seed=10)
-    assert kernels.resprune_select(torch.randn(1, 8), 5).tolist() == [0]
+        kernels.resprune_select(torch.randn(10, 8).to(DEVICE), 3, seed=10)
+    assert kernels.resprune_select(torch.randn(1, 8).to(DEVICE), 5).tolist() == [0]

@@ -71,14 +71,14 @@ def _layout(image_size, pinpoints, tile_px, side) -> Layout:
         r0, r1 = _unpadded_span(height, orig_h, width, orig_w)
     else:
         c0, c1 = _unpadded_span(width, orig_w, height, orig_h)
-    r = torch.arange(r0, r1).repeat_interleave(c1 - c0)
-    c = torch.arange(c0, c1).repeat(r1 - r0)
+    r = torch.arange(r0, r1, device="cpu").repeat_interleave(c1 - c0)
+    c = torch.arange(c0, c1, device="cpu").repeat(r1 - r0)
     grid_tile = 1 + (r // side) * cols_t + c // side
     grid_patch = (r % side) * side + c % side
     base_n = side * side
-    tile = torch.cat([torch.zeros(base_n, dtype=torch.int64), grid_tile])
-    patch = torch.cat([torch.arange(base_n), grid_patch])
-    newline = torch.zeros(tile.shape[0], dtype=torch.bool)
+    tile = torch.cat([torch.zeros(base_n, dtype=torch.int64, device="cpu"), grid_tile])
+    patch = torch.cat([torch.arange(base_n, device="cpu"), grid_patch])
+    newline = torch.zeros(tile.shape[0], dtype=torch.bool, device="cpu")
     newline[base_n + (c1 - c0) - 1::c1 - c0] = True
     return Layout(1 + rows_t * cols_t, tile, patch, newline)
 

@@ -109,13 +109,13 @@ def hf_run(mean, std, rescale: float):
     """transformers' encoder on raw uint8 patches, normalised as vLLM's encoder does
     (``(x * rescale - mean) / std`` per channel in fp32): both serving paths then see the
     same bytes (the random baseline seeds on them)."""
-    mean = torch.tensor(mean, dtype=torch.float32)[:, None]
-    std = torch.tensor(std, dtype=torch.float32)[:, None]
-
     def run(visual, pixel_values: Tensor, grid_thw) -> Tensor:
-        x = pixel_values.float().view(pixel_values.shape[0], mean.shape[0], -1)
-        x = ((x * rescale - mean) / std).view(pixel_values.shape[0], -1)
-        out = visual(x, grid_thw=torch.tensor([grid_thw]))
+        dev = pixel_values.device
+        m = torch.tensor(mean, dtype=torch.float32, device=dev)[:, None]
+        s = torch.tensor(std, dtype=torch.float32, device=dev)[:, None]
+        x = pixel_values.float().view(pixel_values.shape[0], m.shape[0], -1)
+        x = ((x * rescale - m) / s).view(pixel_values.shape[0], -1)
+        out = visual(x, grid_thw=torch.tensor([grid_thw], device=dev))
         return getattr(out, "pooler_output", out)
 
     return run

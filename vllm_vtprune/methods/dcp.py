@@ -152,7 +152,7 @@ def variation_score(x_in: Tensor, x_att: Tensor, x_ffn: Tensor) -> Tensor:
 
 def _variation_score(x_in: Tensor, x_att: Tensor, x_ffn: Tensor) -> Tensor:
     in_norm = x_in.norm(dim=-1)
-    score = torch.zeros(x_in.shape[0])
+    score = torch.zeros(x_in.shape[0], device=x_in.device)
     for x_b in (x_att, x_ffn):
         p = torch.softmax(1.0 - _cos_rows(x_in, x_b), dim=0)
         r = x_b.norm(dim=-1) / (in_norm + EPS)
@@ -227,14 +227,14 @@ def _importance(y: Tensor, scores: "StageScores") -> Tensor:
 def partition(scores: Tensor, num_anchors: int) -> tuple[Tensor, Tensor]:
     """Anchor and context indices (both ascending): the ``num_anchors`` top scores vs the rest."""
     anchors = stable_topk(scores, num_anchors)
-    is_anchor = torch.zeros(scores.shape[0], dtype=torch.bool)
+    is_anchor = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
     is_anchor[anchors] = True
     return anchors, torch.nonzero(~is_anchor).flatten()
 
 
 # --- Eqs. 3-4: context-to-anchor graph -------------------------------------------------
 
-def grid_positions(num_tokens: int, width: int | None = None) -> Tensor:
+def grid_positions(num_tokens: int, width: int | None = None, device=None) -> Tensor:
     """(row, col) grid coordinates [num_tokens, 2] of a row-major patch grid.
 
     ``width`` defaults to sqrt(num_tokens) (24 for CLIP-L/336's 576 patches).
@@ -243,7 +243,7 @@ def grid_positions(num_tokens: int, width: int | None = None) -> Tensor:
         width = math.isqrt(num_tokens)
         if width * width != num_tokens:
             raise ValueError(f"{num_tokens} tokens is not a square grid; pass width")
-    idx = torch.arange(num_tokens)
+    idx = torch.arange(num_tokens, device=device)
     return torch.stack([idx // width, idx % width], dim=1).float()
 
 
@@ -368,9 +368,9 @@ def _greedy_init(x: Tensor, k: int, a_hat: Tensor | None) -> Tensor:
     n = x.shape[0]
     xn = x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
     sum_u = xn @ xn.sum(dim=0)  # sum over U = every token, the candidate included
-    bonus = a_hat if a_hat is not None else torch.zeros(n)
-    unselected = torch.ones(n, dtype=torch.bool)
-    max_to_selected = torch.zeros(n)
+    bonus = a_hat if a_hat is not None else torch.zeros(n, device=x.device)
+    unselected = torch.ones(n, dtype=torch.bool, device=x.device)
+    max_to_selected = torch.zeros(n, device=x.device)
     chosen: list[int] = []
     for step in range(k):
         gain = sum_u / (n - step) - max_to_selected + bonus
@@ -380,7 +380,7 @@ def _greedy_init(x: Tensor, k: int, a_hat: Tensor | None) -> Tensor:
         cos_i = xn @ xn[i]
         sum_u = sum_u - cos_i
         max_to_selected = cos_i if step == 0 else torch.maximum(max_to_selected, cos_i)
-    return torch.tensor(chosen, dtype=torch.long)
+    return torch.tensor(chosen, dtype=torch.long, device=x.device)
 
 
 def text_aware_similarity(tokens: Tensor, centers: Tensor, text: Tensor) -> Tensor:
@@ -429,19 +429,19 @@ def tatcs_select(
 def _tatcs(x: Tensor, t: Tensor, k: int, a_hat: Tensor | None, iters: int) -> Tensor:
     n = x.shape[0]
     if k == n:
-        return torch.arange(n)
+        return torch.arange(n, device=x.device)
     centers = x[_greedy_init(x, k, a_hat)]
     for _ in range(iters):
         assign = text_aware_similarity(x, centers, t).argmax(dim=1)
         centers = _update_centers(x, assign, centers)
     sim = text_aware_similarity(x, centers, t)
     assign = sim.argmax(dim=1)
-    picked = torch.full((k,), -1, dtype=torch.long)
+    picked = torch.full((k,), -1, dtype=torch.long, device=x.device)
     for c in range(k):
         members = torch.nonzero(assign == c).flatten()
         if members.numel() > 0:
             picked[c] = members[int(torch.argmax(sim[members, c]))]
-    used = torch.zeros(n, dtype=torch.bool)
+    used = torch.zeros(n, dtype=torch.bool, device=x.device)
     used[picked[picked >= 0]] = True
     for c in torch.nonzero(picked < 0).flatten().tolist():
         i = int(torch.argmax(sim[:, c].masked_fill(used, float("-inf"))))
@@ -516,8 +516,8 @@ def prune(ctx) -> "PrunedImage":
     tower, p = ctx.tower, ctx.tower.prefix
     h = tower.embed(ctx.pixel_values)
     targets = schedule(ctx.num_patches, ctx.budget, tower.num_layers, every=2)
-    positions = grid_positions(ctx.num_patches, width=tower.grid[1])
-    origin = torch.arange(ctx.num_patches)
+    positions = grid_positions(ctx.num_patches, width=tower.grid[1], device=h.device)
+    origin = torch.arange(ctx.num_patches, device=h.device)
     graph = Graph(int(ctx.option("kn")), float(ctx.option("tau")), ALPHA)
     for i in range(tower.num_layers):
         stage = (i + 1) // 2 - 1

@@ -61,7 +61,7 @@ def select(tokens: Tensor, budget: int) -> Tensor:
         chosen.append(nxt)
         taken[nxt] = True
         min_dist = torch.minimum(min_dist, _snap(1.0 - cos[nxt]))
-    return torch.sort(torch.tensor(chosen, dtype=torch.long)).values.to(tokens.device)
+    return torch.sort(torch.tensor(chosen, dtype=torch.long, device=tokens.device)).values
 
 
 def prune(ctx) -> "PrunedImage":

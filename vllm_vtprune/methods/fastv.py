@@ -81,7 +81,7 @@ def decision(image_spans, budget_for):
 
     def decide(view):
         probs, rows = view.probs, view.rows
-        keep = torch.ones(len(rows), dtype=torch.bool)
+        keep = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
         for start, end in image_spans:
             cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
             if cols.numel() == 0:

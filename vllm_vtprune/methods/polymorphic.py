@@ -96,7 +96,7 @@ def local_density(dist: Tensor, knn: int = KNN) -> Tensor:
     n = dist.shape[0]
     k = min(knn, n - 1)
     if k < 1:
-        return torch.ones(n, dtype=dist.dtype)
+        return torch.ones(n, dtype=dist.dtype, device=dist.device)
     off = dist.clone().fill_diagonal_(float("inf"))
     nearest = torch.topk(off, k, dim=1, largest=False, sorted=True).values
     return torch.exp(-(nearest**2).mean(dim=1))
@@ -132,7 +132,7 @@ def density_peak_merge(x: Tensor, num_clusters: int, knn: int = KNN) -> tuple[Te
     dist = pairwise_distance(xf)
     centers = stable_topk(prominence(dist, local_density(dist, knn)), k)
     assignment = dist[:, centers].argmin(dim=1)
-    assignment[centers] = torch.arange(k)
+    assignment[centers] = torch.arange(k, device=assignment.device)
     merged, _ = segment_mean(xf, assignment, k)  # no cluster is empty: centers are members
     return merged.to(device=x.device, dtype=x.dtype), assignment.to(x.device)
 
@@ -168,9 +168,9 @@ def stage1(
         return tokens.clone(), torch.arange(n, device=tokens.device), torch.full((n,), -1, device=tokens.device)
     n_keep, n_merge = stage1_split(budget, retained_fraction)
     retained = stable_topk(scores, n_keep)
-    rest = torch.ones(n, dtype=torch.bool)
+    rest = torch.ones(n, dtype=torch.bool, device=x.device)
     rest[retained] = False
-    assignment = torch.full((n,), -1, dtype=torch.long)
+    assignment = torch.full((n,), -1, dtype=torch.long, device=x.device)
     out = x[retained]
     if n_merge > 0:
         merged, sub_assign = density_peak_merge(x[rest], n_merge, knn)
@@ -210,7 +210,7 @@ def quantile_prune(scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     """
     s = check_vector(scores)
     kept = stable_topk(s, min(check_budget(keep, "keep"), s.shape[0]))
-    mask = torch.ones(s.shape[0], dtype=torch.bool)
+    mask = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     mask[kept] = False
     return kept.to(scores.device), torch.nonzero(mask).flatten().to(scores.device)
 
@@ -249,7 +249,7 @@ def merge_into_kept(hidden: Tensor, kept: Tensor, pruned: Tensor) -> Tensor:
     if pruned.numel() == 0:
         return hidden[kept]
     nearest = squared_distance(x[pruned], x[kept])  # argmin of D^2 is argmin of D
-    segment = torch.cat([torch.arange(len(kept)), nearest.argmin(dim=1)])
+    segment = torch.cat([torch.arange(len(kept), device=x.device), nearest.argmin(dim=1)])
     merged, _ = segment_mean(torch.cat([x[kept], x[pruned]]), segment, len(kept))
     return merged.to(hidden.dtype)
 
@@ -272,10 +272,10 @@ def stage2_decision(image_spans, counts_for, step: int):
 
     def decide(view):
         rows, hidden = view.rows, view.hidden
-        in_image = torch.zeros(len(rows), dtype=torch.bool)
+        in_image = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
         for start, end in image_spans:
             in_image |= (rows >= start) & (rows < end)
-        keep = torch.ones(len(rows), dtype=torch.bool)
+        keep = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
         new = hidden.clone()
         for start, end in image_spans:
             cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
@@ -333,7 +333,7 @@ def _cluster_origins(assignment: Tensor) -> Tensor:
     """Lowest member index of each merged cluster (``assignment`` -1: retained)."""
     members = torch.nonzero(assignment >= 0).flatten()
     count = int(assignment.max().item()) + 1 if members.numel() else 0
-    first = torch.full((count,), assignment.shape[0], dtype=torch.int64)
+    first = torch.full((count,), assignment.shape[0], dtype=torch.int64, device=assignment.device)
     return first.scatter_reduce(0, assignment[members], members, reduce="amin")
 
 

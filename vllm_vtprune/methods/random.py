@@ -33,7 +33,8 @@ def select(num_tokens: int, budget: int, seed: int) -> Tensor:
     n = check_budget(num_tokens, "num_tokens")
     k = min(check_budget(budget), n)
     generator = torch.Generator().manual_seed(seed)
-    return torch.sort(torch.randperm(n, generator=generator)[:k]).values
+    # drawn on the CPU whatever the model's device, so the draw is the same everywhere
+    return torch.sort(torch.randperm(n, generator=generator, device="cpu")[:k]).values
 
 
 def prune(ctx) -> "PrunedImage":

@@ -36,6 +36,7 @@ Choices where the extracted text is ambiguous:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Sequence
@@ -311,7 +312,7 @@ def retention_rates(masks: dict[int, Tensor], num_layers: int, num_tokens: int) 
     sample = next(iter(masks.values()), None)
     batch_shape = sample.shape[:-1] if sample is not None else ()
     rates = []
-    current = torch.ones(batch_shape)
+    current = torch.ones(batch_shape, device=sample.device if sample is not None else "cpu")
     for layer in range(num_layers):
         if layer in masks:
             current = masks[layer].float().sum(-1) / num_tokens
@@ -357,6 +358,18 @@ class RcpModules:
         for table in (self.pruners, self.adapters):
             for module in table.values():
                 yield from module.parameters()
+
+    def on(self, device) -> "RcpModules":
+        """These modules on ``device`` (one copy per device, made once)."""
+        device = torch.device(device)
+        if next(self.parameters()).device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = dataclasses.replace(
+                self, pruners={l: copy.deepcopy(m).to(device) for l, m in self.pruners.items()},
+                adapters={l: copy.deepcopy(m).to(device) for l, m in self.adapters.items()})
+        return copies[device]
 
     def train(self, mode: bool = True) -> "RcpModules":
         for table in (self.pruners, self.adapters):
@@ -490,11 +503,12 @@ def check_model(spec, num_layers: int, hidden_size: int) -> None:
                          f"{'-'.join(map(str, m.pruning_layers))}")
 
 
-def token_positions(n: int, dim: int) -> Tensor:
+def token_positions(n: int, dim: int, device="cpu") -> Tensor:
     """P of Eq. 9: sinusoidal encodings [n, dim] of the visual tokens' order."""
-    pos = torch.arange(n, dtype=torch.float32)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    out = torch.zeros(n, dim)
+    pos = torch.arange(n, dtype=torch.float32, device=device)[:, None]
+    freq = torch.exp(-math.log(10000.0)
+                     * torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    out = torch.zeros(n, dim, device=device)
     out[:, 0::2] = torch.sin(pos * freq)
     out[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return out
@@ -518,14 +532,21 @@ class RequestState:
         self.total = sum(e - s for s, e in self.spans)
         self.budget = min(budget, self.total)
         self.per_layer = [self.total] * modules.num_layers  # visual tokens each layer sees
-        self.keep = torch.ones(self.total, dtype=torch.bool)
-        self.pruned_sum = torch.zeros(modules.hidden_size)
+        # on the CPU until the first decision says where the decoder runs (_bind)
+        self.keep = torch.ones(self.total, dtype=torch.bool, device="cpu")
+        self.pruned_sum = torch.zeros(modules.hidden_size, device="cpu")
         self.pruned_count = 0
         self.contexts: dict[int, Tensor] = {}
 
+    def _bind(self, device: torch.device) -> None:
+        """Move the request's state and modules to the decoder's ``device``."""
+        if self.keep.device != device:
+            self.modules = self.modules.on(device)
+            self.keep, self.pruned_sum = self.keep.to(device), self.pruned_sum.to(device)
+
     def _image_index(self, rows: Tensor) -> Tensor:
         """Index of each row among the request's visual tokens, -1 for text rows."""
-        index = torch.full((len(rows),), -1, dtype=torch.long)
+        index = torch.full((len(rows),), -1, dtype=torch.long, device=rows.device)
         offset = 0
         for start, end in self.spans:
             inside = (rows >= start) & (rows < end)
@@ -537,15 +558,16 @@ class RequestState:
         from vllm_vtprune.llm_loop import Verdict
 
         def decide(view):
+            self._bind(view.hidden.device)
             index = self._image_index(view.rows)
             cols = torch.nonzero(index >= 0).flatten()
             last_end = max(e for _, e in self.spans)
             text = torch.nonzero((index < 0) & (view.rows >= last_end)).flatten()
             if text.numel() == 0:
                 text = torch.nonzero(index < 0).flatten()
-            keep = torch.ones(len(view.rows), dtype=torch.bool)
+            keep = torch.ones(len(view.rows), dtype=torch.bool, device=view.rows.device)
             if cols.numel() == 0 or text.numel() == 0:
-                return Verdict(torch.arange(len(view.rows)))
+                return Verdict(torch.arange(len(view.rows), device=view.rows.device))
             h = view.hidden.float()
             a = view.probs[:, text][:, :, cols].float().mean(dim=(0, 1))
             with torch.no_grad():
@@ -558,7 +580,7 @@ class RequestState:
             ranked = torch.argsort(logits.masked_fill(~stay, float("-inf")), descending=True,
                                    stable=True)
             chosen = ranked[:max(1, cap)]
-            dropped = torch.ones(len(cols), dtype=torch.bool)
+            dropped = torch.ones(len(cols), dtype=torch.bool, device=cols.device)
             dropped[chosen] = False
             keep[cols[dropped]] = False
             self.keep[index[cols[dropped]]] = False
@@ -571,19 +593,20 @@ class RequestState:
         return decide
 
     def adapt(self, layer: int):
-        adapter = self.modules.adapters[layer]
-
         def adapt(x: Tensor) -> Tensor:
+            self._bind(x.device)
+            adapter = self.modules.adapters[layer]
             if layer not in self.contexts:
                 with torch.no_grad():
                     p = adapter.mask_query.shape[0]
                     mean = self.pruned_sum / max(1, self.pruned_count)
                     self.contexts[layer] = (
-                        adapter.mask_embedding(self.keep[None], token_positions(self.total, p))
+                        adapter.mask_embedding(self.keep[None],
+                                               token_positions(self.total, p, x.device))
                         + adapter.pruned_proj(mean[None]))
             with torch.no_grad():
                 out = adapter(x.float()[None], self.contexts[layer],
-                              torch.ones(1, x.shape[0]))[0]
+                              torch.ones(1, x.shape[0], device=x.device))[0]
             return out.to(x.dtype)
 
         return adapt

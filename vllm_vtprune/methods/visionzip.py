@@ -76,14 +76,14 @@ def dominant_indices(cls_attn: Tensor, num_rows: int, dominant: int, keep_cls: b
     num_patches = min(dominant - 1 if keep_cls else dominant, n_patches)
     idx = stable_topk(scores, max(num_patches, 0)) + 1
     if keep_cls:
-        idx = torch.cat([torch.zeros(1, dtype=torch.long), idx])
+        idx = torch.cat([torch.zeros(1, dtype=torch.long, device=idx.device), idx])
     return idx
 
 
-def target_rows(num_rows: int, contextual: int) -> Tensor:
+def target_rows(num_rows: int, contextual: int, device=None) -> Tensor:
     """Rows ``0, step, 2*step, ...`` (first ``contextual``), ``step = max(1, R // C)``."""
     step = max(1, num_rows // contextual)
-    return torch.arange(0, num_rows, step)[:contextual]
+    return torch.arange(0, num_rows, step, device=device)[:contextual]
 
 
 def contextual_merge(hidden: Tensor, keys: Tensor, contextual: int) -> Tensor:
@@ -98,8 +98,8 @@ def contextual_merge(hidden: Tensor, keys: Tensor, contextual: int) -> Tensor:
     contextual = min(contextual, r)
     if contextual == 0:
         return hidden.new_zeros((0, hidden.shape[1]))
-    targets = target_rows(r, contextual)
-    is_target = torch.zeros(r, dtype=torch.bool)
+    targets = target_rows(r, contextual, keys.device)
+    is_target = torch.zeros(r, dtype=torch.bool, device=keys.device)
     is_target[targets] = True
     metric = keys / keys.norm(dim=-1, keepdim=True).clamp_min(EPS)
     sim = metric[~is_target] @ metric[targets].T
@@ -148,7 +148,7 @@ def select(
     else:
         dom, ctx = split_budget(budget, contextual)
     dom_rows = dominant_indices(cls_attn, h.shape[0], dom, keep_cls)
-    rest = torch.ones(h.shape[0], dtype=torch.bool)
+    rest = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     rest[0] = False
     rest[dom_rows] = False
     ctx_tokens = contextual_merge(h[rest], k[rest], ctx)
@@ -176,12 +176,12 @@ def prune(ctx) -> "PrunedImage":
 def _origins(num_rows: int, dom_rows: Tensor, budget: int, contextual: int | None) -> Tensor:
     """Patch index of every output token: the dominant patches, then the targets."""
     _, ctx_count = split_budget(min(budget, num_rows - 1), contextual)
-    rest = torch.ones(num_rows, dtype=torch.bool)
+    rest = torch.ones(num_rows, dtype=torch.bool, device="cpu")
     rest[0] = False
     rest[dom_rows.cpu()] = False
     rest_rows = torch.nonzero(rest).flatten()
     ctx_count = min(ctx_count, rest_rows.shape[0])
-    targets = rest_rows[target_rows(rest_rows.shape[0], ctx_count)] if ctx_count else rest_rows[:0]
+    targets = rest_rows[target_rows(rest_rows.shape[0], ctx_count, "cpu")] if ctx_count else rest_rows[:0]
     return torch.cat([dom_rows.cpu(), targets]) - 1
 
 

@@ -83,6 +83,7 @@ class StepState:
     # -- the step being run
     requests: list[RequestRows] = dataclasses.field(default_factory=list)
     rows: Tensor | None = None  # original row of each current row (None: all, in order)
+    device: torch.device = torch.device("cpu")  # the step's hidden states'
     slot_mapping: Tensor | None = None
     capture: dict[int, set[int]] = dataclasses.field(default_factory=dict)
     probs: dict[int, Tensor] = dataclasses.field(default_factory=dict)
@@ -102,7 +103,7 @@ class StepState:
 
     def prune_levels(self, num_slots: int) -> Tensor:
         if self.levels is None or self.levels.shape[0] != num_slots:
-            self.levels = torch.full((num_slots,), NEVER, dtype=torch.uint8)
+            self.levels = torch.full((num_slots,), NEVER, dtype=torch.uint8, device=self.device)
         return self.levels
 
 
@@ -218,6 +219,8 @@ def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
     """Per-request rows, plans and the layers whose attention must be kept."""
     STEP.requests, STEP.rows, STEP.capture, STEP.probs = [], None, {}, {}
     STEP.keys = {}
+    if embeds is not None:
+        STEP.device = embeds.device
     runs = _image_runs(num_rows)
     md = _metadata()
     if md is None:
@@ -257,7 +260,7 @@ def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
 def _current(req: RequestRows) -> Tensor:
     """Indices of ``req``'s rows among the current rows."""
     if STEP.rows is None:
-        return torch.arange(req.q0, req.q1)
+        return torch.arange(req.q0, req.q1, device=STEP.device)
     return torch.nonzero((STEP.rows >= req.q0) & (STEP.rows < req.q1)).flatten()
 
 
@@ -291,7 +294,7 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
         verdict = parallel.agree_verdict(verdict)
         if verdict.hidden is not None:
             x[live[verdict.keep]] = verdict.hidden.to(x.dtype)
-        dropped = torch.ones(len(live), dtype=torch.bool)
+        dropped = torch.ones(len(live), dtype=torch.bool, device=live.device)
         dropped[verdict.keep] = False
         slots = STEP.slot_mapping[_original(live[dropped])].long()
         levels[slots] = layer
@@ -357,7 +360,7 @@ def decoder_forward(model, input_ids, positions, intermediate_tensors=None,
     hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
     num_rows = hidden.shape[0]
     begin_step(num_rows, hidden)
-    alive = torch.ones(num_rows, dtype=torch.bool)
+    alive = torch.ones(num_rows, dtype=torch.bool, device=hidden.device)
     residual = None
     for idx, layer in enumerate(model.layers[model.start_layer:model.end_layer],
                                 start=model.start_layer):

@@ -43,7 +43,7 @@ class VTPruneCPUAttentionBackend(CPUAttentionBackend):
 
 def _query_rows(n: int) -> Tensor:
     """The step's row of each query row (the loop may have taken pruned rows out)."""
-    return torch.arange(n) if STEP.rows is None else STEP.rows
+    return torch.arange(n, device=STEP.device) if STEP.rows is None else STEP.rows
 
 
 def _slots(kv_cache: Tensor) -> Tensor:
@@ -62,7 +62,8 @@ def _request_keys(r: int, blocks: Tensor, seq_len: int, block_size: int):
     if cached is None:
         num_blocks = -(-seq_len // block_size)
         used = blocks[:num_blocks].long()
-        slots = (used[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
+        slots = (used[:, None] * block_size
+                 + torch.arange(block_size, device=used.device)).flatten()[:seq_len]
         consecutive = num_blocks == 1 or bool((used[1:] - used[:-1] == 1).all())
         cached = STEP.keys[key] = (slots, int(slots[0]) if consecutive else None)
     return cached
@@ -104,7 +105,7 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
             q0, q1 = starts[r], starts[r + 1]
             if STEP.rows is None:
                 mine = slice(q0, q1)
-                qpos = torch.arange(seq_lens[r] - (q1 - q0), seq_lens[r])
+                qpos = torch.arange(seq_lens[r] - (q1 - q0), seq_lens[r], device=query.device)
             else:
                 mine = torch.nonzero((rows >= q0) & (rows < q1)).flatten()
                 qpos = seq_lens[r] - (q1 - q0) + (rows[mine] - q0)
@@ -138,7 +139,7 @@ class MaskedCPUAttentionImpl(CPUAttentionBackendImpl):
             out = torch.nn.functional.scaled_dot_product_attention(qh, keys, values,
                                                                    scale=self.scale)
             return out.transpose(0, 1).to(q.dtype), None
-        pos = torch.arange(seq_len)
+        pos = torch.arange(seq_len, device=qpos.device)
         allowed = (pos[None, :] <= qpos[:, None]) & visible[None, :]
         allowed |= pos[None, :] == qpos[:, None]  # a token always sees itself
         if not keep_probs:

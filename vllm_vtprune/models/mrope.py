@@ -84,13 +84,14 @@ def recompute(input_ids, embeddings: Sequence[Tensor], positions: Tensor,
         return embeddings, positions, int(positions.max() + 1 - n)
     stripped = [e[:, :-CHANNELS] for e in embeddings]
     places = decode(torch.cat([e[:, -CHANNELS:] for e in embeddings]))
-    ids = torch.as_tensor(input_ids)
+    dev = positions.device
+    ids = torch.as_tensor(input_ids, device=dev)
     is_image = ids == image_token_id
-    first = is_image & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_image[:-1]])
-    run_start = torch.cummax(torch.where(first, torch.arange(n), 0), dim=0).values
+    first = is_image & ~torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), is_image[:-1]])
+    run_start = torch.cummax(torch.where(first, torch.arange(n, device=dev), 0), dim=0).values
     rows = is_image.nonzero().squeeze(1)
     rows = rows[rows >= num_computed_tokens][:places.shape[1]]
     start = positions[0, run_start[rows] - 1] + 1  # after the text before the image
     out = positions.clone()
-    out[:, rows] = places.to(out.dtype) + start
+    out[:, rows] = places.to(device=dev, dtype=out.dtype) + start
     return stripped, out, int(out.max() + 1 - n)

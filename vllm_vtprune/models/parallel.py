@@ -79,8 +79,10 @@ def agree_verdict(verdict):
 
     group = get_tp_group()
     first = tp_rank() == 0
-    n = int(group.broadcast(torch.tensor([len(verdict.keep)]), src=0).item())
-    keep = verdict.keep.to(torch.int64).contiguous() if first else torch.empty(n, dtype=torch.int64)
+    dev = verdict.keep.device
+    n = int(group.broadcast(torch.tensor([len(verdict.keep)], device=dev), src=0).item())
+    keep = (verdict.keep.to(torch.int64).contiguous() if first
+            else torch.empty(n, dtype=torch.int64, device=dev))
     keep = group.broadcast(keep, src=0)
     hidden = None
     if agree(verdict.hidden is not None):
@@ -96,7 +98,8 @@ def agree(flag: bool) -> bool:
         return flag
     from vllm.distributed import get_tp_group
 
-    return bool(get_tp_group().broadcast(torch.tensor([int(flag)]), src=0).item())
+    group = get_tp_group()
+    return bool(group.broadcast(torch.tensor([int(flag)], device=group.device), src=0).item())
 
 
 def from_first_rank(image: PrunedImage) -> PrunedImage:

@@ -54,7 +54,7 @@ def encode_spec(spec: spec_mod.PruneSpec | None) -> torch.Tensor:
     raw = str(spec).encode() if spec is not None else b""
     if len(raw) > SPEC_BYTES:
         raise ValueError(f"vtprune spec {str(spec)!r} is longer than {SPEC_BYTES} bytes")
-    return torch.tensor(list(raw) + [0] * (SPEC_BYTES - len(raw)), dtype=torch.int64)
+    return torch.tensor(list(raw) + [0] * (SPEC_BYTES - len(raw)), dtype=torch.int64, device="cpu")
 
 
 def decode_spec(row: torch.Tensor) -> spec_mod.PruneSpec | None:
@@ -64,7 +64,7 @@ def decode_spec(row: torch.Tensor) -> spec_mod.PruneSpec | None:
 
 def encode_text_ids(ids: Sequence[int]) -> torch.Tensor:
     ids = list(ids)[:MAX_TEXT_IDS]
-    return torch.tensor(ids + [-1] * (MAX_TEXT_IDS - len(ids)), dtype=torch.int64)
+    return torch.tensor(ids + [-1] * (MAX_TEXT_IDS - len(ids)), dtype=torch.int64, device="cpu")
 
 
 class PruningInfo:
