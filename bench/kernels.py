@@ -158,9 +158,11 @@ def build_llava(cfg, device, dtype):
 
 
 class MethodBench:
-    """One request (an image of 576 patches, ``text_tokens`` text tokens) per method."""
+    """One request: ``images`` images of 576 patches each, then ``text_tokens`` text
+    tokens (several images keep a 7B prefill compute-bound on a GPU: one image's 616
+    tokens take about as long as launching the 32 layers' kernels)."""
 
-    def __init__(self, model, text_tokens: int, dev):
+    def __init__(self, model, text_tokens: int, images: int, dev):
         from vllm_vtprune import llm_loop
         from vllm_vtprune.families import llava as family
 
@@ -175,31 +177,38 @@ class MethodBench:
         embed = model.get_input_embeddings()
         gen = torch.Generator().manual_seed(0)
         size = cfg.vision_config.image_size
-        self.pixels = torch.randn(1, 3, size, size, generator=gen).to(dev)
+        self.pixels = torch.randn(images, 3, size, size, generator=gen).to(dev)
         ids = torch.randint(3, cfg.image_token_index, (text_tokens,), generator=gen).to(dev)
         with torch.no_grad():
             self.before, self.after = embed(ids[:5]), embed(ids[5:])
             self.nouns = embed(ids[-4:])  # what a question's nouns would give ResPrune/DCP
 
     @torch.no_grad()
-    def encode(self, spec):
+    def encode(self, spec) -> list:
+        """Each image pruned on its own, as the vLLM model class does."""
         from vllm_vtprune import pipeline
 
-        return pipeline.prune_image(self.tower, self.project, self.pixels, spec, self.nouns)
+        return [pipeline.prune_image(self.tower, self.project, self.pixels[i:i + 1], spec,
+                                     self.nouns) for i in range(self.pixels.shape[0])]
 
     @torch.no_grad()
-    def prefill(self, spec, feats):
-        """Last hidden row; and the visual tokens each decoder layer holds, averaged."""
+    def prefill(self, spec, images: list):
+        """Last hidden row; and the visual tokens each decoder layer holds, averaged.
+        ``images``: each image's tokens [K_i, D]."""
         from vllm_vtprune import llm_loop, pipeline, registry
 
-        embeds = torch.cat([self.before, feats.to(self.before.dtype), self.after])
-        n = feats.shape[0]
+        embeds = torch.cat([self.before, *[t.to(self.before.dtype) for t in images],
+                            self.after])
+        n = sum(t.shape[0] for t in images)
         if spec == "loop":
             return self.decoder.prefill(embeds, llm_loop.Plan())[0], n
         if spec is not None and pipeline.acts_in_llm(spec):
-            start = self.before.shape[0]
-            plan = registry.get(spec.method).llm_plan(spec, [(start, start + n)],
-                                                      self.decoder.num_layers, self.num_patches)
+            spans, at = [], self.before.shape[0]
+            for t in images:
+                spans.append((at, at + t.shape[0]))
+                at += t.shape[0]
+            plan = registry.get(spec.method).llm_plan(spec, spans, self.decoder.num_layers,
+                                                      self.num_patches)
             logits, _ = self.decoder.prefill(embeds, plan)
             counts = plan.visual_counts or [n] * self.decoder.num_layers
             return logits, sum(counts) / len(counts)
@@ -231,30 +240,31 @@ def bench_methods(args, dev, repeats: int) -> list[dict]:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     cfg = llava_config(args.tiny)
     model = build_llava(cfg, dev, dtype)
-    bench = MethodBench(model, args.text_tokens, dev)
+    bench = MethodBench(model, args.text_tokens, args.images, dev)
     names = [m for m in args.methods.split(",") if m]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = rcp_modules_file(cfg, f"{tmp}/rcp.safetensors") if "rcp" in names else None
-        image = bench.encode(None)
-        t_enc, _ = timeit(lambda: bench.encode(None), dev, repeats)
-        t_pre, _ = timeit(lambda: bench.prefill(None, image.tokens), dev, repeats)
-        t_loop, _ = timeit(lambda: bench.prefill("loop", image.tokens), dev, repeats)
+        t_enc, images = timeit(lambda: bench.encode(None), dev, repeats)
+        full = [p.tokens for p in images]
+        t_pre, _ = timeit(lambda: bench.prefill(None, full), dev, repeats)
+        t_loop, _ = timeit(lambda: bench.prefill("loop", full), dev, repeats)
         vanilla = t_enc + t_pre
-        rows.append(dict(method="vanilla", kept=image.tokens.shape[0],
-                         layer_avg=image.tokens.shape[0], encode_ms=t_enc * 1e3,
-                         prefill_ms=t_pre * 1e3))
-        rows.append(dict(method="vanilla-loop", kept=image.tokens.shape[0],
-                         layer_avg=image.tokens.shape[0], encode_ms=t_enc * 1e3,
-                         prefill_ms=t_loop * 1e3))
+        n_full = sum(t.shape[0] for t in full)
+        rows.append(dict(method="vanilla", kept=n_full, layer_avg=n_full,
+                         encode_ms=t_enc * 1e3, prefill_ms=t_pre * 1e3))
+        rows.append(dict(method="vanilla-loop", kept=n_full, layer_avg=n_full,
+                         encode_ms=t_enc * 1e3, prefill_ms=t_loop * 1e3))
+        del images, full
         for name, spec in method_specs(names, args.budget, ckpt):
-            image = bench.encode(spec)
-            t_enc, image = timeit(lambda: bench.encode(spec), dev, repeats)
-            t_pre, (_, avg) = timeit(lambda: bench.prefill(spec, image.tokens), dev, repeats)
-            rows.append(dict(method=name, spec=str(spec), kept=image.tokens.shape[0],
+            t_enc, images = timeit(lambda: bench.encode(spec), dev, repeats)
+            kept = [p.tokens for p in images]
+            t_pre, (_, avg) = timeit(lambda: bench.prefill(spec, kept), dev, repeats)
+            rows.append(dict(method=name, spec=str(spec), kept=sum(t.shape[0] for t in kept),
                              layer_avg=avg, encode_ms=t_enc * 1e3, prefill_ms=t_pre * 1e3))
-        k = args.budget
-        limit_feats = bench.before.new_zeros(k, bench.before.shape[1])
+            del images, kept
+        k = args.budget * args.images
+        limit_feats = [bench.before.new_zeros(k, bench.before.shape[1])]
         t_lim, _ = timeit(lambda: bench.prefill(None, limit_feats), dev, repeats)
         rows.append(dict(method="limit", kept=k, layer_avg=k, encode_ms=0.0,
                          prefill_ms=t_lim * 1e3))
@@ -264,7 +274,8 @@ def bench_methods(args, dev, repeats: int) -> list[dict]:
         in_llm = row["method"] in ("fastv", "polymorphic", "rcp", "vanilla-loop")
         row["total_ms"] = total
         row["speedup"] = (loop_total if in_llm else vanilla * 1e3) / total
-    print(f"\nper method, budget {args.budget}, {args.text_tokens} text tokens, "
+    print(f"\nper method, budget {args.budget} per image, {args.images} image(s), "
+          f"{args.text_tokens} text tokens, "
           f"{'tiny' if args.tiny else 'LLaVA-1.5-7B'} shapes, {dtype}; "
           "speed-up against vanilla (methods inside the LLM: against vanilla-loop)")
     print(f"{'method':>12} {'kept':>5} {'layer avg':>9} {'encode ms':>10} {'prefill ms':>11} "
@@ -291,6 +302,8 @@ def main():
                     help="methods for the per-method prefill ('' skips it)")
     ap.add_argument("--budget", type=int, default=128, help="per-method budget")
     ap.add_argument("--text-tokens", type=int, default=40)
+    ap.add_argument("--images", type=int, default=None,
+                    help="images per request (default 8 on a GPU, 1 on a CPU)")
     ap.add_argument("--tiny", action="store_true",
                     help="per-method part on a small LLaVA-shaped model (a CPU smoke run)")
     ap.add_argument("--json", default=None, help="write every figure here")
@@ -306,6 +319,7 @@ def main():
     sizes = [int(s) for s in (args.sizes or ("576,2880" if args.cpu else "576,2880,10000")).split(",")]
     budgets = [int(s) for s in args.budgets.split(",")]
     repeats = args.repeats or (1 if args.cpu else 5)
+    args.images = args.images or (1 if args.cpu else 8)
     run_kernel = dev.type == "cuda"
     if run_kernel:
         import triton

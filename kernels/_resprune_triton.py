@@ -191,8 +191,11 @@ def _resprune_persistent_kernel(
         p64 = p.to(tl.int64)
         d = tl.sum(tl.where(offs == p, e, 0.0), axis=0)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for j in range(r0, step):  # rows of the current round only
-            c = tl.load(lb + j * n64 + p64)
+        # rows of the current round only: a loop from the loop-carried r0 picked wrong
+        # pivots once a second round began on an H100 (triton 3.6; the interpreter was
+        # right), so rows before r0 enter with weight 0 (adding 0.0 changes no bit)
+        for j in range(0, step):
+            c = tl.where(j >= r0, tl.load(lb + j * n64 + p64), 0.0)
             acc += c * tl.load(lb + j * n64 + offs, mask=msk, other=0.0)
         grow = tl.load(g_ptr + b * n64 * n64 + p64 * n64 + offs, mask=msk, other=0.0)
         pos = d > 0.0
