@@ -286,6 +286,27 @@ def bench_methods(args, dev, repeats: int) -> list[dict]:
     return rows
 
 
+def profile_encode(args) -> None:
+    """Where one image's encode spends its time, per method (top ops by self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device("cpu" if args.cpu else "cuda")
+    cfg = llava_config(args.tiny)
+    model = build_llava(cfg, dev, torch.float32 if args.tiny else torch.bfloat16)
+    bench = MethodBench(model, args.text_tokens, 1, dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    for name, spec in method_specs(args.profile.split(","), args.budget, None):
+        bench.encode(spec)
+        _sync(dev)
+        with profile(activities=activities) as prof:
+            bench.encode(spec)
+            _sync(dev)
+        print(f"\n=== {spec}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=12))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cpu", action="store_true", help="no GPU: torch path only, small sizes")
@@ -307,8 +328,12 @@ def main():
     ap.add_argument("--tiny", action="store_true",
                     help="per-method part on a small LLaVA-shaped model (a CPU smoke run)")
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--profile", default=None, metavar="METHODS",
+                    help="instead: torch.profiler tables of one image's encode per method")
     args = ap.parse_args()
 
+    if args.profile:
+        return profile_encode(args)
     if args.cpu:
         dev = torch.device("cpu")
         torch.set_num_threads(args.threads)
