@@ -116,8 +116,9 @@ class Method:
     paper: str
     options: tuple[Option, ...] = ()
     #: What it reads besides the tokens: "cls_attention", "keys", "encoder_layers",
-    #: "text" (the prompt's nouns), "llm_attention", "checkpoint"; given the spec's
-    #: options when it depends on them.
+    #: "text" (the prompt's nouns), "llm_attention", "fixed_image_tokens" (every image
+    #: of the model has as many tokens), "checkpoint"; given the spec's options when it
+    #: depends on them.
     needs: frozenset[str] | Callable[[Mapping[str, Value]], frozenset[str]] = frozenset()
     #: Whether the kept set depends on the prompt, given the spec's options.
     text_conditioned: Callable[[Mapping[str, Value]], bool] = lambda options: False

@@ -25,8 +25,12 @@ the layout as transformers' ``LlavaNextModel.pack_image_features`` writes it):
   that read CLS attention and keys (VisionZip, ResPrune's seed) see one prefix token as
   on LLaVA-1.5. Kept tokens keep the packed order.
 
-Methods inside the encoder (DCP) and inside the LLM are not served on this family yet:
-the family provides neither, and the registry refuses them with the methods it serves.
+* **Inside the LLM** (FastV, RCP) an image's tokens reach the decoder unpruned, newlines
+  included, and are all candidates: a budget of K (or a ratio) keeps K of them (of its
+  tokens) per image. Polymorphic's stage 2 keeps a share of the unpruned image, which
+  the decoder does not know on a family whose images differ in size; it is not served
+  here, nor DCP (inside the encoder, which would have to run tile by tile); the
+  registry refuses both with the methods the family serves.
 """
 from __future__ import annotations
 
@@ -118,10 +122,10 @@ FAMILY = Family(
     check=check,
     grid=base.grid,
     question_ids=base.question_ids,
-    provides=frozenset({"cls_attention", "keys", "text"}),
+    provides=frozenset({"cls_attention", "keys", "text", "llm_attention"}),
     images="a base tile and an anyres grid of 336 px tiles, unpadded, a newline per grid "
            "row (up to 2,928 tokens); a budget of K (or a ratio) keeps K of the image's "
-           "patches across its tiles, newlines dropped",
+           "patches across its tiles, newlines dropped (inside the LLM: K of its tokens)",
     prunable_tokens=prunable_tokens,
     reference="vllm_vtprune.hf:HfNextReference",
 )

@@ -347,7 +347,9 @@ METHOD = Method(
     options=(Option("knn", int_ge(1), KNN, "neighbours in the local density (Eq. 3)"),
              Option("layers", layer_list, None,
                     "stage-2 pruning layers (default 3-7-16 of 32, scaled by depth)")),
-    needs=frozenset({"cls_attention", "llm_attention"}),
+    # stage 2 keeps a share of the unpruned image, which the decoder knows only where
+    # every image has as many tokens
+    needs=frozenset({"cls_attention", "llm_attention", "fixed_image_tokens"}),
     prune=prune,
     encoder_budget=encoder_budget,
     llm_plan=llm_plan,

@@ -621,7 +621,8 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     if modules.num_layers != num_layers:
         raise ValueError(f"rcp ckpt={spec.value('ckpt')}: made for {modules.num_layers} "
                          f"decoder layers, this model has {num_layers}")
-    budget = len(image_spans) * spec.tokens_for(full_tokens)
+    # each image's share of its own tokens (LLaVA-NeXT's differ per image)
+    budget = sum(spec.tokens_for(e - s) for s, e in image_spans)
     if budget >= sum(e - s for s, e in image_spans):
         return Plan()  # a budget at or above the token count keeps everything, as elsewhere
     state = RequestState(modules, image_spans, budget)

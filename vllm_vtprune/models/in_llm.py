@@ -40,6 +40,7 @@ so no vLLM signature changes (nano-vllm's context pattern).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
 
@@ -113,6 +114,76 @@ STEP = StepState()
 #: storage address -> (weak reference to the tagged tensor, spec); views made under
 #: inference mode record no ``_base``, so slices are matched by the storage they share
 _TAGS: dict[int, tuple[weakref.ref, str | None]] = {}
+
+
+# ------------------------------------------------------------------ serving setup
+#: hf_overrides key: "skip" (default) takes pruned rows out of the decoder's batch, "mask"
+#: only hides them (the latency bench's comparison arm)
+ROWS_KEY = "vtprune_rows"
+
+
+def check_serving(vllm_config, spec, family) -> None:
+    """Refuse the settings under which a decision inside the LLM cannot be taken, and a
+    spec that does not fit this decoder (a layer beyond its depth, a foreign checkpoint)."""
+    from vllm.config import CompilationMode
+
+    from vllm_vtprune import pipeline
+
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
+                         "question; accepted: --no-enable-chunked-prefill")
+    if str(vllm_config.cache_config.cache_dtype or "auto") != "auto":
+        raise ValueError(f"vtprune {spec}: the masked attention stores K/V unquantised; "
+                         f"accepted: --kv-cache-dtype auto (got "
+                         f"{vllm_config.cache_config.cache_dtype})")
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ValueError(f"vtprune {spec}: the prefix cache would share pruned KV between "
+                         "prompts; accepted: --no-enable-prefix-caching")
+    if vllm_config.compilation_config.mode != CompilationMode.NONE:
+        raise ValueError(f"vtprune {spec}: the decoder's per-request decisions run in "
+                         "Python between layers, which a compiled graph would freeze; "
+                         "accepted: --enforce-eager")
+    hf = vllm_config.model_config.hf_config
+    rows, cols = family.FAMILY.grid(hf)
+    pipeline.check_fits_decoder(spec, hf.text_config.num_hidden_layers,
+                                hf.text_config.hidden_size, rows * cols)
+
+
+@contextlib.contextmanager
+def masked_attention(vllm_config, spec, family):
+    """While the model is built, its decoder layers get the masked attention backend
+    (``spec`` prunes inside the LLM); other models built later in this process keep
+    vLLM's own. ``family``: the served model's (its per-tile grid sizes the checks)."""
+    from vllm.v1.attention.backends import registry as backends
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    from vllm_vtprune.models import masked_attention as backend
+
+    check_serving(vllm_config, spec, family)
+    hf = vllm_config.model_config.hf_config
+    rows, cols = family.FAMILY.grid(hf)
+    STEP.configure(hf.text_config.num_hidden_layers, rows * cols,
+                   vllm_config.cache_config.block_size,
+                   skip_rows=getattr(hf, ROWS_KEY, "skip") != "mask")
+    enum = backends.AttentionBackendEnum.CPU_ATTN
+    previous = backends._ATTN_OVERRIDES.get(enum)
+    backends.register_backend(enum, f"{backend.__name__}.VTPruneCPUAttentionBackend")
+    _cached_get_attn_backend.cache_clear()  # an earlier engine in this process chose one
+    try:
+        yield
+    finally:
+        if previous is None:
+            backends._ATTN_OVERRIDES.pop(enum, None)
+        else:
+            backends._ATTN_OVERRIDES[enum] = previous
+        _cached_get_attn_backend.cache_clear()
+
+
+def install_decoder(decoder) -> None:
+    """``decoder`` (the model's ``LlamaModel``) runs :func:`decoder_forward` from now on."""
+    import types
+
+    decoder.forward = types.MethodType(decoder_forward, decoder)
 
 
 _HOOKED = False

@@ -18,7 +18,6 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm_vtprune import pipeline
 from vllm_vtprune.families import llava_next as family
 from vllm_vtprune.models import parallel
-from vllm_vtprune.models.checks import check_parallelism, server_spec
 from vllm_vtprune.models.pruning import PruningInfo, PruningModel, PruningProcessor
 
 
@@ -39,9 +38,8 @@ class VTPruneLlavaNextForConditionalGeneration(PruningModel, LlavaNextForConditi
     family = family
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        self._check_family(vllm_config)
-        check_parallelism(vllm_config, server_spec(vllm_config.model_config.hf_config))
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._build(vllm_config, lambda: super(PruningModel, self).__init__(
+            vllm_config=vllm_config, prefix=prefix))
         self._tower = family.VllmClipTower(self.vision_tower.vision_model,
                                            vllm_config.model_config.hf_config.vision_config,
                                            parallel.all_heads, parallel.agree)

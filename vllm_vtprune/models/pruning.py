@@ -34,7 +34,8 @@ from vllm.multimodal.processing import PromptReplacement
 from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.models import parallel
-from vllm_vtprune.models.checks import SPEC_KEY, check_supported, resolved_spec, server_spec
+from vllm_vtprune.models.checks import (SPEC_KEY, check_parallelism, check_supported,
+                                         resolved_spec, server_spec)
 from vllm_vtprune.server import decisions, stats
 
 TEXT_IDS_KEY = "vtprune_text_ids"  # added to mm_processor_kwargs, hence to the mm hash
@@ -211,6 +212,32 @@ class PruningModel:
 
     def _prune_one(self, image_input, index: int, spec, text) -> pipeline.PrunedImage:
         raise NotImplementedError
+
+    def _build(self, vllm_config, build) -> None:
+        """Build the stock model (``build()``: its ``__init__``); a server whose spec
+        prunes inside the LLM gets the masked attention in its decoder layers and the
+        explicit layer loop of :mod:`vllm_vtprune.models.in_llm`."""
+        self._check_family(vllm_config)
+        spec = server_spec(vllm_config.model_config.hf_config)
+        check_parallelism(vllm_config, spec)
+        if not pipeline.acts_in_llm(spec):
+            build()
+            return
+        from vllm_vtprune.models import in_llm
+
+        with in_llm.masked_attention(vllm_config, spec, self.family):
+            build()
+        self._in_llm = True
+        in_llm.install_decoder(self.language_model.model)
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None,
+                        **kwargs):
+        if self._in_llm:  # which rows of this step are image tokens, under which spec
+            from vllm_vtprune.models import in_llm
+
+            in_llm.record_images(is_multimodal, multimodal_embeddings)
+        return super().embed_input_ids(input_ids, multimodal_embeddings,
+                                       is_multimodal=is_multimodal, **kwargs)
 
     def embed_multimodal(self, **kwargs: object):
         specs = kwargs.pop("vtprune_spec", None)
