@@ -64,3 +64,60 @@ def test_pruned_images_keep_the_budget(reference, spec):
     _, pruned = reference.generate(PROMPT, [image], parsed, max_new_tokens=1)
     assert pruned[0].tokens.shape[0] == parsed.tokens_for(full)
     assert torch.equal(pruned[0].origins, torch.sort(pruned[0].origins).values)
+
+
+def _loop_inputs(reference, image, spec=None):
+    from vllm_vtprune.hf import _expand
+
+    pruned = reference.image_tokens(reference.pixel_values([image]), spec, [])
+    ids = _expand(reference.tokenizer(PROMPT).input_ids, reference.image_token_id,
+                  [pruned[0].tokens.shape[0]])
+    embeds = reference.prompt_embeds(ids, pruned[0].tokens)
+    return ids, embeds, reference.positions(ids, pruned), pruned
+
+
+def test_unpruned_loop_with_mrope_positions_is_transformers_decoder(reference):
+    """The explicit loop (in-LLM reference) on M-RoPE positions: the first-token logits
+    and two decode steps equal transformers' own decoder's; with the positions of plain
+    text (0..T-1) they would not."""
+    from vllm_vtprune import llm_loop
+
+    ids, embeds, positions, pruned = _loop_inputs(reference, _image((280, 420)))
+    feats = pruned[0].tokens
+    decoder = reference.decoder()
+    logits, cache = decoder.prefill(embeds, llm_loop.Plan(), positions=positions)
+    want = reference.last_logits(ids, feats, positions)
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    plain, _ = decoder.prefill(embeds, llm_loop.Plan())
+    assert (plain - want).abs().max() > 100 * 1e-4  # the positions matter here
+    embed = reference.model.get_input_embeddings()
+    out = list(ids)
+    for k in range(1, 3):
+        nxt = int(torch.argmax(logits))
+        out.append(nxt)
+        at = positions[:, -1] + k
+        positions = torch.cat([positions, at[:, None]], dim=1)
+        with torch.no_grad():
+            logits = decoder.decode(embed(torch.tensor([nxt]))[0], at, cache)
+        torch.testing.assert_close(logits, reference.last_logits(out, feats, positions),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", ["fastv:0.25", "fastv:8"])
+def test_fastv_removing_rows_equals_masking_them_with_mrope(reference, spec):
+    """Pruned rows taken out of the batch or only hidden: the same logits (each kept row
+    keeps its own (t, h, w) either way)."""
+    from vllm_vtprune import llm_loop
+
+    ids, embeds, positions, pruned = _loop_inputs(reference, _image((280, 420)))
+    decoder = reference.decoder()
+    parsed = spec_mod.parse(spec)
+    removed, _ = decoder.prefill(embeds, reference.llm_plan(ids, [pruned[0].tokens.shape[0]],
+                                                            parsed, decoder.num_layers),
+                                 "remove", positions=positions)
+    masked, _ = decoder.prefill(embeds, reference.llm_plan(ids, [pruned[0].tokens.shape[0]],
+                                                           parsed, decoder.num_layers),
+                                "mask", positions=positions)
+    torch.testing.assert_close(removed, masked, rtol=1e-4, atol=1e-4)
+    full, _ = decoder.prefill(embeds, llm_loop.Plan(), positions=positions)
+    assert (removed - full).abs().max() > 1e-3  # the pruning acted

@@ -125,23 +125,33 @@ class HfReference:
         ``counts`` tokens each."""
         from vllm_vtprune import llm_loop
 
-        rows, cols = self.tower.grid
         spans = llm_loop.spans_of(torch.tensor(ids, device=self.device) == self.image_token_id,
                                   counts)
-        return registry.get(spec.method).llm_plan(spec, spans, num_layers, rows * cols)
+        return registry.get(spec.method).llm_plan(spec, spans, num_layers, self.full_tokens())
 
-    def _generate_in_llm(self, ids: list[int], feats, counts, spec, max_new_tokens: int) -> str:
+    def full_tokens(self) -> int:
+        """An image's unpruned token count (every image's here)."""
+        rows, cols = self.tower.grid
+        return rows * cols
+
+    def _generate_in_llm(self, ids: list[int], feats, counts, spec, max_new_tokens: int,
+                         positions: torch.Tensor | None = None) -> str:
+        """Greedy answer through the explicit loop; ``positions``: the prompt's ([3, T]
+        for M-RoPE; default 0..T-1), the answer's following the last one."""
         decoder = self.decoder()
         plan = self.llm_plan(ids, counts, spec, decoder.num_layers)
         embed = self.model.get_input_embeddings()
-        logits, cache = decoder.prefill(self.prompt_embeds(ids, feats), plan)
+        logits, cache = decoder.prefill(self.prompt_embeds(ids, feats), plan,
+                                        positions=positions)
         out: list[int] = []
         for _ in range(max_new_tokens):
             nxt = int(torch.argmax(logits))
             if nxt == self.tokenizer.eos_token_id:
                 break
             out.append(nxt)
-            logits = decoder.decode(embed(torch.tensor([nxt], device=self.device))[0], len(ids) + len(out) - 1,
+            at = (len(ids) + len(out) - 1 if positions is None
+                  else positions[:, -1] + len(out))
+            logits = decoder.decode(embed(torch.tensor([nxt], device=self.device))[0], at,
                                     cache, plan)
         return self.tokenizer.decode(out, skip_special_tokens=True)
 
@@ -223,8 +233,13 @@ class HfQwenReference(HfReference):
     @torch.no_grad()
     def generate(self, prompt: str, images, spec, max_new_tokens: int = 4):
         """Greedy answer with explicit M-RoPE positions, and the pruned images."""
-        pruned, ids, feats = self.prompt_inputs(prompt, images, self.resolved(spec))
+        spec = self.resolved(spec)
+        pruned, ids, feats = self.prompt_inputs(prompt, images, spec)
         positions = self.positions(ids, pruned)
+        if pipeline.acts_in_llm(spec):
+            counts = [p.tokens.shape[0] for p in pruned]
+            return self._generate_in_llm(ids, feats, counts, spec, max_new_tokens,
+                                         positions), pruned
         out: list[int] = []
         for _ in range(max_new_tokens):
             logits = self.last_logits(ids + out, feats, positions)
@@ -252,6 +267,11 @@ class HfQwenReference(HfReference):
             current += max(int(thw[1]), int(thw[2])) // merge
             i += image.tokens.shape[0]
         return torch.cat(cols, dim=1)
+
+    def full_tokens(self) -> int:
+        """Images differ in size: no method served here reads this (each plan takes an
+        image's count from its span)."""
+        return 0
 
     def last_logits(self, ids: list[int], feats, positions: torch.Tensor) -> torch.Tensor:
         embeds = self.prompt_embeds(ids, feats)[None]

@@ -41,7 +41,7 @@ class LayerKV:
 class Step:
     """What the layers of one forward step read."""
 
-    positions: Tensor  # [T] position ids of the rows in the batch
+    positions: Tensor  # [T] position ids of the rows in the batch ([3, T]: M-RoPE's)
     causal: Tensor  # [T, S] bool: query t may attend key s (before pruning masks)
     want_probs: bool = False  # the next layer decides: keep this layer's softmax
 
@@ -131,18 +131,25 @@ class PrunedDecoder:
 
     # ---------------------------------------------------------------- prefill
     @torch.no_grad()
-    def prefill(self, embeds: Tensor, plan: Plan, mode: str = "remove"):
-        """Logits [V] at the last prompt position, and the per-layer KV to decode with."""
+    def prefill(self, embeds: Tensor, plan: Plan, mode: str = "remove",
+                positions: Tensor | None = None):
+        """Logits [V] at the last prompt position, and the per-layer KV to decode with.
+
+        ``positions``: the prompt's position ids, [T] or M-RoPE's [3, T] (Qwen2-VL);
+        default ``0..T-1``. A kept row keeps its own wherever rows are removed."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         n, dev = embeds.shape[0], embeds.device
         x, rows = embeds, torch.arange(n, device=dev)
+        if positions is None:
+            positions = rows
         alive = torch.ones(n, dtype=torch.bool, device=dev)  # "mask" mode: rows not pruned so far
         cache: list[LayerKV] = []
         probs = None
         for i in range(self.num_layers):
             if i in plan.decisions:
-                live = torch.arange(len(rows), device=dev) if mode == "remove" else torch.nonzero(alive).flatten()
+                live = (torch.arange(len(rows), device=dev) if mode == "remove"
+                        else torch.nonzero(alive).flatten())
                 verdict = plan.decisions[i](LayerView(probs, rows[live], x[live]))
                 if verdict.hidden is not None:
                     x = x.clone()
@@ -151,10 +158,12 @@ class PrunedDecoder:
                     x, rows = x[verdict.keep], rows[verdict.keep]
                 else:
                     alive = alive & _as_mask(rows[live[verdict.keep]], n)
-            step = Step(rows, _causal(rows, rows), want_probs=(i + 1) in plan.decisions)
+            step = Step(positions[..., rows], _causal(rows, rows),
+                        want_probs=(i + 1) in plan.decisions)
             kv = LayerKV(embeds.new_zeros(self.num_kv, 0, self.head_dim),
                          embeds.new_zeros(self.num_kv, 0, self.head_dim),
-                         alive if mode == "mask" else torch.ones(len(rows), dtype=torch.bool, device=dev),
+                         alive if mode == "mask"
+                         else torch.ones(len(rows), dtype=torch.bool, device=dev),
                          rows)
             x, probs = self._layer(i, x, step, kv)
             if mode == "mask" and probs is not None:
@@ -167,12 +176,14 @@ class PrunedDecoder:
 
     # ---------------------------------------------------------------- decode
     @torch.no_grad()
-    def decode(self, embed: Tensor, position: int, cache: list[LayerKV],
+    def decode(self, embed: Tensor, position, cache: list[LayerKV],
                plan: Plan | None = None) -> Tensor:
-        """Logits [V] for one new token at ``position`` attending each layer's cache
-        (``plan``: the prefill's, whose adapters act on every decoded row)."""
+        """Logits [V] for one new token at ``position`` (an int, or M-RoPE's [3]) attending
+        each layer's cache (``plan``: the prefill's, whose adapters act on every decoded
+        row)."""
         x, dev = embed[None], embed.device
-        pos = torch.tensor([position], device=dev)
+        pos = (position.to(dev).view(-1, 1) if isinstance(position, Tensor)
+               else torch.tensor([position], device=dev))
         for i in range(self.num_layers):
             kv = cache[i]
             kv.alive = torch.cat([kv.alive, torch.ones(1, dtype=torch.bool, device=dev)])
@@ -195,7 +206,9 @@ def attention_inputs(lm, i: int, x: Tensor, positions: Tensor, heads: int, kv_he
     q = attn.q_proj(h).view(t, heads, head_dim).transpose(0, 1)
     k = attn.k_proj(h).view(t, kv_heads, head_dim).transpose(0, 1)
     v = attn.v_proj(h).view(t, kv_heads, head_dim).transpose(0, 1)
-    cos, sin = lm.rotary_emb(x[None], positions[None])
+    # Llama's rotary takes [1, T] ids; Qwen2-VL's M-RoPE [3, 1, T]
+    cos, sin = lm.rotary_emb(x[None], positions[None] if positions.dim() == 1
+                             else positions[:, None])
     q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
     return q, k, v
 

@@ -271,7 +271,8 @@ def prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
         from vllm_vtprune.tiles import pack
 
         tokens = pack(project(per_tile[:, tower.prefix:]), layout, newline)
-        origins = torch.full((layout.num_tokens,), -1, dtype=torch.int64, device="cpu")  # -1: newline
+        # -1: a newline
+        origins = torch.full((layout.num_tokens,), -1, dtype=torch.int64, device="cpu")
         origins[layout.rows] = torch.arange(layout.num_patches, device="cpu")
         return PrunedImage.merged(tokens, origins)
     ctx = TiledContext(tower, project, tiles, spec, text, layout.num_patches, k,
@@ -286,7 +287,8 @@ def prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
 def unpruned(tower: VisionTower, project: Projector, hidden: Tensor) -> PrunedImage:
     """Every patch of the feature-layer output ``hidden`` [P+N, C], projected."""
     patches = hidden[tower.prefix:]
-    return PrunedImage.subset(project(patches), torch.arange(patches.shape[0], device=patches.device))
+    kept = torch.arange(patches.shape[0], device=patches.device)
+    return PrunedImage.subset(project(patches), kept)
 
 
 def noun_ids(tokenizer, question_ids: list[int], exclude: set[int],

@@ -38,7 +38,8 @@ class Layout:
     def rows(self) -> Tensor:
         """[N] where each patch stands among the unpruned image's tokens."""
         breaks = self.newline_after.to(torch.int64)
-        return torch.arange(self.num_patches, device=breaks.device) + torch.cumsum(breaks, 0) - breaks
+        index = torch.arange(self.num_patches, device=breaks.device)
+        return index + torch.cumsum(breaks, 0) - breaks
 
 
 def pack(tile_tokens: Tensor, lay: Layout, newline: Tensor | None) -> Tensor:

@@ -155,9 +155,11 @@ def _check_decoder(spec, family, argv: list[str]) -> None:
     config = _served_config(_model_arg(argv))
     if config is None or not pipeline.acts_in_llm(spec):
         return
-    rows, cols = family.grid(config)
+    from vllm_vtprune import families
+
     text = config.get_text_config()
-    pipeline.check_fits_decoder(spec, text.num_hidden_layers, text.hidden_size, rows * cols)
+    pipeline.check_fits_decoder(spec, text.num_hidden_layers, text.hidden_size,
+                                families.image_tokens(family, config))
 
 
 def expand(argv: list[str]) -> list[str]:

@@ -75,6 +75,21 @@ def for_architecture(architecture: str) -> Family | None:
     return next((f for f in families() if f.architecture == architecture), None)
 
 
+#: an image's token count on a family whose images differ in size (Qwen2-VL): checks of
+#: an in-LLM spec only try its layers and checkpoint on it, and no plan served there
+#: reads it (each takes an image's count from its tokens)
+NOMINAL_IMAGE_TOKENS = 1024
+
+
+def image_tokens(family: Family, hf_config) -> int:
+    """Every image's unpruned token count on ``family``'s model (``fixed_image_tokens``),
+    else :data:`NOMINAL_IMAGE_TOKENS`."""
+    if "fixed_image_tokens" not in family.provides:
+        return NOMINAL_IMAGE_TOKENS
+    rows, cols = family.grid(hf_config)
+    return rows * cols
+
+
 def served_methods(family: Family) -> list[str]:
     """Methods a server of this family accepts (in-LLM ones need a server started with one)."""
     from vllm_vtprune import registry

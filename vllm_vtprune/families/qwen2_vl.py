@@ -14,6 +14,9 @@ World at Any Resolution", arXiv 2409.12191, Sec. 2.1):
   Qwen2.5-VL, Sec. IV-A1); methods that need CLS attention, keys or the tower's layers
   (VisionZip, Polymorphic, DCP) are not served on this family yet and are refused with
   the methods that are.
+* **Inside the LLM** (FastV, RCP) images reach the decoder unpruned and the decisions
+  take rows out of the batch; a kept row keeps its own M-RoPE position (the decoder loop
+  gathers the [3, T] positions with the rows).
 * **Budgets**: a ratio (``resprune:0.25``) keeps that share of each image's tokens, an
   integer caps them; an image with no more tokens than the budget is not pruned.
 * **Positions**: kept tokens keep the (t, h, w) of their window in the unpruned grid,
@@ -136,7 +139,7 @@ def check(hf_config) -> None:
 
 def grid(hf_config) -> tuple[int, int]:
     """The largest image's merged grid (the processor's ``max_pixels``) is not known from
-    the config; the decoder-side plans of in-LLM methods, which read it, are not served."""
+    the config, and images differ: the family does not provide ``fixed_image_tokens``."""
     raise ValueError("vtprune: Qwen2-VL images have no fixed grid")
 
 
@@ -144,7 +147,7 @@ def _question_ids(tokenizer, prompt_ids: list[int]) -> list[int]:
     return llava_family.question_ids(tokenizer, prompt_ids)
 
 
-PROVIDES = frozenset({"text"})
+PROVIDES = frozenset({"text", "llm_attention"})
 #: ResPrune's text-gate strength on Qwen2.5-VL ("ResPrune: Text-Conditioned Subspace
 #: Reconstruction for Visual Token Pruning", arXiv 2603.21105, Sec. IV-A1 and Table V:
 #: its denser tokens want a weaker gate than LLaVA's 0.75); Qwen2-VL has the same kind of

@@ -127,7 +127,7 @@ def check_serving(vllm_config, spec, family) -> None:
     spec that does not fit this decoder (a layer beyond its depth, a foreign checkpoint)."""
     from vllm.config import CompilationMode
 
-    from vllm_vtprune import pipeline
+    from vllm_vtprune import families, pipeline
 
     if vllm_config.scheduler_config.enable_chunked_prefill:
         raise ValueError(f"vtprune {spec}: chunked prefill could split an image from its "
@@ -144,9 +144,11 @@ def check_serving(vllm_config, spec, family) -> None:
                          "Python between layers, which a compiled graph would freeze; "
                          "accepted: --enforce-eager")
     hf = vllm_config.model_config.hf_config
-    rows, cols = family.FAMILY.grid(hf)
     pipeline.check_fits_decoder(spec, hf.text_config.num_hidden_layers,
-                                hf.text_config.hidden_size, rows * cols)
+                                hf.text_config.hidden_size,
+                                families.image_tokens(family.FAMILY, hf))
+
+
 
 
 @contextlib.contextmanager
@@ -157,12 +159,13 @@ def masked_attention(vllm_config, spec, family):
     from vllm.v1.attention.backends import registry as backends
     from vllm.v1.attention.selector import _cached_get_attn_backend
 
+    from vllm_vtprune import families
     from vllm_vtprune.models import masked_attention as backend
 
     check_serving(vllm_config, spec, family)
     hf = vllm_config.model_config.hf_config
-    rows, cols = family.FAMILY.grid(hf)
-    STEP.configure(hf.text_config.num_hidden_layers, rows * cols,
+    STEP.configure(hf.text_config.num_hidden_layers,
+                   families.image_tokens(family.FAMILY, hf),
                    vllm_config.cache_config.block_size,
                    skip_rows=getattr(hf, ROWS_KEY, "skip") != "mask")
     enum = backends.AttentionBackendEnum.CPU_ATTN
@@ -372,7 +375,8 @@ def decide(layer: int, hidden: Tensor, residual: Tensor | None, positions: Tenso
         alive[live[dropped]] = False
     if STEP.skip_rows:
         STEP.rows = _original(torch.nonzero(alive).flatten())
-        return x[alive], None, positions[alive], alive[alive]
+        # [..., rows]: M-RoPE positions are [3, T]
+        return x[alive], None, positions[..., alive], alive[alive]
     return x, None, positions, alive
 
 
@@ -426,8 +430,9 @@ def restore(hidden: Tensor, num_rows: int) -> Tensor:
 
 def decoder_forward(model, input_ids, positions, intermediate_tensors=None,
                     inputs_embeds=None, **kwargs):
-    """``LlamaModel.forward`` with the plans of the step's requests (pipeline parallelism
-    and auxiliary hidden states are not used on the served families)."""
+    """``LlamaModel.forward`` (``Qwen2Model``'s is the same) with the plans of the step's
+    requests (pipeline parallelism and auxiliary hidden states are not used on the
+    served families)."""
     hidden = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
     num_rows = hidden.shape[0]
     begin_step(num_rows, hidden)

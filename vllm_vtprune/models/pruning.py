@@ -97,10 +97,12 @@ class PruningInfo:
 
     def check_fits(self, spec) -> None:
         """An in-LLM spec that cannot run on this decoder is refused before it is queued."""
+        from vllm_vtprune import families
+
         hf = self.get_hf_config()
-        rows, cols = self.family.FAMILY.grid(hf)
         pipeline.check_fits_decoder(spec, hf.text_config.num_hidden_layers,
-                                    hf.text_config.hidden_size, rows * cols)
+                                    hf.text_config.hidden_size,
+                                    families.image_tokens(self.family.FAMILY, hf))
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int,
                              spec: spec_mod.PruneSpec | None = None) -> int:

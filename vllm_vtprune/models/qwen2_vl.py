@@ -30,7 +30,6 @@ from vllm_vtprune import pipeline
 from vllm_vtprune.families import qwen2_5_vl as family_25
 from vllm_vtprune.families import qwen2_vl as family
 from vllm_vtprune.models import mrope
-from vllm_vtprune.models.checks import check_parallelism, server_spec
 from vllm_vtprune.models.pruning import PruningInfo, PruningModel, PruningProcessor
 
 _HOOKED = False
@@ -84,10 +83,9 @@ class _QwenPruning(PruningModel):
 
     vtprune_mrope_channels = mrope.CHANNELS
 
-    def _init_pruning(self, vllm_config) -> None:
-        self._check_family(vllm_config)
-        check_parallelism(vllm_config, server_spec(vllm_config.model_config.hf_config))
+    def _init_pruning(self, vllm_config, build) -> None:
         install_runner_hook()
+        self._build(vllm_config, build)
 
     def _setup_tower(self, run) -> None:
         self._tower = family.EncoderTower(self.visual, self.config.vision_config, run)
@@ -109,7 +107,12 @@ class _QwenPruning(PruningModel):
 
     def _tokens(self, image: pipeline.PrunedImage, spec) -> torch.Tensor:
         places = mrope.encode(image.origins, image.grid_thw).to(image.tokens)
-        return torch.cat([image.tokens, places], dim=1)
+        out = torch.cat([image.tokens, places], dim=1)
+        if self._in_llm:  # tagged whole: the places are cut off as a view of the same storage
+            from vllm_vtprune.models import in_llm
+
+            return in_llm.tag(out, spec)
+        return out
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         images = [(f.mm_position.offset, f.mm_position.length,
@@ -135,8 +138,8 @@ class VTPruneQwen2VLForConditionalGeneration(_QwenPruning, Qwen2VLForConditional
     family = family
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        self._init_pruning(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, lambda: super(_QwenPruning, self).__init__(
+            vllm_config=vllm_config, prefix=prefix))
         self._setup_tower(family.vllm_run)
 
 
@@ -157,6 +160,6 @@ class VTPruneQwen2_5_VLForConditionalGeneration(_QwenPruning, Qwen2_5_VLForCondi
     family = family_25
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        self._init_pruning(vllm_config)
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_pruning(vllm_config, lambda: super(_QwenPruning, self).__init__(
+            vllm_config=vllm_config, prefix=prefix))
         self._setup_tower(family.vllm_run)
