@@ -108,10 +108,64 @@ def test_reference_on_the_test_device_keeps_and_answers_as_on_cpu(references, sp
                                                                    rcp_checkpoint):
     cpu, other = references
     assert other.device.type == torch.device(DEVICE).type
-    want_text, want = _answer(cpu, spec, rcp_checkpoint)
-    got_text, got = _answer(other, spec, rcp_checkpoint)
-    assert [p.tokens.device.type for p in got] == [other.device.type]
+    _assert_same(_answer(cpu, spec, rcp_checkpoint), _answer(other, spec, rcp_checkpoint),
+                 other)
+
+
+def _assert_same(want, got, other, max_flipped=0.0):
+    """Same kept tokens and answer; ``max_flipped``: the share of an image's kept tokens
+    a near-tie may flip (the answer is then not compared)."""
+    (want_text, want), (got_text, got) = want, got
+    assert {p.tokens.device.type for p in got} == {other.device.type}
+    flipped = 0.0
     for g, w in zip(got, want, strict=True):
-        assert g.origins.cpu().tolist() == w.origins.cpu().tolist()
-        torch.testing.assert_close(g.tokens.cpu(), w.tokens, rtol=1e-3, atol=1e-3)
-    assert got_text == want_text
+        g_set, w_set = set(g.origins.cpu().tolist()), set(w.origins.cpu().tolist())
+        flipped = max(flipped, len(g_set ^ w_set) / 2 / max(1, len(w_set)))
+        assert flipped <= max_flipped, (sorted(g_set - w_set), sorted(w_set - g_set))
+        if g_set == w_set:
+            assert g.origins.cpu().tolist() == w.origins.cpu().tolist()
+            torch.testing.assert_close(g.tokens.cpu(), w.tokens, rtol=1e-3, atol=1e-3)
+    if not flipped:
+        assert got_text == want_text
+    return flipped
+
+
+# the other families, on the checkpoints the project builds: what their adapters serve
+FAMILY_SPECS = {"llava_next": ["none", "resprune:0.05", "visionzip:48", "fastv:0.05"],
+                "qwen2_vl": ["none", "resprune:0.25", "divprune:8", "fastv:0.25"],
+                "qwen2_5_vl": ["resprune:0.25", "fastv:8"]}
+PROMPTS = {"llava_next": "USER: <image>\n{q} ASSISTANT:",
+           "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}"
+                       "<|im_end|>\n<|im_start|>assistant\n"}
+PROMPTS["qwen2_5_vl"] = PROMPTS["qwen2_vl"]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_SPECS))
+def family_references(request, tmp_path_factory):
+    from vllm_vtprune.embedded.build import build
+    from vllm_vtprune.hf import HfReference
+
+    path = str(build(request.param, tmp_path_factory.mktemp(request.param) / "model"))
+    other = HfReference.load(path)
+    other.model.to(DEVICE)
+    return request.param, HfReference.load(path), other
+
+
+def test_other_families_on_the_test_device_keep_and_answer_as_on_cpu(family_references):
+    name, cpu, other = family_references
+    image, qa = next(iter(sv.iter_questions(sv.HELDOUT_SEED, 1, start=9400)))
+    image = image.resize((336, 252))
+    prompt = PROMPTS[name].format(q=qa.question)
+    flips = []
+    for spec in FAMILY_SPECS[name]:
+        parsed = spec_mod.parse(spec)
+        flips.append(_assert_same(cpu.generate(prompt, [image], parsed, max_new_tokens=3),
+                                  other.generate(prompt, [image], parsed, max_new_tokens=3),
+                                  other, MAX_FLIPPED))
+    assert flips.count(0.0) >= len(flips) - 1, flips  # a flip is the exception
+
+
+#: LLaVA-NeXT's greedy picks among ~1,300 patches of an upscaled image meet near-ties
+#: that the GPU's and the CPU's rounding resolve differently (one of 67 kept tokens of
+#: resprune:0.05 on an H100); the vLLM-vs-transformers parity test allows the same share
+MAX_FLIPPED = 0.15
