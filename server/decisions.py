@@ -28,6 +28,9 @@ class Decision:
     tokens_before: tuple[int, ...]  # per image, what the unpruned model would use
     tokens_after: tuple[int, ...]  # per image, placeholder tokens actually given
     spec: str = "none"  # the spec in full (options included)
+    #: per image, the patches a budget chooses among (LLaVA-NeXT's: no newlines); empty:
+    #: ``tokens_before``
+    tokens_prunable: tuple[int, ...] = ()
 
 
 def expect(key: str) -> None:

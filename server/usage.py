@@ -104,7 +104,8 @@ def figures(spec: spec_mod.PruneSpec | None, num_images: int, shape: ModelShape)
     fig = _figures(spec.method if spec is not None else "none",
                    spec.budget if spec is not None else None, num_images,
                    num_images * shape.tokens_per_image, num_images * kept, shape)
-    return _with_inside_llm(fig, spec, [kept] * num_images, shape)
+    return _with_inside_llm(fig, spec, [kept] * num_images, shape,
+                            [shape.tokens_per_image] * num_images)
 
 
 def decided_figures(decision: decisions.Decision, shape: ModelShape) -> dict:
@@ -112,11 +113,14 @@ def decided_figures(decision: decisions.Decision, shape: ModelShape) -> dict:
     fig = _figures(decision.method, decision.budget, len(decision.tokens_after),
                    sum(decision.tokens_before), sum(decision.tokens_after), shape)
     spec = spec_mod.parse(decision.spec) if decision.spec != "none" else None
-    return _with_inside_llm(fig, spec, list(decision.tokens_after), shape)
+    return _with_inside_llm(fig, spec, list(decision.tokens_after), shape,
+                            list(decision.tokens_prunable or decision.tokens_before))
 
 
-def _with_inside_llm(fig: dict, spec, received: list[int], shape: ModelShape) -> dict:
-    """Add what a method inside the LLM does there (its plan's schedule)."""
+def _with_inside_llm(fig: dict, spec, received: list[int], shape: ModelShape,
+                     patches: list[int]) -> dict:
+    """Add what a method inside the LLM does there (its plan's schedule); ``patches``:
+    each image's unpruned patch count."""
     from vllm_vtprune import pipeline, registry
 
     if not pipeline.acts_in_llm(spec) or not received or not shape.num_layers:
@@ -125,8 +129,7 @@ def _with_inside_llm(fig: dict, spec, received: list[int], shape: ModelShape) ->
     for n in received:
         spans.append((at, at + n))
         at += n
-    plan = registry.get(spec.method).llm_plan(spec, spans, shape.num_layers,
-                                              shape.tokens_per_image)
+    plan = registry.get(spec.method).llm_plan(spec, spans, shape.num_layers, patches)
     counts = plan.visual_counts or [at] * shape.num_layers
     fig["inside_llm"] = {
         "visual_tokens_layer_average": round(sum(counts) / len(counts), 2),

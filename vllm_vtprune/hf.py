@@ -93,9 +93,8 @@ class HfReference:
         through :class:`vllm_vtprune.llm_loop.PrunedDecoder`, pruned rows removed."""
         spec = self.resolved(spec)
         pruned, ids, feats = self.prompt_inputs(prompt, images, spec)
-        counts = [p.tokens.shape[0] for p in pruned]
         if pipeline.acts_in_llm(spec):
-            return self._generate_in_llm(ids, feats, counts, spec, max_new_tokens), pruned
+            return self._generate_in_llm(ids, feats, pruned, spec, max_new_tokens), pruned
         out: list[int] = []
         eos = self.tokenizer.eos_token_id
         for _ in range(max_new_tokens):
@@ -120,26 +119,30 @@ class HfReference:
 
         return llm_loop.PrunedDecoder(self.model.model.language_model, self.model.lm_head)
 
-    def llm_plan(self, ids: list[int], counts: list[int], spec, num_layers: int):
+    def llm_plan(self, ids: list[int], counts: list[int], spec, num_layers: int,
+                 patches: list[int] | None = None):
         """The in-LLM plan of one request whose expanded prompt ``ids`` holds images of
-        ``counts`` tokens each."""
+        ``counts`` tokens each (``patches``: each image's unpruned patch count, by
+        default the fixed grid's)."""
         from vllm_vtprune import llm_loop
 
         spans = llm_loop.spans_of(torch.tensor(ids, device=self.device) == self.image_token_id,
                                   counts)
-        return registry.get(spec.method).llm_plan(spec, spans, num_layers, self.full_tokens())
+        return registry.get(spec.method).llm_plan(
+            spec, spans, num_layers, patches if patches is not None else self.full_tokens())
 
     def full_tokens(self) -> int:
         """An image's unpruned token count (every image's here)."""
         rows, cols = self.tower.grid
         return rows * cols
 
-    def _generate_in_llm(self, ids: list[int], feats, counts, spec, max_new_tokens: int,
+    def _generate_in_llm(self, ids: list[int], feats, pruned, spec, max_new_tokens: int,
                          positions: torch.Tensor | None = None) -> str:
         """Greedy answer through the explicit loop; ``positions``: the prompt's ([3, T]
         for M-RoPE; default 0..T-1), the answer's following the last one."""
         decoder = self.decoder()
-        plan = self.llm_plan(ids, counts, spec, decoder.num_layers)
+        plan = self.llm_plan(ids, [p.tokens.shape[0] for p in pruned], spec,
+                             decoder.num_layers, [p.num_patches for p in pruned])
         embed = self.model.get_input_embeddings()
         logits, cache = decoder.prefill(self.prompt_embeds(ids, feats), plan,
                                         positions=positions)
@@ -237,8 +240,7 @@ class HfQwenReference(HfReference):
         pruned, ids, feats = self.prompt_inputs(prompt, images, spec)
         positions = self.positions(ids, pruned)
         if pipeline.acts_in_llm(spec):
-            counts = [p.tokens.shape[0] for p in pruned]
-            return self._generate_in_llm(ids, feats, counts, spec, max_new_tokens,
+            return self._generate_in_llm(ids, feats, pruned, spec, max_new_tokens,
                                          positions), pruned
         out: list[int] = []
         for _ in range(max_new_tokens):

@@ -74,6 +74,9 @@ class PrunedImage:
     kept: Tensor | None  # [K] patch indices when the tokens are a plain subset, else None
     positions: Tensor | None = None  # [K, 2] (row, col) of each origin in the patch grid
     prune_seconds: float = 0.0  # in the method's selection (with any tower layers it runs)
+    #: the patches a budget chooses among (its ratio's base; the plans inside the LLM
+    #: read it), 0 where not set
+    num_patches: int = 0
 
     @classmethod
     def subset(cls, tokens: Tensor, kept: Tensor) -> "PrunedImage":
@@ -140,11 +143,12 @@ def kept_tokens(spec: spec_mod.PruneSpec | None, num_tokens: int,
     method inside the LLM, what its encoder-side stage keeps (every token without one)."""
     if spec is None:
         return num_tokens
+    prunable = num_tokens if prunable is None else prunable
     if acts_in_llm(spec):
         stage = registry.get(spec.method).encoder_budget
-        return num_tokens if stage is None else stage(spec, num_tokens)
-    prunable = num_tokens if prunable is None else prunable
-    keep = spec.tokens_for(prunable)
+        keep = prunable if stage is None else stage(spec, prunable)
+    else:
+        keep = spec.tokens_for(prunable)
     return num_tokens if keep >= prunable else keep
 
 
@@ -202,6 +206,7 @@ def prune_image(tower: VisionTower, project: Projector, pixel_values: Tensor,
     """Visual tokens of one image ([1, 3, H, W]) as the LLM receives them: [K, D]."""
     image = _prune(tower, project, pixel_values, spec, text)
     image.positions = grid_positions(image.origins, tower.grid)
+    image.num_patches = tower.grid[0] * tower.grid[1]
     return image
 
 
@@ -262,6 +267,14 @@ def prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
     """Visual tokens of one image encoded as tiles ([T, 3, H, W]; base first) whose
     patches ``layout`` packs: [K, D] kept in packed order, or every token with a
     ``newline`` [D] after each row of the unpadded grid when nothing is pruned."""
+    image = _prune_tiled(tower, project, tiles, layout, spec, text, newline)
+    image.num_patches = layout.num_patches
+    return image
+
+
+def _prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
+                 spec: spec_mod.PruneSpec | None, text: Tensor | None,
+                 newline: Tensor) -> PrunedImage:
     check_servable(spec, server=True)
     k = kept_tokens(spec, layout.num_tokens, layout.num_patches)
     outputs, inputs = zip(*(run_to_feature_layer(tower, tiles[t:t + 1])

@@ -116,16 +116,16 @@ class Method:
     paper: str
     options: tuple[Option, ...] = ()
     #: What it reads besides the tokens: "cls_attention", "keys", "encoder_layers",
-    #: "text" (the prompt's nouns), "llm_attention", "fixed_image_tokens" (every image
-    #: of the model has as many tokens), "checkpoint"; given the spec's options when it
-    #: depends on them.
+    #: "text" (the prompt's nouns), "llm_attention", "checkpoint"; given the spec's
+    #: options when it depends on them.
     needs: frozenset[str] | Callable[[Mapping[str, Value]], frozenset[str]] = frozenset()
     #: Whether the kept set depends on the prompt, given the spec's options.
     text_conditioned: Callable[[Mapping[str, Value]], bool] = lambda options: False
     prune: Callable | None = None
     #: Methods inside the LLM: ``llm_plan(spec, image_spans, num_layers, full_tokens) ->
-    #: vllm_vtprune.llm_loop.Plan`` of one request (``full_tokens``: an image's unpruned
-    #: token count), run by both the reference loop and vLLM's decoder.
+    #: vllm_vtprune.llm_loop.Plan`` of one request (``full_tokens``: each image's
+    #: unpruned patch count, or one int for every image), run by both the reference loop
+    #: and vLLM's decoder.
     llm_plan: Callable | None = None
     #: Methods inside the LLM with an encoder-side stage (``prune`` runs it):
     #: ``encoder_budget(spec, num_tokens) -> tokens the LLM receives``.

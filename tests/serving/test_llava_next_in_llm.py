@@ -1,4 +1,4 @@
-"""FastV and RCP inside LLaVA-NeXT's decoder through real vLLM (CPU), on the checkpoint the
+"""FastV, RCP and Polymorphic inside LLaVA-NeXT's decoder through real vLLM (CPU), on the checkpoint the
 project builds: the same masked decoder and per-request plans as on LLaVA-1.5, with
 images of different sizes (their token counts differ, newlines included) and two images
 in one prompt, batched with other specs; each answer is the transformers reference
@@ -10,12 +10,13 @@ import torch
 
 from tests.reference import DECISION_MARGIN, decision_margins
 from tests.serving.conftest import offline_llm, shutdown
+from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
 from vllm_vtprune.families import llava_next
 
 SERVER_SPEC = "fastv:48"  # installs the masked decoder; each request brings its own spec
-SPECS = ["fastv:48", "fastv:0.05", "rcp:48", "rcp:0.05"]
+SPECS = ["fastv:48", "fastv:0.05", "rcp:48", "rcp:0.05", "polymorphic:48", "polymorphic:0.05"]
 SIZES = [(336, 336), (504, 336), (336, 700), (700, 300)]
 LOGPROB_TOLERANCE = 1e-4  # the two float paths differ by ~1e-6 (see test_in_llm.py)
 DECODE_TOKENS = 8
@@ -71,7 +72,8 @@ def _reference(reference, images, question, spec, steps=DECODE_TOKENS):
     pruned, ids, feats = reference.prompt_inputs(_prompt(question, len(images)), images, spec)
     counts = [p.tokens.shape[0] for p in pruned]
     decoder = reference.decoder()
-    plan = reference.llm_plan(ids, counts, spec, decoder.num_layers) if spec else None
+    plan = (reference.llm_plan(ids, counts, spec, decoder.num_layers,
+                               [p.num_patches for p in pruned]) if spec else None)
     from vllm_vtprune import llm_loop
 
     logits, cache = decoder.prefill(reference.prompt_embeds(ids, feats), plan or llm_loop.Plan())
@@ -91,11 +93,11 @@ def _full(spec: str, rcp_checkpoint: str) -> str:
     return f"{spec},ckpt={rcp_checkpoint}" if spec.startswith("rcp:") else spec
 
 
-def test_the_family_serves_fastv_and_rcp_but_not_polymorphic():
+def test_the_family_serves_the_methods_inside_the_llm():
     from vllm_vtprune import families
 
     served = families.served_methods(families.for_architecture(llava_next.ARCHITECTURE))
-    assert {"fastv", "rcp"} <= set(served) and "polymorphic" not in served
+    assert {"fastv", "rcp", "polymorphic"} <= set(served)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -116,9 +118,11 @@ def test_answers_are_the_reference_loops_in_a_mixed_batch(llm, reference, rcp_ch
     for (images, question), out in zip(cases, outs):
         with decision_margins(parsed.method) as margins:
             expected, logprobs, counts = _reference(reference, images, question, parsed)
-        # every image arrives whole, its newlines too (the decoder prunes)
-        assert counts == [llava_next.layout_of(reference.model.config, im.size[::-1]).num_tokens
-                          for im in images]
+        # every image arrives whole, its newlines too (the decoder prunes), or as
+        # Polymorphic's stage 1 merged its patches
+        layouts = [llava_next.layout_of(reference.model.config, im.size[::-1]) for im in images]
+        assert counts == [pipeline.kept_tokens(parsed, lay.num_tokens, lay.num_patches)
+                          for lay in layouts]
         assert len(out.prompt_token_ids) == len(reference.tokenizer(
             _prompt(question, len(images))).input_ids) - len(images) + sum(counts)
         assert min(margins, default=1.0) > DECISION_MARGIN, (spec, question, margins)

@@ -75,18 +75,21 @@ def for_architecture(architecture: str) -> Family | None:
     return next((f for f in families() if f.architecture == architecture), None)
 
 
-#: an image's token count on a family whose images differ in size (Qwen2-VL): checks of
-#: an in-LLM spec only try its layers and checkpoint on it, and no plan served there
-#: reads it (each takes an image's count from its tokens)
+#: an image's token count on a family whose images differ in size (LLaVA-NeXT, Qwen2-VL):
+#: checks of an in-LLM spec only try its layers and checkpoint on it, and the plans
+#: served there get each image's own count
 NOMINAL_IMAGE_TOKENS = 1024
 
 
 def image_tokens(family: Family, hf_config) -> int:
-    """Every image's unpruned token count on ``family``'s model (``fixed_image_tokens``),
-    else :data:`NOMINAL_IMAGE_TOKENS`."""
-    if "fixed_image_tokens" not in family.provides:
+    """Every image's unpruned token count on ``family``'s model where all images have the
+    same (LLaVA-1.5's grid), else :data:`NOMINAL_IMAGE_TOKENS`."""
+    if family.prunable_tokens is not None:  # counts depend on the image's size
         return NOMINAL_IMAGE_TOKENS
-    rows, cols = family.grid(hf_config)
+    try:
+        rows, cols = family.grid(hf_config)
+    except ValueError:  # no fixed grid (Qwen2-VL)
+        return NOMINAL_IMAGE_TOKENS
     return rows * cols
 
 

@@ -273,7 +273,6 @@ FAMILY = Family(
     check=check,
     grid=grid,
     question_ids=question_ids,
-    provides=frozenset({"cls_attention", "keys", "encoder_layers", "text", "llm_attention",
-                        "fixed_image_tokens"}),
+    provides=frozenset({"cls_attention", "keys", "encoder_layers", "text", "llm_attention"}),
     images="one CLIP pass: 576 patches at 336 px; a budget of K keeps K of them",
 )

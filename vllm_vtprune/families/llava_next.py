@@ -27,10 +27,11 @@ the layout as transformers' ``LlavaNextModel.pack_image_features`` writes it):
 
 * **Inside the LLM** (FastV, RCP) an image's tokens reach the decoder unpruned, newlines
   included, and are all candidates: a budget of K (or a ratio) keeps K of them (of its
-  tokens) per image. Polymorphic's stage 2 keeps a share of the unpruned image, which
-  the decoder does not know on a family whose images differ in size; it is not served
-  here, nor DCP (inside the encoder, which would have to run tile by tile); the
-  registry refuses both with the methods the family serves.
+  tokens) per image. Polymorphic's stage 1 merges the image's patches (newlines
+  dropped) to twice its budget, and its stage 2 keeps the budget's share of the
+  image's own patch count, which each image's embeddings carry to the decoder. DCP
+  (inside the encoder, which would have to run tile by tile) is not served here; the
+  registry refuses it with the methods the family serves.
 """
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def check(hf_config) -> None:
 
 def grid(hf_config) -> tuple[int, int]:
     """The largest image's merged grid (the processor's ``max_pixels``) is not known from
-    the config, and images differ: the family does not provide ``fixed_image_tokens``."""
+    the config, and images differ: each image's own count reaches the in-LLM plans."""
     raise ValueError("vtprune: Qwen2-VL images have no fixed grid")
 
 

@@ -266,8 +266,9 @@ def rms_normalized(hidden: Tensor) -> Tensor:
 def stage2_decision(image_spans, counts_for, step: int):
     """Stage 2 at its ``step``-th pruning layer (Sec. 3.3): per image, the rater scores
     (Eqs. 9-11) of its live tokens against the prompt's live text tokens after it (all
-    text tokens when none follow), both :func:`rms_normalized`, rank them; the top ``counts_for(n)[step]`` stay
-    (Eq. 12) and the rest are merged into them. ``n`` is the image's stage-1 count."""
+    text tokens when none follow), both :func:`rms_normalized`, rank them; the top
+    ``counts_for(i)[step]`` stay (Eq. 12) and the rest are merged into them (``i``: the
+    image's index among ``image_spans``)."""
     from vllm_vtprune.llm_loop import Verdict
 
     def decide(view):
@@ -277,12 +278,12 @@ def stage2_decision(image_spans, counts_for, step: int):
             in_image |= (rows >= start) & (rows < end)
         keep = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
         new = hidden.clone()
-        for start, end in image_spans:
+        for i, (start, end) in enumerate(image_spans):
             cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
             text = torch.nonzero(~in_image & (rows >= end)).flatten()
             if text.numel() == 0:
                 text = torch.nonzero(~in_image).flatten()
-            target = counts_for(end - start)[step]
+            target = counts_for(i)[step]
             if cols.numel() <= target or text.numel() == 0:
                 continue
             alpha, _ = rater_scores(rms_normalized(hidden[cols]), rms_normalized(hidden[text]))
@@ -298,23 +299,35 @@ def stage2_decision(image_spans, counts_for, step: int):
 def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     """Stage 2 of one request (:class:`vllm_vtprune.llm_loop.Plan`): pruning at the
     scaled layers 3, 7, 16 so that each image's visual token count averaged over all
-    decoder layers (stage 1's 2x before the first) is the budget."""
+    decoder layers (stage 1's 2x before the first) is the budget of its own patches
+    (``full_tokens``: each image's unpruned patch count, or one for all)."""
     from vllm_vtprune.llm_loop import Plan, layer_counts
 
     given = spec.value("layers")
     layers = (check_layers(tuple(int(x) for x in given.split("-")), num_layers,
                            "polymorphic stage-2") if given else stage2_layers(num_layers))
-    target = spec.tokens_for(full_tokens)
-
-    def counts_for(n: int) -> list[int]:
-        return stage2_schedule(n, min(target, n), layers, num_layers)
-
     sizes = [end - start for start, end in image_spans]
-    schedule = {layer: sum(min(n, counts_for(n)[s]) for n in sizes)
+    fulls = per_image(full_tokens, len(sizes))
+
+    def counts_for(i: int) -> list[int]:
+        return stage2_schedule(sizes[i], min(spec.tokens_for(fulls[i]), sizes[i]), layers,
+                               num_layers)
+
+    schedule = {layer: sum(min(n, counts_for(i)[s]) for i, n in enumerate(sizes))
                 for s, layer in enumerate(layers)}
     return Plan({layer: stage2_decision(image_spans, counts_for, s)
                  for s, layer in enumerate(layers)},
                 visual_counts=layer_counts(num_layers, sum(sizes), schedule))
+
+
+def per_image(full_tokens, num_images: int) -> list[int]:
+    """Each image's unpruned patch count from one count for all or one per image."""
+    if isinstance(full_tokens, int):
+        return [full_tokens] * num_images
+    fulls = [int(n) for n in full_tokens]
+    if len(fulls) != num_images:
+        raise ValueError(f"{len(fulls)} image token counts for {num_images} images")
+    return fulls
 
 
 def prune(ctx) -> "PrunedImage":
@@ -347,9 +360,7 @@ METHOD = Method(
     options=(Option("knn", int_ge(1), KNN, "neighbours in the local density (Eq. 3)"),
              Option("layers", layer_list, None,
                     "stage-2 pruning layers (default 3-7-16 of 32, scaled by depth)")),
-    # stage 2 keeps a share of the unpruned image, which the decoder knows only where
-    # every image has as many tokens
-    needs=frozenset({"cls_attention", "llm_attention", "fixed_image_tokens"}),
+    needs=frozenset({"cls_attention", "llm_attention"}),
     prune=prune,
     encoder_budget=encoder_budget,
     llm_plan=llm_plan,

@@ -79,8 +79,9 @@ class StepState:
     #: :func:`install_runner_hook`); None: every prefill is taken as all prompt
     prompt_lens: list[int] | None = None
     #: set by ``embed_input_ids`` for the next forward: ([num_tokens] bool image rows,
-    #: [(spec string or None, token count)] per image in row order)
-    images: tuple[Tensor, list[tuple[str | None, int]]] | None = None
+    #: [(spec string or None, token count, patches its budget is a share of)] per image
+    #: in row order)
+    images: tuple[Tensor, list[tuple[str | None, int, int]]] | None = None
     # -- the step being run
     requests: list[RequestRows] = dataclasses.field(default_factory=list)
     rows: Tensor | None = None  # original row of each current row (None: all, in order)
@@ -111,9 +112,10 @@ class StepState:
 STEP = StepState()
 
 
-#: storage address -> (weak reference to the tagged tensor, spec); views made under
-#: inference mode record no ``_base``, so slices are matched by the storage they share
-_TAGS: dict[int, tuple[weakref.ref, str | None]] = {}
+#: storage address -> (weak reference to the tagged tensor, spec, the image's patches);
+#: views made under inference mode record no ``_base``, so slices are matched by the
+#: storage they share
+_TAGS: dict[int, tuple[weakref.ref, str | None, int]] = {}
 
 
 # ------------------------------------------------------------------ serving setup
@@ -219,23 +221,29 @@ def install_runner_hook() -> None:
     _HOOKED = True
 
 
-def spec_of(embedding: Tensor) -> str | None:
-    """The spec ``embed_multimodal`` tagged an image's embeddings with; a slice of them
-    (what the runner gathers from its encoder cache) shares their storage."""
+def tag_of(embedding: Tensor) -> tuple[str | None, int]:
+    """(spec, patches) ``embed_multimodal`` tagged an image's embeddings with ((None, 0)
+    if none); a slice of them (what the runner gathers from its encoder cache) shares
+    their storage."""
     entry = _TAGS.get(embedding.untyped_storage().data_ptr())
     if entry is None or entry[0]() is None:
-        return None
-    return entry[1]
+        return None, 0
+    return entry[1], entry[2]
 
 
-def tag(embeddings: Tensor, spec) -> Tensor:
-    """``embeddings`` in a storage of their own, registered with ``spec`` (see
-    :func:`spec_of`)."""
+def spec_of(embedding: Tensor) -> str | None:
+    return tag_of(embedding)[0]
+
+
+def tag(embeddings: Tensor, spec, patches: int = 0) -> Tensor:
+    """``embeddings`` in a storage of their own, registered with ``spec`` and the
+    image's unpruned patch count (see :func:`tag_of`)."""
     whole = embeddings.numel() * embeddings.element_size()
     out = embeddings if embeddings.untyped_storage().nbytes() == whole else embeddings.clone()
-    for key in [k for k, (ref, _) in _TAGS.items() if ref() is None]:
+    for key in [k for k, (ref, *_) in _TAGS.items() if ref() is None]:
         del _TAGS[key]
-    _TAGS[out.untyped_storage().data_ptr()] = (weakref.ref(out), str(spec) if spec else None)
+    _TAGS[out.untyped_storage().data_ptr()] = (weakref.ref(out), str(spec) if spec else None,
+                                               int(patches))
     return out
 
 
@@ -244,7 +252,12 @@ def record_images(is_multimodal: Tensor | None, embeddings) -> None:
     if is_multimodal is None or not embeddings:
         STEP.images = None
         return
-    STEP.images = (is_multimodal.cpu(), [(spec_of(e), e.shape[0]) for e in embeddings])
+    STEP.images = (is_multimodal.cpu(), [_entry(e) for e in embeddings])
+
+
+def _entry(embedding: Tensor) -> tuple[str | None, int, int]:
+    spec, patches = tag_of(embedding)
+    return spec, embedding.shape[0], patches
 
 
 # ------------------------------------------------------------------ the step
@@ -261,23 +274,23 @@ def _metadata():
     return md
 
 
-def _image_runs(num_rows: int) -> list[tuple[int, int, str | None]]:
-    """(first row, end row, spec) of each image in this step."""
+def _image_runs(num_rows: int) -> list[tuple[int, int, str | None, int]]:
+    """(first row, end row, spec, patches) of each image in this step."""
     if STEP.images is None:
         return []
     mask, images = STEP.images
     STEP.images = None  # consumed: a later step without images must not see these
     rows = torch.nonzero(mask[:num_rows]).flatten().tolist()
     runs, at = [], 0
-    for spec, n in images:
+    for spec, n, patches in images:
         if at + n > len(rows):
             break
-        runs.append((rows[at], rows[at + n - 1] + 1, spec))
+        runs.append((rows[at], rows[at + n - 1] + 1, spec, patches))
         at += n
     return runs
 
 
-def _plan_for(spec_text: str | None, spans: list[tuple[int, int]]):
+def _plan_for(spec_text: str | None, spans: list[tuple[int, int]], patches: list[int]):
     from vllm_vtprune import pipeline, registry
     from vllm_vtprune import spec as spec_mod
 
@@ -286,7 +299,9 @@ def _plan_for(spec_text: str | None, spans: list[tuple[int, int]]):
     spec = spec_mod.parse(spec_text)
     if not pipeline.acts_in_llm(spec):
         return None
-    return registry.get(spec.method).llm_plan(spec, spans, STEP.num_layers, STEP.full_tokens)
+    # an untagged count (0) falls back on the server's (LLaVA-1.5's fixed grid)
+    fulls = [p or STEP.full_tokens for p in patches]
+    return registry.get(spec.method).llm_plan(spec, spans, STEP.num_layers, fulls)
 
 
 def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
@@ -314,8 +329,9 @@ def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
             STEP.recomputed += req.prompt_len < seq_len
             if embeds is not None and _tracing():
                 req.fingerprint = round(float(embeds[q0:q0 + req.prompt_len].double().sum()), 6)
-            mine = [(a - q0, b - q0, s) for a, b, s in runs if q0 <= a < q1]
-            req.plan = _plan_for(mine[0][2], [(a, b) for a, b, _ in mine]) if mine else None
+            mine = [(a - q0, b - q0, s, p) for a, b, s, p in runs if q0 <= a < q1]
+            req.plan = (_plan_for(mine[0][2], [(a, b) for a, b, *_ in mine],
+                                  [p for *_, p in mine]) if mine else None)
             STEP.plans.pop(req.first_slot, None)
             if req.plan is not None and req.plan.adapters:
                 STEP.plans[req.first_slot] = req.plan

@@ -159,9 +159,12 @@ class PruningProcessor:
         before = tuple(self.info.get_num_image_tokens(image_width=s.width, image_height=s.height)
                        for s in sizes)
         after = tuple(p.length for p in out["mm_placeholders"].get("image", []))
+        prunable = self.info.family.FAMILY.prunable_tokens
         return decisions.Decision(spec.method if spec is not None else "none",
                                   spec.budget if spec is not None else None, before, after,
-                                  str(spec) if spec is not None else "none")
+                                  str(spec) if spec is not None else "none",
+                                  tuple(prunable(self.info.get_hf_config(), s.width, s.height)
+                                        for s in sizes) if prunable else ())
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
         kwargs = {k: v for k, v in hf_kwargs.items() if k not in _VTPRUNE_KWARGS}
@@ -272,5 +275,5 @@ class PruningModel:
         if self._in_llm:  # the decoder loop reads each image's spec off its embeddings
             from vllm_vtprune.models import in_llm
 
-            return in_llm.tag(image.tokens, spec)
+            return in_llm.tag(image.tokens, spec, image.num_patches)
         return image.tokens

@@ -111,7 +111,7 @@ class _QwenPruning(PruningModel):
         if self._in_llm:  # tagged whole: the places are cut off as a view of the same storage
             from vllm_vtprune.models import in_llm
 
-            return in_llm.tag(out, spec)
+            return in_llm.tag(out, spec, image.num_patches)
         return out
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
