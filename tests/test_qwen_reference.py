@@ -121,3 +121,71 @@ def test_fastv_removing_rows_equals_masking_them_with_mrope(reference, spec):
     torch.testing.assert_close(removed, masked, rtol=1e-4, atol=1e-4)
     full, _ = decoder.prefill(embeds, llm_loop.Plan(), positions=positions)
     assert (removed - full).abs().max() > 1e-3  # the pruning acted
+
+
+def _probed(reference, image):
+    tower = reference.tower
+    patches, grid_thw = reference.pixel_values([image])[0]
+    bound = tower.for_image(grid_thw)
+    with torch.no_grad():
+        bound.embed(patches)
+        return bound, bound.probe(0, None), grid_thw
+
+
+def test_probe_is_the_attention_the_last_block_computes(reference, monkeypatch):
+    """Softmax(q k^T / sqrt(d)) of the captured queries and keys, applied to the captured
+    values and projected, is the last block's attention output as transformers computes
+    it; the received attention is that softmax averaged over heads and queries (chunked
+    over queries, segments respected)."""
+    from vllm_vtprune.families import qwen2_vl
+
+    outputs = []
+    attn = reference.model.model.visual.blocks[-1].attn
+    handle = attn.register_forward_hook(lambda m, a, out: outputs.append(out))
+    monkeypatch.setattr(qwen2_vl, "PROBE_CHUNK", 7)  # several chunks, a ragged last one
+    try:
+        bound, probe, _ = _probed(reference, _image((280, 420)))
+    finally:
+        handle.remove()
+    last = bound._last
+    q, k, v = (x.float().transpose(0, 1) for x in (last.q, last.k, last.v))  # [H, S, d]
+    probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+    context = (probs @ v).transpose(0, 1).reshape(q.shape[1], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.proj(context), outputs[-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        qwen2_vl.received_attention(last.q, last.k, last.cu_seqlens), probs.mean(dim=(0, 1)),
+        rtol=1e-5, atol=1e-7)
+    per_token = probs.mean(dim=(0, 1)).view(-1, 4).mean(1)[bound._order]
+    torch.testing.assert_close(probe.received, per_token, rtol=1e-5, atol=1e-7)
+
+
+def test_probe_follows_the_tokens_through_the_window_reordering(reference):
+    """A probe row is its output token's: the windows' place in the blocks' order, read
+    back after the encoder's own reordering, is the inverse of transformers'
+    ``get_window_index`` on Qwen2.5-VL and the identity on Qwen2-VL."""
+    bound, probe, grid_thw = _probed(reference, _image((336, 252)))
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = reference.model.model.visual
+    windowed = hasattr(visual, "window_size")  # Qwen2.5-VL
+    if windowed:
+        window_index, _ = get_vision_window_index(
+            torch.tensor([grid_thw]), spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size, patch_size=visual.patch_size)
+        expected = torch.argsort(window_index)
+        assert not torch.equal(expected, torch.arange(len(expected)))  # windows do reorder
+    else:
+        expected = torch.arange(probe.received.shape[0])
+    assert torch.equal(bound._order.cpu(), expected.cpu())
+
+
+def test_visionzip_without_cls_keeps_the_most_attended_tokens(reference):
+    """With no contextual tokens, VisionZip keeps the tokens that receive the most
+    attention (the CLS stand-in), in their order."""
+    image = _image((336, 252))
+    _, probe, _ = _probed(reference, image)
+    _, pruned = reference.generate(PROMPT, [image], spec_mod.parse("visionzip:12,contextual=0"),
+                                   max_new_tokens=1)
+    top = torch.topk(probe.received, 12).indices
+    assert pruned[0].origins.tolist() == sorted(top.tolist())

@@ -36,6 +36,9 @@ class Probe:
     attn: Tensor | None = None  # [P+N, P+N] softmax attention averaged over heads, when asked for
     values: Tensor | None = None  # [H, P+N, head_dim] when asked for
     context: Tensor | None = None  # [H, P+N, head_dim] softmax(q k^T) v, when asked for
+    #: [N] the attention each token receives, averaged over heads and queries: what a
+    #: tower without CLS gives in its place (Qwen2-VL)
+    received: Tensor | None = None
 
 
 class VisionTower(Protocol):
@@ -121,11 +124,16 @@ class ImageContext:
 
     @property
     def patch_importance(self) -> Tensor:
-        """[N] attention the CLS query pays each patch, summed over heads."""
-        if self.probe.cls_attn is None:
+        """[N] attention the CLS query pays each patch, summed over heads; on a tower
+        without CLS, the attention each token receives (``Probe.received``), which
+        Polymorphic's paper uses on Qwen2-VL (Sec. 4.1)."""
+        probe = self.probe
+        if probe.cls_attn is None and probe.received is not None:
+            return probe.received.float()
+        if probe.cls_attn is None:
             raise ValueError(f"vtprune method {self.spec.method!r} needs CLS attention, "
                              "which this model's vision tower does not have")
-        return self.probe.cls_attn.float().sum(0)[self.tower.prefix:]
+        return probe.cls_attn.float().sum(0)[self.tower.prefix:]
 
     def option(self, name: str):
         return self.spec.value(name)

@@ -11,9 +11,14 @@ World at Any Resolution", arXiv 2409.12191, Sec. 2.1):
   side by side, and the projector is the merger itself, so a subset projects as the
   whole does.
 * **No CLS token.** ResPrune seeds on the largest norm (its paper's choice for
-  Qwen2.5-VL, Sec. IV-A1); methods that need CLS attention, keys or the tower's layers
-  (VisionZip, Polymorphic, DCP) are not served on this family yet and are refused with
-  the methods that are.
+  Qwen2.5-VL, Sec. IV-A1). Where a method reads CLS attention (VisionZip's dominant
+  tokens, Polymorphic's stage 1) it gets the attention each merged token's patches
+  receive in the last block, averaged over heads and queries: Polymorphic's own choice
+  on Qwen2-VL ("Polymorphic ...", Sec. 4.1: "the averaged attention scores across all
+  visual tokens"), and the substitute VisPruner's authors name for VisionZip on
+  Qwen2.5-VL, the attention merged as the merger merges the patches. VisionZip's keys
+  are the last block's (after its rotary embedding), a merged token's four side by
+  side. DCP, which needs the tower layer by layer, is not served on this family yet.
 * **Inside the LLM** (FastV, RCP) images reach the decoder unpruned and the decisions
   take rows out of the batch; a kept row keeps its own M-RoPE position (the decoder loop
   gathers the [3, T] positions with the rows).
@@ -38,14 +43,19 @@ ARCHITECTURE = "VTPruneQwen2VLForConditionalGeneration"
 
 
 class _Windows(nn.Module):
-    """Stands in for the merger: every 2x2 window's patches side by side, unprojected."""
+    """Stands in for the merger: every 2x2 window's patches side by side, unprojected,
+    and the window's place in the blocks' order in two more columns (``hi * 256 + lo``,
+    exact in any float dtype), which the encoder's own reordering (Qwen2.5-VL's windows)
+    then carries to the window's place in the output."""
 
     def __init__(self, width: int):
         super().__init__()
         self.width = width
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(-1, self.width)
+        units = x.reshape(-1, self.width)
+        place = torch.arange(units.shape[0], device=units.device)
+        return torch.cat([units, torch.stack([place // 256, place % 256], 1).to(units.dtype)], 1)
 
 
 @contextlib.contextmanager
@@ -58,11 +68,74 @@ def _without_merger(visual, width: int):
         visual.merger = merger
 
 
+#: query rows per softmax chunk of the received-attention probe (memory: heads x chunk x
+#: patches floats, 270 MB for 16,384 patches of 16 heads)
+PROBE_CHUNK = 256
+
+
+class LastAttention:
+    """The last vision block's rotated queries and keys (and values), captured while the
+    encoder runs once: vLLM's attention kernel receives them, transformers' attention
+    module gets its input, from which they are computed as it computes them."""
+
+    def __init__(self, visual):
+        self.q = self.k = self.v = self.cu_seqlens = None
+        attn = visual.blocks[-1].attn
+        kernel = getattr(attn, "attn", None)
+        if isinstance(kernel, nn.Module):  # vLLM: query, key, value [1, S, H, d]
+            self._handle = kernel.register_forward_pre_hook(self._from_kernel, with_kwargs=True)
+        else:
+            self._attn = attn
+            self._handle = attn.register_forward_pre_hook(self._from_module, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _from_kernel(self, module, args, kwargs):
+        self.q, self.k, self.v = (kwargs[n][0] for n in ("query", "key", "value"))
+        self.cu_seqlens = kwargs["cu_seqlens"]
+
+    def _from_module(self, module, args, kwargs):
+        import sys
+
+        hidden = args[0] if args else kwargs["hidden_states"]
+        s = hidden.shape[0]
+        q, k, v = module.qkv(hidden).reshape(s, 3, module.num_heads, -1).permute(
+            1, 0, 2, 3).unbind(0)
+        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+        cos, sin = kwargs["position_embeddings"]
+        self.q, self.k = rotate(q, k, cos, sin)
+        self.v = v
+        self.cu_seqlens = kwargs["cu_seqlens"]
+
+
+def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """[S]: the attention each patch receives, averaged over heads and over the S queries
+    (a query outside the patch's attention segment gives it 0). ``q``, ``k``: [S, H, d]
+    as the block's softmax(q k^T / sqrt(d)) sees them."""
+    s, _, d = q.shape
+    qh, kh = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, S, d]
+    segment = torch.zeros(s, dtype=torch.int64, device=q.device)
+    segment[cu_seqlens[1:-1].long()] = 1
+    segment = torch.cumsum(segment, 0)
+    total = torch.zeros(s, dtype=torch.float32, device=q.device)
+    for start in range(0, s, PROBE_CHUNK):
+        rows = slice(start, min(s, start + PROBE_CHUNK))
+        scores = (qh[:, rows] @ kh.transpose(1, 2)) * d ** -0.5
+        same = segment[rows, None] == segment[None, :]
+        probs = torch.softmax(scores.masked_fill(~same, float("-inf")), dim=-1)
+        total += probs.sum(dim=(0, 1))
+    return total / (s * qh.shape[0])
+
+
 class EncoderTower:
-    """The whole Qwen2-VL / Qwen2.5-VL vision encoder as one opaque layer, for methods at
-    its output: ``embed`` runs every block on one image and returns its tokens' windows
+    """The whole Qwen2-VL / Qwen2.5-VL vision encoder as one layer, for methods at its
+    output: ``embed`` runs every block on one image and returns its tokens' windows
     [1, N, 4C] in the order the LLM reads them (Qwen2.5-VL's window reordering undone by
-    the encoder itself); no attention probe (no CLS, fused attention)."""
+    the encoder itself). Its probe stands in for CLS attention, which the tower has
+    none of: the attention each merged token's four patches receive in the last block,
+    averaged over heads and queries (:func:`received_attention`), and their keys side by
+    side, as the merger puts their features."""
 
     prefix = 0
     num_layers = 1
@@ -85,15 +158,31 @@ class EncoderTower:
         return t * h // self.merge, w // self.merge
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        with _without_merger(self.visual, self.width):
-            windows = self._run(self.visual, pixel_values, self.grid_thw)
-        return windows.reshape(1, -1, self.width)
+        last = LastAttention(self.visual)
+        try:
+            with _without_merger(self.visual, self.width):
+                out = self._run(self.visual, pixel_values, self.grid_thw)
+        finally:
+            last.remove()
+        places = out[:, self.width:].round().long()
+        self._last, self._order = last, places[:, 0] * 256 + places[:, 1]
+        return out[:, :self.width].reshape(1, -1, self.width)
 
     def layer(self, i: int, hidden: Tensor) -> Tensor:
         return hidden
 
     def probe(self, i: int, hidden: Tensor, full: bool = False):
-        raise ValueError("vtprune: the Qwen2-VL vision encoder exposes no attention probe")
+        """The last block's probe for the image :meth:`embed` ran last, per merged
+        token in output order: ``cls_attn`` None, ``received`` [N], ``keys`` [H, N, 4d]."""
+        from vllm_vtprune.pipeline import Probe
+
+        last, unit = self._last, self.merge ** 2
+        received = received_attention(last.q, last.k, last.cu_seqlens)
+        received = received.view(-1, unit).mean(1)[self._order]
+        s, h, d = last.k.shape
+        keys = last.k.view(s // unit, unit, h, d).permute(2, 0, 1, 3).reshape(h, s // unit,
+                                                                              unit * d)
+        return Probe(cls_attn=None, keys=keys[:, self._order], received=received)
 
     @staticmethod
     def agree(flag: bool) -> bool:
@@ -147,7 +236,8 @@ def _question_ids(tokenizer, prompt_ids: list[int]) -> list[int]:
     return llava_family.question_ids(tokenizer, prompt_ids)
 
 
-PROVIDES = frozenset({"text", "llm_attention"})
+# "cls_attention": the attention each token receives stands in for it (EncoderTower)
+PROVIDES = frozenset({"text", "llm_attention", "cls_attention", "keys"})
 #: ResPrune's text-gate strength on Qwen2.5-VL ("ResPrune: Text-Conditioned Subspace
 #: Reconstruction for Visual Token Pruning", arXiv 2603.21105, Sec. IV-A1 and Table V:
 #: its denser tokens want a weaker gate than LLaVA's 0.75); Qwen2-VL has the same kind of

@@ -159,18 +159,26 @@ def select(
 def prune(ctx) -> "PrunedImage":
     """Served entry point on the feature layer (LLaVA's layer -2), CLS dropped.
 
-    A contextual token stands at its target's patch (its position for M-RoPE families).
+    A tower without CLS (Qwen2-VL) ranks its tokens by the attention each receives,
+    averaged over heads and queries (``Probe.received``): the stand-in for CLS attention
+    that VisPruner's authors give for VisionZip-style selection on Qwen2.5-VL (a row
+    standing in for CLS is put before the tokens and never kept). A contextual token
+    stands at its target's patch (its position for M-RoPE families).
     """
     from vllm_vtprune.pipeline import PrunedImage
 
-    if ctx.tower.prefix != 1:
-        raise ValueError("vtprune method 'visionzip' needs a CLS token in the vision tower")
     contextual = ctx.option("contextual")
     keys = ctx.probe.keys.float().mean(0)
-    tokens, dom_rows = select(ctx.hidden, ctx.probe.cls_attn, keys, ctx.budget,
-                              keep_cls=False, contextual=contextual)
+    hidden, scores = ctx.hidden, ctx.probe.cls_attn
+    if ctx.tower.prefix == 0 and ctx.probe.received is not None:
+        hidden, keys = (torch.cat([x.new_zeros(1, x.shape[1]), x]) for x in (hidden, keys))
+        scores = ctx.probe.received.float()
+    elif ctx.tower.prefix != 1:
+        raise ValueError("vtprune method 'visionzip' needs a CLS token in the vision tower")
+    tokens, dom_rows = select(hidden, scores, keys, ctx.budget, keep_cls=False,
+                              contextual=contextual)
     return PrunedImage.merged(ctx.project(tokens.to(ctx.hidden.dtype)),
-                              _origins(ctx.hidden.shape[0], dom_rows, ctx.budget, contextual))
+                              _origins(hidden.shape[0], dom_rows, ctx.budget, contextual))
 
 
 def _origins(num_rows: int, dom_rows: Tensor, budget: int, contextual: int | None) -> Tensor:
