@@ -132,5 +132,7 @@ def test_each_family_serves_the_methods_its_towers_can_feed():
     for family in families.families():
         for method in families.served_methods(family):
             assert registry.get(method).needs_for({}) <= family.provides
-    next_family = families.for_architecture("VTPruneLlavaNextForConditionalGeneration")
-    assert "dcp" not in families.served_methods(next_family)
+    qwen = families.for_architecture("VTPruneQwen2VLForConditionalGeneration")
+    assert "dcp" not in families.served_methods(qwen)  # no encoder layers to run one by one
+    with pytest.raises(ValueError, match="encoder_layers"):
+        registry.check_served("dcp", qwen.provides, "Qwen2-VL models", {}, True)

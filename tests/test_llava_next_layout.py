@@ -106,3 +106,61 @@ def test_packed_probe_reads_each_patch_from_its_own_tile():
     assert torch.equal(packed.cls_attn[0, 1:], lay.tile.float())
     assert torch.equal(packed.keys[0, 1:, 0], 1000 * lay.tile.float() + 1 + lay.patch.float())
     assert packed.keys[0, 0, 0] == 0  # the base tile's CLS
+
+
+@pytest.mark.parametrize("budget", [1, 7, 48, 100, 333])
+@pytest.mark.parametrize("size", SIZES)
+def test_tile_budgets_split_by_patches_and_sum_to_the_budget(size, budget):
+    lay = llava_next.layout(size, PINPOINTS, 336, 24)
+    budget = min(budget, lay.num_patches)
+    shares = pipeline.tile_budgets(lay, budget)
+    counts = torch.bincount(lay.tile, minlength=lay.num_tiles).tolist()
+    assert sum(shares) == budget and len(shares) == lay.num_tiles
+    assert all(abs(s - budget * n / lay.num_patches) < 1 for s, n in zip(shares, counts))
+    assert all(s <= n for s, n in zip(shares, counts))
+
+
+def _tiled_dcp(next_model, size, spec):
+    from vllm_vtprune.data import shapes_vqa as sv
+    from vllm_vtprune.families.llava import HfClipTower
+
+    model, processor = next_model
+    image = sv.make_sample(2, 5).image.resize(size)
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    lay = llava_next.layout_of(model.config, tuple(inputs["image_sizes"][0].tolist()))
+    tower = HfClipTower(model.model.vision_tower, model.config.vision_config, -2)
+    tiles = inputs["pixel_values"][0, :lay.num_tiles]
+    with torch.no_grad():
+        image_out = pipeline.prune_tiled(tower, model.model.multi_modal_projector, tiles, lay,
+                                         spec_mod.parse(spec), None, model.model.image_newline)
+    return image_out, lay, tower, tiles
+
+
+@pytest.mark.parametrize("size", [(504, 336), (700, 300), (336, 336)])
+def test_dcp_keeps_each_tiles_share_of_unpadded_patches_in_packed_order(next_model, size):
+    image, lay, _, _ = _tiled_dcp(next_model, size, "dcp:48")
+    origins = image.origins
+    assert image.tokens.shape[0] == 48 and origins.tolist() == sorted(set(origins.tolist()))
+    assert 0 <= int(origins.min()) and int(origins.max()) < lay.num_patches  # no padding
+    kept_per_tile = torch.bincount(lay.tile[origins], minlength=lay.num_tiles).tolist()
+    assert kept_per_tile == pipeline.tile_budgets(lay, 48)
+
+
+def test_dcp_on_unpadded_tiles_is_dcp_on_each_tile_alone(next_model):
+    """A 2:1 image fills its 1x2 grid exactly (no padding): each tile's kept tokens are
+    those DCP keeps on that tile as a LLaVA-1.5 image of its share."""
+    model, _ = next_model
+    image, lay, tower, tiles = _tiled_dcp(next_model, (672, 336), "dcp:40")
+    assert lay.num_patches == lay.num_tiles * 576  # nothing cut off
+    shares = pipeline.tile_budgets(lay, 40)
+    want_tokens, want_origins = [], []
+    with torch.no_grad():
+        for t, share in enumerate(shares):
+            alone = pipeline.prune_image(tower, model.model.multi_modal_projector,
+                                         tiles[t:t + 1], spec_mod.parse(f"dcp:{share}"))
+            packed = {(int(a), int(b)): j for j, (a, b) in enumerate(zip(lay.tile, lay.patch))}
+            want_origins += [packed[(t, int(p))] for p in alone.origins]
+            want_tokens.append(alone.tokens)
+    order = torch.argsort(torch.tensor(want_origins))
+    assert image.origins.tolist() == sorted(want_origins)
+    torch.testing.assert_close(image.tokens, torch.cat(want_tokens)[order], rtol=0, atol=0)

@@ -110,6 +110,9 @@ class ImageContext:
     hidden: Tensor | None = None  # [P+N, C]
     last_input: Tensor | None = None  # [1, P+N, C] what the feature layer received
     _probe: Probe | None = None
+    #: [N] bool: the patches the budget may keep (a LLaVA-NeXT tile's unpadded ones);
+    #: None: all (methods inside the encoder read it)
+    candidates: Tensor | None = None
 
     @property
     def probe(self) -> Probe:
@@ -285,6 +288,8 @@ def _prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
                  newline: Tensor) -> PrunedImage:
     check_servable(spec, server=True)
     k = kept_tokens(spec, layout.num_tokens, layout.num_patches)
+    if k < layout.num_tokens and registry.get(spec.method).where is registry.Where.INSIDE_ENCODER:
+        return _prune_tiles_in_encoder(tower, project, tiles, layout, spec, text, k)
     outputs, inputs = zip(*(run_to_feature_layer(tower, tiles[t:t + 1])
                             for t in range(layout.num_tiles)))
     per_tile = torch.stack(outputs)  # [T, P+S, C], each tile its own pass
@@ -301,6 +306,45 @@ def _prune_tiled(tower: VisionTower, project: Projector, tiles: Tensor, layout,
                        layout=layout, tile_inputs=list(inputs))
     started = time.perf_counter()
     image = registry.get(spec.method).prune(ctx)
+    image.prune_seconds = time.perf_counter() - started
+    return image
+
+
+def tile_budgets(layout, budget: int) -> list[int]:
+    """Each tile's share of an image's budget, by its patches in the layout (largest
+    remainders, ties to the earlier tile); they sum to ``budget``."""
+    counts = torch.bincount(layout.tile.cpu(), minlength=layout.num_tiles).tolist()
+    exact = [budget * n / layout.num_patches for n in counts]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda t: (shares[t] - exact[t], t))
+    for t in order[:budget - sum(shares)]:
+        shares[t] += 1
+    return shares
+
+
+def _prune_tiles_in_encoder(tower, project, tiles, layout, spec, text, k) -> PrunedImage:
+    """A method inside the encoder on a tiled image: each tile's own pass prunes it to
+    its share of the budget (:func:`tile_budgets`; DCP-Prune's LLaVA-NeXT budgets are
+    per-tile ones times the tiles, e.g. 80 = 5 x 16), its candidates being the patches
+    the layout keeps; the kept tokens then stand in the packed order."""
+    method = registry.get(spec.method)
+    side = tower.grid[0] * tower.grid[1]
+    packed_at = torch.full((layout.num_tiles * side,), -1, dtype=torch.int64, device="cpu")
+    packed_at[layout.tile.cpu() * side + layout.patch.cpu()] = torch.arange(
+        layout.num_patches, device="cpu")
+    tokens, origins, started = [], [], time.perf_counter()
+    for t, share in enumerate(tile_budgets(layout, k)):
+        if share == 0:
+            continue
+        candidates = packed_at[t * side:(t + 1) * side] >= 0
+        ctx = ImageContext(tower, project, tiles[t:t + 1], spec, text, side, share,
+                           candidates=candidates.to(tiles.device))
+        image = method.prune(ctx)
+        tokens.append(image.tokens)
+        origins.append(packed_at[t * side + image.origins.cpu()])
+    origins = torch.cat(origins)
+    order = torch.argsort(origins)
+    image = PrunedImage.merged(torch.cat(tokens)[order.to(tokens[0].device)], origins[order])
     image.prune_seconds = time.perf_counter() - started
     return image
 

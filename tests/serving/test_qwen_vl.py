@@ -175,6 +175,15 @@ def test_unserved_methods_are_refused_per_request(engines):
         llm.generate(req, SamplingParams(max_tokens=1), use_tqdm=False)
 
 
+def test_an_unserved_server_spec_stops_vllm_serve_naming_the_family(family_model):
+    from tests.serving.test_startup_errors import _serve
+
+    family, path = family_model
+    proc = _serve(path, "dcp:64", timeout=120)
+    assert proc.returncode == 2
+    assert f"{family.name} models" in proc.stderr and "resprune" in proc.stderr
+
+
 def test_server_reports_each_requests_real_counts(family_model, tmp_path):
     """`vllm serve QWEN --vtprune resprune:0.25`: usage.vtprune counts each image's
     tokens (which depend on its size) before and after pruning."""

@@ -29,9 +29,12 @@ the layout as transformers' ``LlavaNextModel.pack_image_features`` writes it):
   included, and are all candidates: a budget of K (or a ratio) keeps K of them (of its
   tokens) per image. Polymorphic's stage 1 merges the image's patches (newlines
   dropped) to twice its budget, and its stage 2 keeps the budget's share of the
-  image's own patch count, which each image's embeddings carry to the decoder. DCP
-  (inside the encoder, which would have to run tile by tile) is not served here; the
-  registry refuses it with the methods the family serves.
+  image's own patch count, which each image's embeddings carry to the decoder.
+* **Inside the encoder** (DCP) each tile's own pass prunes it: the image's budget is
+  split over the tiles by their patches in the layout (DCP-Prune's LLaVA-NeXT budgets
+  are per-tile ones times the tiles, 80 = 5 x 16), only patches that survive unpadding
+  may be kept, and the kept tokens stand in the packed order
+  (:func:`vllm_vtprune.pipeline.tile_budgets`).
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ FAMILY = Family(
     check=check,
     grid=base.grid,
     question_ids=base.question_ids,
-    provides=frozenset({"cls_attention", "keys", "text", "llm_attention"}),
+    provides=frozenset({"cls_attention", "keys", "text", "llm_attention", "encoder_layers"}),
     images="a base tile and an anyres grid of 336 px tiles, unpadded, a newline per grid "
            "row (up to 2,928 tokens); a budget of K (or a ratio) keeps K of the image's "
            "patches across its tiles, newlines dropped (inside the LLM: K of its tokens)",

@@ -338,8 +338,14 @@ class StageScores(NamedTuple):
     values: Tensor
 
 
-def _split(y: Tensor, target: int, scores: StageScores) -> tuple[Tensor, Tensor]:
-    return partition(_importance(y, scores), min(target, y.shape[0]))
+def _split(y: Tensor, target: int, scores: StageScores,
+           candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Anchors and context of one stage; ``candidates`` [M] bool: the tokens that may be
+    anchors before any other (a tile's patches that the image keeps after unpadding)."""
+    s = _importance(y, scores)
+    if candidates is not None:
+        s = s.masked_fill(~candidates, float("-inf"))
+    return partition(s, min(target, y.shape[0]))
 
 
 def _score_and_split(tokens, target, cls_attn, x_in, x_att, x_ffn, attn, values):
@@ -508,6 +514,9 @@ def prune(ctx) -> "PrunedImage":
 
     ``ctx.tower`` runs one layer at a time; its ``prefix`` tokens (CLS) are carried
     through every stage unpruned, and its ``grid`` gives the patch positions of Eq. 3.
+    ``ctx.candidates`` (a LLaVA-NeXT tile's patches that survive unpadding) rank before
+    the rest at every stage, so the budget, at most their count, keeps only them; the
+    others still run through the layers and recover into the anchors (Eq. 4).
     A stage's layer is computed once, its attention kept for the scores
     (``layer_probed``); each stage validates the layer output once.
     """
@@ -518,6 +527,7 @@ def prune(ctx) -> "PrunedImage":
     targets = schedule(ctx.num_patches, ctx.budget, tower.num_layers, every=2)
     positions = grid_positions(ctx.num_patches, width=tower.grid[1], device=h.device)
     origin = torch.arange(ctx.num_patches, device=h.device)
+    candidates = ctx.candidates
     graph = Graph(int(ctx.option("kn")), float(ctx.option("tau")), ALPHA)
     for i in range(tower.num_layers):
         stage = (i + 1) // 2 - 1
@@ -532,10 +542,12 @@ def prune(ctx) -> "PrunedImage":
         if stage == len(targets) - 1:
             kept, new = _last_stage(y, targets[stage], positions, scores, graph, ctx.text,
                                     float(ctx.option("delta")),
-                                    lambda: ctx.project(x_out[0, p:]).float(), tower.agree)
+                                    lambda: ctx.project(x_out[0, p:]).float(), tower.agree,
+                                    candidates)
         else:
-            kept, new = _stage(y, targets[stage], positions, scores, graph)
+            kept, new = _stage(y, targets[stage], positions, scores, graph, candidates)
         positions, origin = positions[kept], origin[kept]
+        candidates = candidates[kept] if candidates is not None else None
         h = torch.cat([x_out[:, :p], new[None].to(h.dtype)], dim=1)
     return PrunedImage.merged(ctx.project(h[0, p:]), origin)
 
@@ -549,25 +561,30 @@ class Graph(NamedTuple):
 
 
 def _stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
-           graph: Graph) -> tuple[Tensor, Tensor]:
+           graph: Graph, candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One ACGR stage (Sec. 3.2) on a validated float32 layer output ``y``."""
-    anchors, context = _split(y, target, scores)
+    anchors, context = _split(y, target, scores, candidates)
     return anchors, _graph_update(y, anchors, context, positions, *graph)
 
 
 def _last_stage(y: Tensor, target: int, positions: Tensor, scores: StageScores,
                 graph: Graph, text: Tensor | None, delta: float,
                 text_space: Callable[[], Tensor],
-                agree: Callable[[bool], bool] = lambda flag: flag) -> tuple[Tensor, Tensor]:
+                agree: Callable[[bool], bool] = lambda flag: flag,
+                candidates: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`final_stage` on the served path: the projection into the text's space
     (``text_space()``) is computed only when kappa switches to TATCS, a switch every
-    tensor-parallel rank takes alike (``agree``: the projection is a collective)."""
-    anchors, context = _split(y, target, scores)
+    tensor-parallel rank takes alike (``agree``: the projection is a collective). With
+    ``candidates``, TATCS chooses among them only (``target`` <= their count)."""
+    anchors, context = _split(y, target, scores, candidates)
     if agree(text is not None and _kappa(y[anchors], y) > delta):
         space = text_space()
         a_hat = _cls_score(scores.cls_attn) if scores.cls_attn is not None else None
-        kept = _tatcs(space, _text_vector(text, space.shape[1]),
-                      min(target, y.shape[0]), a_hat, TATCS_ITERS)
+        rows = (torch.arange(y.shape[0], device=y.device) if candidates is None
+                else torch.nonzero(candidates).flatten())
+        kept = rows[_tatcs(space[rows], _text_vector(text, space.shape[1]),
+                           min(target, rows.shape[0]),
+                           a_hat[rows] if a_hat is not None else None, TATCS_ITERS)]
         return kept, y[kept]
     return anchors, _graph_update(y, anchors, context, positions, *graph)
 
