@@ -79,6 +79,14 @@ def offline_llm(model: str | None = None, max_model_len: int = 2048, **kwargs):
                dtype="float32", limit_mm_per_prompt={"image": 2}, **kwargs)
 
 
+def in_llm_offline_llm(model: str, architecture: str, spec: str, max_model_len: int):
+    """:func:`offline_llm` on ``model`` as a server started with the in-LLM ``spec``
+    (masked decoder; chunked prefill and the prefix cache off, as it requires)."""
+    return offline_llm(model, max_model_len=max_model_len, enable_chunked_prefill=False,
+                       enable_prefix_caching=False,
+                       hf_overrides={"architectures": [architecture], "vtprune": spec})
+
+
 def shutdown(llm) -> None:
     """Stop an offline engine before the next one starts (two would share the CPUs)."""
     import gc

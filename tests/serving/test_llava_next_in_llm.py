@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.reference import DECISION_MARGIN, decision_margins
-from tests.serving.conftest import offline_llm, shutdown
+from tests.serving.conftest import in_llm_offline_llm, shutdown
 from vllm_vtprune import pipeline
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
@@ -38,10 +38,7 @@ def reference(next_model):
 
 @pytest.fixture(scope="module")
 def llm(next_model):
-    llm = offline_llm(next_model, max_model_len=8192, enable_chunked_prefill=False,
-                      enable_prefix_caching=False,
-                      hf_overrides={"architectures": [llava_next.ARCHITECTURE],
-                                    "vtprune": SERVER_SPEC})
+    llm = in_llm_offline_llm(next_model, llava_next.ARCHITECTURE, SERVER_SPEC, 8192)
     yield llm
     shutdown(llm)
 

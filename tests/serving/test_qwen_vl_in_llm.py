@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.reference import DECISION_MARGIN, decision_margins
-from tests.serving.conftest import offline_llm, shutdown
+from tests.serving.conftest import in_llm_offline_llm, shutdown
 from tests.serving.test_qwen_vl import ATOL, FAMILIES, _prompt, _requests
 from vllm_vtprune import cli, families, llm_loop
 from vllm_vtprune import spec as spec_mod
@@ -35,10 +35,7 @@ def family_model(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(family_model):
     family, path, _ = family_model
-    llm = offline_llm(path, max_model_len=4096, enable_chunked_prefill=False,
-                      enable_prefix_caching=False,
-                      hf_overrides={"architectures": [family.architecture],
-                                    "vtprune": SERVER_SPEC})
+    llm = in_llm_offline_llm(path, family.architecture, SERVER_SPEC, 4096)
     yield llm
     shutdown(llm)
 
