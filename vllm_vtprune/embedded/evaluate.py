@@ -47,14 +47,14 @@ def next_token_logits(model, tokenizer, questions: list[str], feats: list[torch.
     """Logits of the first answer token for each (question, kept image features) pair."""
     seqs = [encode_prompt(tokenizer, q, hint, num_image_tokens=f.shape[0])
             for q, f in zip(questions, feats)]
-    input_ids = pad_right(seqs, PAD_ID)
+    input_ids = pad_right(seqs, PAD_ID).to(model.device)
     embeds = model.get_input_embeddings()(input_ids)
     image_mask = input_ids == IMAGE_TOKEN_ID
     embeds[image_mask] = torch.cat(feats).to(embeds.dtype)
     attention_mask = (input_ids != PAD_ID).long()
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
     last = attention_mask.sum(1) - 1
-    h = hidden.last_hidden_state[torch.arange(len(seqs)), last]
+    h = hidden.last_hidden_state[torch.arange(len(seqs), device=last.device), last]
     return model.lm_head(h)
 
 
@@ -66,10 +66,11 @@ def evaluate(model, tokenizer, num: int = 400, seed: int = sv.HELDOUT_SEED,
     total = collections.Counter()
     for start in range(0, num, batch):
         chunk = pairs[start:start + batch]
-        feats = image_features(model, pixel_values([im for im, _ in chunk]))
+        feats = image_features(model, pixel_values([im for im, _ in chunk]).to(model.device))
         kept = []
         for i, f in enumerate(feats):
-            idx = keep(f, start + i) if keep is not None else torch.arange(f.shape[0])
+            idx = (keep(f, start + i) if keep is not None
+                   else torch.arange(f.shape[0], device=f.device))
             kept.append(f[idx])
         logits = next_token_logits(model, tokenizer, [qa.question for _, qa in chunk], kept)
         preds = tokenizer.batch_decode(logits.argmax(-1)[:, None])

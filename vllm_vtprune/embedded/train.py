@@ -325,8 +325,8 @@ class PatchProbe(torch.nn.Module):
               + self.shape_weight * F.cross_entropy(shp.transpose(1, 2), t["shape"],
                                                     reduction="none")
               + F.cross_entropy(joint.transpose(1, 2), joint_class(t), reduction="none"))
-        centre = F.binary_cross_entropy_with_logits(rest[..., 0], t["centre"],
-                                                    pos_weight=torch.tensor(20.0),
+        weight = torch.tensor(20.0, device=feats.device)
+        centre = F.binary_cross_entropy_with_logits(rest[..., 0], t["centre"], pos_weight=weight,
                                                     reduction="none")
         side = F.binary_cross_entropy_with_logits(rest[..., 1:], t["side"].clamp_min(0),
                                                   reduction="none").sum(-1) * obj
@@ -351,8 +351,12 @@ def joint_class(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.where(obj, joint, torch.zeros_like(joint))
 
 
-def batch_targets(pool: Pool, idx: list[int]) -> dict[str, torch.Tensor]:
-    return {k: getattr(pool, k)[idx] for k in ("colour", "shape", "centre", "side")}
+def batch_targets(pool: Pool, idx: list[int], device="cpu") -> dict[str, torch.Tensor]:
+    return {k: getattr(pool, k)[idx].to(device) for k in ("colour", "shape", "centre", "side")}
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -378,15 +382,15 @@ def train_vision(model, probe: PatchProbe, pool: Pool, args) -> dict:
               + list(model.model.multi_modal_projector.parameters()) + list(probe.parameters()))
     opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
-    acc = {}
+    acc, dev = {}, device_of(model)
     for step in range(args.vision_steps):
         idx = torch.randint(len(pool), (args.vision_batch,), generator=gen).tolist()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vision_steps, args.vision_lr, 100)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            tower = tower_features(model, normalise(pool.images[idx]))
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            tower = tower_features(model, normalise(pool.images[idx]).to(dev))
             feats = model.model.multi_modal_projector(tower)
-            t = batch_targets(pool, idx)
+            t = batch_targets(pool, idx, dev)
             loss = probe.loss(feats, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,10 +405,10 @@ def train_vision(model, probe: PatchProbe, pool: Pool, args) -> dict:
 
 @torch.no_grad()
 def cache_tower_features(model, pool: Pool, batch: int = 64) -> torch.Tensor:
-    out = []
+    out, dev = [], device_of(model)
     for start in range(0, len(pool), batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            images = normalise(pool.images[start:start + batch])
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            images = normalise(pool.images[start:start + batch]).to(dev)
             out.append(tower_features(model, images).bfloat16())
     return torch.cat(out)
 
@@ -434,8 +438,8 @@ def lm_loss(model, tok, pool: Pool, feats: torch.Tensor, idx: list[int], share: 
             rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token loss on answers, each image entering the LLM as its kept patches."""
     keep = [kept_patches(pool, i, share, gen) for i in idx]
-    input_ids, mask, positions, labels = collate(tok, [pool.qas[i] for i in idx],
-                                                 [len(k) for k in keep], rng)
+    input_ids, mask, positions, labels = (x.to(feats.device) for x in collate(
+        tok, [pool.qas[i] for i in idx], [len(k) for k in keep], rng))
     visual = model.model.multi_modal_projector(feats[idx].float())
     embeds = model.get_input_embeddings()(input_ids)
     kept = torch.cat([v[k] for v, k in zip(visual, keep)])
@@ -464,16 +468,16 @@ def train_language(model, probe: PatchProbe, tok, pool: Pool, feats: torch.Tenso
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    ema, t0 = None, time.time()
+    ema, t0, dev = None, time.time(), device_of(model)
     for step in range(args.llm_steps):
         idx = easy_first(pool, step, args, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.llm_steps, args.lr, args.warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss, visual = lm_loss(model, tok, pool, feats, idx, background_share(step, args, rng),
                                    rng, gen)
-            aux = (probe.loss(visual, batch_targets(pool, idx)) if args.aux_weight
-                   else torch.zeros(()))
+            aux = (probe.loss(visual, batch_targets(pool, idx, dev)) if args.aux_weight
+                   else torch.zeros((), device=dev))
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -502,7 +506,7 @@ def train(args) -> None:
             model = deepen(model)
     else:
         model = build_model(args.seed, args.grid_scale)
-    model.train()
+    model.to(args.device).train()
     tok = build_tokenizer(model.config.text_config.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"parameters: {n_params / 1e6:.2f}M; rendering {args.pool} images")
@@ -510,7 +514,7 @@ def train(args) -> None:
                        args.hard_share, dict(args.type_cap))
     log("pool rendered")
     probe = PatchProbe(model.config.text_config.hidden_size, args.shape_weight,
-                       args.side_weight)
+                       args.side_weight).to(args.device)
     vision_acc = train_vision(model, probe, pool, args)
     feats = cache_tower_features(model, pool)
     log("tower features cached")
@@ -584,6 +588,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default=None, help="continue from this checkpoint directory")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where to train (e.g. cuda)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--save-every", type=int, default=500)
