@@ -111,11 +111,11 @@ def run(answers, pairs, spec):
 
 
 def _rcp_ckpt(args) -> str | None:
-    """RCP's modules: --rcp-ckpt, else those shipped for the embedded model, else
-    untrained ones (`vtprune rcp-init`)."""
+    """RCP's modules: --rcp-ckpt, else those shipped for the embedded model (when it is
+    the one measured), else untrained ones for the measured model (`vtprune rcp-init`)."""
     from vllm_vtprune.embedded import RCP_CHECKPOINT
 
-    if args.rcp_ckpt is None and RCP_CHECKPOINT.exists():
+    if args.rcp_ckpt is None and MODEL is None and RCP_CHECKPOINT.exists():
         return None  # the shipped ones, picked by the server
     if args.rcp_ckpt in (None, "identity"):
         import tempfile
@@ -123,7 +123,7 @@ def _rcp_ckpt(args) -> str | None:
         from vllm_vtprune import cli
 
         args.rcp_ckpt = os.path.join(tempfile.mkdtemp(), "rcp-identity.safetensors")
-        cli.main(["rcp-init", "--out", args.rcp_ckpt])
+        cli.main(["rcp-init", _model(), "--out", args.rcp_ckpt])  # for --model's decoder
         args.rcp_label = "rcp (untrained)"
     return args.rcp_ckpt
 
