@@ -64,14 +64,9 @@ class ModelShape:
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ModelShape":
         mc = vllm_config.model_config
-        family = families.for_config(mc.hf_config)
-        per_image = None  # a count that depends on the image: only decisions have it
-        if family.prunable_tokens is None:  # LLaVA-NeXT's depends on the image's size
-            try:
-                rows, cols = family.grid(mc.hf_config)
-                per_image = rows * cols
-            except ValueError:  # no fixed grid (Qwen2-VL)
-                pass
+        # None: the count depends on the image, and only the processor's decisions have it
+        per_image = families.fixed_image_tokens(families.for_config(mc.hf_config),
+                                                mc.hf_config)
         # Whole-model figures: every layer and every KV head, whatever the parallelism.
         layers = mc.hf_text_config.num_hidden_layers
         kv_heads = mc.get_total_num_kv_heads()

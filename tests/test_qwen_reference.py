@@ -112,12 +112,12 @@ def test_fastv_removing_rows_equals_masking_them_with_mrope(reference, spec):
     ids, embeds, positions, pruned = _loop_inputs(reference, _image((280, 420)))
     decoder = reference.decoder()
     parsed = spec_mod.parse(spec)
-    removed, _ = decoder.prefill(embeds, reference.llm_plan(ids, [pruned[0].tokens.shape[0]],
-                                                            parsed, decoder.num_layers),
-                                 "remove", positions=positions)
-    masked, _ = decoder.prefill(embeds, reference.llm_plan(ids, [pruned[0].tokens.shape[0]],
-                                                           parsed, decoder.num_layers),
-                                "mask", positions=positions)
+    def plan():
+        return reference.llm_plan(ids, [pruned[0].tokens.shape[0]], parsed,
+                                  decoder.num_layers, [pruned[0].num_patches])
+
+    removed, _ = decoder.prefill(embeds, plan(), "remove", positions=positions)
+    masked, _ = decoder.prefill(embeds, plan(), "mask", positions=positions)
     torch.testing.assert_close(removed, masked, rtol=1e-4, atol=1e-4)
     full, _ = decoder.prefill(embeds, llm_loop.Plan(), positions=positions)
     assert (removed - full).abs().max() > 1e-3  # the pruning acted
@@ -187,5 +187,7 @@ def test_visionzip_without_cls_keeps_the_most_attended_tokens(reference):
     _, probe, _ = _probed(reference, image)
     _, pruned = reference.generate(PROMPT, [image], spec_mod.parse("visionzip:12,contextual=0"),
                                    max_new_tokens=1)
-    top = torch.topk(probe.received, 12).indices
-    assert pruned[0].origins.tolist() == sorted(top.tolist())
+    ranked = torch.sort(probe.received, descending=True)
+    # the 12th and 13th differ by more than two CPUs' rounding, or the choice is a tie
+    assert (ranked.values[11] - ranked.values[12]) / ranked.values[11] > 1e-4
+    assert pruned[0].origins.tolist() == sorted(ranked.indices[:12].tolist())

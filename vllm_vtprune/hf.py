@@ -123,7 +123,7 @@ class HfReference:
                  patches: list[int] | None = None):
         """The in-LLM plan of one request whose expanded prompt ``ids`` holds images of
         ``counts`` tokens each (``patches``: each image's unpruned patch count, by
-        default the fixed grid's)."""
+        default the family's fixed count)."""
         from vllm_vtprune import llm_loop
 
         spans = llm_loop.spans_of(torch.tensor(ids, device=self.device) == self.image_token_id,
@@ -132,9 +132,14 @@ class HfReference:
             spec, spans, num_layers, patches if patches is not None else self.full_tokens())
 
     def full_tokens(self) -> int:
-        """An image's unpruned token count (every image's here)."""
-        rows, cols = self.tower.grid
-        return rows * cols
+        """Every image's unpruned token count, where the family fixes one (LLaVA-1.5)."""
+        from vllm_vtprune import families
+
+        config = self.model.config
+        fixed = families.fixed_image_tokens(families.for_config(config), config)
+        if fixed is None:
+            raise ValueError("this model's images differ in size: pass each image's patches")
+        return fixed
 
     def _generate_in_llm(self, ids: list[int], feats, pruned, spec, max_new_tokens: int,
                          positions: torch.Tensor | None = None) -> str:
@@ -269,11 +274,6 @@ class HfQwenReference(HfReference):
             current += max(int(thw[1]), int(thw[2])) // merge
             i += image.tokens.shape[0]
         return torch.cat(cols, dim=1)
-
-    def full_tokens(self) -> int:
-        """Images differ in size: no method served here reads this (each plan takes an
-        image's count from its span)."""
-        return 0
 
     def last_logits(self, ids: list[int], feats, positions: torch.Tensor) -> torch.Tensor:
         embeds = self.prompt_embeds(ids, feats)[None]

@@ -81,16 +81,22 @@ def for_architecture(architecture: str) -> Family | None:
 NOMINAL_IMAGE_TOKENS = 1024
 
 
-def image_tokens(family: Family, hf_config) -> int:
+def fixed_image_tokens(family: Family, hf_config) -> int | None:
     """Every image's unpruned token count on ``family``'s model where all images have the
-    same (LLaVA-1.5's grid), else :data:`NOMINAL_IMAGE_TOKENS`."""
-    if family.prunable_tokens is not None:  # counts depend on the image's size
-        return NOMINAL_IMAGE_TOKENS
+    same (LLaVA-1.5's grid); None where it depends on the image."""
+    if family.prunable_tokens is not None:  # LLaVA-NeXT: the image's size decides
+        return None
     try:
         rows, cols = family.grid(hf_config)
     except ValueError:  # no fixed grid (Qwen2-VL)
-        return NOMINAL_IMAGE_TOKENS
+        return None
     return rows * cols
+
+
+def image_tokens(family: Family, hf_config) -> int:
+    """:func:`fixed_image_tokens`, else :data:`NOMINAL_IMAGE_TOKENS`."""
+    fixed = fixed_image_tokens(family, hf_config)
+    return NOMINAL_IMAGE_TOKENS if fixed is None else fixed
 
 
 def served_methods(family: Family) -> list[str]:

@@ -71,7 +71,6 @@ class StepState:
     """Server configuration (set when the model is built) and the current step's state."""
 
     num_layers: int = 0
-    full_tokens: int = 0  # an image's unpruned token count
     block_size: int = 16
     skip_rows: bool = True
     active: bool = False  # a model with pruning inside the LLM was built in this process
@@ -95,9 +94,8 @@ class StepState:
     levels: Tensor | None = None  # [num_slots] uint8
     recomputed: int = 0  # prefills of preempted requests (prompt plus output) seen so far
 
-    def configure(self, num_layers: int, full_tokens: int, block_size: int,
-                  skip_rows: bool = True) -> None:
-        self.num_layers, self.full_tokens = num_layers, full_tokens
+    def configure(self, num_layers: int, block_size: int, skip_rows: bool = True) -> None:
+        self.num_layers = num_layers
         self.block_size, self.skip_rows = block_size, skip_rows
         self.images, self.plans, self.levels = None, {}, None
         self.active = True
@@ -151,8 +149,6 @@ def check_serving(vllm_config, spec, family) -> None:
                                 families.image_tokens(family.FAMILY, hf))
 
 
-
-
 @contextlib.contextmanager
 def masked_attention(vllm_config, spec, family):
     """While the model is built, its decoder layers get the masked attention backend
@@ -161,14 +157,11 @@ def masked_attention(vllm_config, spec, family):
     from vllm.v1.attention.backends import registry as backends
     from vllm.v1.attention.selector import _cached_get_attn_backend
 
-    from vllm_vtprune import families
     from vllm_vtprune.models import masked_attention as backend
 
     check_serving(vllm_config, spec, family)
     hf = vllm_config.model_config.hf_config
-    STEP.configure(hf.text_config.num_hidden_layers,
-                   families.image_tokens(family.FAMILY, hf),
-                   vllm_config.cache_config.block_size,
+    STEP.configure(hf.text_config.num_hidden_layers, vllm_config.cache_config.block_size,
                    skip_rows=getattr(hf, ROWS_KEY, "skip") != "mask")
     enum = backends.AttentionBackendEnum.CPU_ATTN
     previous = backends._ATTN_OVERRIDES.get(enum)
@@ -299,9 +292,7 @@ def _plan_for(spec_text: str | None, spans: list[tuple[int, int]], patches: list
     spec = spec_mod.parse(spec_text)
     if not pipeline.acts_in_llm(spec):
         return None
-    # an untagged count (0) falls back on the server's (LLaVA-1.5's fixed grid)
-    fulls = [p or STEP.full_tokens for p in patches]
-    return registry.get(spec.method).llm_plan(spec, spans, STEP.num_layers, fulls)
+    return registry.get(spec.method).llm_plan(spec, spans, STEP.num_layers, patches)
 
 
 def begin_step(num_rows: int, embeds: Tensor | None = None) -> None:
