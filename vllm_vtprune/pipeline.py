@@ -64,6 +64,11 @@ class VisionTower(Protocol):
         """Layer ``i`` computed once with its attention exposed: the residual stream after
         its attention and after its FFN branch, and its full probe (``attn``, ``values``)."""
 
+    def keep(self, origins: Tensor) -> None:
+        """A method inside the encoder kept :meth:`embed`'s patches ``origins``
+        (ascending) for the next layers: a tower whose layers depend on where their
+        tokens stand (Qwen-VL's rotary positions and windows) follows them."""
+
 
 Projector = Callable[[Tensor], Tensor]
 
@@ -229,6 +234,8 @@ def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
         return unpruned(tower, project, run_layers(tower, tower.embed(pixel_values), 0,
                                                    tower.num_layers)[0])
     method = registry.get(spec.method)
+    if method.where is registry.Where.INSIDE_ENCODER:
+        tower = _layered(tower)
     ctx = ImageContext(tower, project, pixel_values, spec, text, num_patches, k)
     if method.where is not registry.Where.INSIDE_ENCODER:
         ctx.hidden, ctx.last_input = run_to_feature_layer(tower, pixel_values)
@@ -236,6 +243,13 @@ def _prune(tower, project, pixel_values, spec, text) -> PrunedImage:
     image = method.prune(ctx)
     image.prune_seconds = time.perf_counter() - started
     return image
+
+
+def _layered(tower: VisionTower) -> VisionTower:
+    """The tower a method inside the encoder runs: one encoder layer per ``layer`` call
+    (a tower that runs the whole encoder as one, Qwen-VL's, gives its per-block form)."""
+    layered = getattr(tower, "layered", None)
+    return tower if layered is None else layered()
 
 
 @dataclasses.dataclass

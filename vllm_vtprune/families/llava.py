@@ -105,6 +105,10 @@ class VllmClipTower:
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         return self.complete(self._local_probe(self.vm.encoder.layers[i], hidden, full))
 
+    @staticmethod
+    def keep(origins: Tensor) -> None:
+        return None  # CLIP's layers do not depend on where the patches stand
+
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]
         probe = self._local_probe(layer, hidden, True)
@@ -138,6 +142,10 @@ class HfClipTower:
 
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         return _hf_probe(self.vm.encoder.layers[i], hidden, full)
+
+    @staticmethod
+    def keep(origins: Tensor) -> None:
+        return None  # CLIP's layers do not depend on where the patches stand
 
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]

@@ -18,7 +18,14 @@ World at Any Resolution", arXiv 2409.12191, Sec. 2.1):
   visual tokens"), and the substitute VisPruner's authors name for VisionZip on
   Qwen2.5-VL, the attention merged as the merger merges the patches. VisionZip's keys
   are the last block's (after its rotary embedding), a merged token's four side by
-  side. DCP, which needs the tower layer by layer, is not served on this family yet.
+  side.
+* **DCP inside the encoder** prunes merged tokens (the merger needs whole 2x2 windows)
+  block by block (:class:`BlockTower`): every term of its Eq. 9 is taken per token, its
+  four patches side by side (features, keys, values), the attention between tokens
+  summed over the key token's patches and averaged over the query token's, and the
+  received attention in CLS attention's place. A block sees only the kept patches, each
+  at its own rotary position, in its attention window (Qwen2.5-VL) or the image, cut to
+  the kept patches.
 * **Inside the LLM** (FastV, RCP) images reach the decoder unpruned and the decisions
   take rows out of the batch; a kept row keeps its own M-RoPE position (the decoder loop
   gathers the [3, T] positions with the rows).
@@ -73,14 +80,14 @@ def _without_merger(visual, width: int):
 PROBE_CHUNK = 256
 
 
-class LastAttention:
-    """The last vision block's rotated queries and keys (and values), captured while the
-    encoder runs once: vLLM's attention kernel receives them, transformers' attention
-    module gets its input, from which they are computed as it computes them."""
+class BlockAttention:
+    """A vision block's rotated queries and keys (and values), captured while the block
+    runs: vLLM's attention kernel receives them, transformers' attention module gets its
+    input, from which they are computed as it computes them."""
 
-    def __init__(self, visual):
+    def __init__(self, block):
         self.q = self.k = self.v = self.cu_seqlens = None
-        attn = visual.blocks[-1].attn
+        attn = block.attn
         kernel = getattr(attn, "attn", None)
         if isinstance(kernel, nn.Module):  # vLLM: query, key, value [1, S, H, d]
             self._handle = kernel.register_forward_pre_hook(self._from_kernel, with_kwargs=True)
@@ -109,23 +116,43 @@ class LastAttention:
         self.cu_seqlens = kwargs["cu_seqlens"]
 
 
-def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """[S]: the attention each patch receives, averaged over heads and over the S queries
-    (a query outside the patch's attention segment gives it 0). ``q``, ``k``: [S, H, d]
-    as the block's softmax(q k^T / sqrt(d)) sees them."""
+def _attention_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor):
+    """(rows, probs [H, rows, S]) chunk by chunk of queries: the block's softmax(q k^T /
+    sqrt(d)) within its attention segments (``cu_seqlens``), in float32."""
     s, _, d = q.shape
     qh, kh = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, S, d]
     segment = torch.zeros(s, dtype=torch.int64, device=q.device)
     segment[cu_seqlens[1:-1].long()] = 1
     segment = torch.cumsum(segment, 0)
-    total = torch.zeros(s, dtype=torch.float32, device=q.device)
     for start in range(0, s, PROBE_CHUNK):
         rows = slice(start, min(s, start + PROBE_CHUNK))
         scores = (qh[:, rows] @ kh.transpose(1, 2)) * d ** -0.5
         same = segment[rows, None] == segment[None, :]
-        probs = torch.softmax(scores.masked_fill(~same, float("-inf")), dim=-1)
+        yield rows, torch.softmax(scores.masked_fill(~same, float("-inf")), dim=-1)
+
+
+def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """[S]: the attention each patch receives, averaged over heads and over the S queries
+    (a query outside the patch's attention segment gives it 0). ``q``, ``k``: [S, H, d]
+    as the block's softmax(q k^T / sqrt(d)) sees them."""
+    total = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    for _, probs in _attention_rows(q, k, cu_seqlens):
         total += probs.sum(dim=(0, 1))
-    return total / (s * qh.shape[0])
+    return total / (q.shape[0] * q.shape[1])
+
+
+def unit_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, unit: int) -> Tensor:
+    """[M, M] head-averaged attention between merged tokens of ``unit`` patches each:
+    row I, column K is the attention unit I's patches pay unit K's patches, summed over
+    K's and averaged over I's (each row sums to 1, as a token's softmax row does)."""
+    s = q.shape[0]
+    m = s // unit
+    out = torch.zeros(m, m, dtype=torch.float32, device=q.device)
+    for rows, probs in _attention_rows(q, k, cu_seqlens):
+        to_units = probs.mean(0).view(-1, m, unit).sum(-1)  # [rows, M]
+        query_unit = torch.arange(rows.start, rows.stop, device=q.device) // unit
+        out.index_add_(0, query_unit, to_units)
+    return out / unit
 
 
 class EncoderTower:
@@ -158,7 +185,7 @@ class EncoderTower:
         return t * h // self.merge, w // self.merge
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        last = LastAttention(self.visual)
+        last = BlockAttention(self.visual.blocks[-1])
         try:
             with _without_merger(self.visual, self.width):
                 out = self._run(self.visual, pixel_values, self.grid_thw)
@@ -188,9 +215,205 @@ class EncoderTower:
     def agree(flag: bool) -> bool:
         return flag
 
+    def layered(self) -> "BlockTower":
+        """This image's encoder one block at a time, for methods inside it."""
+        return BlockTower(self)
+
     def project(self, windows: Tensor) -> Tensor:
         """The merger on [n, 4C] windows -> [n, D] LLM tokens (row by row)."""
         return self.visual.merger(windows.reshape(-1, 1, self.width // self.merge ** 2))
+
+
+class _Prologue(Exception):
+    """The first block's input and keyword arguments: all of the encoder's forward that a
+    block-by-block run needs (raised from the block's pre-hook to stop the forward)."""
+
+    def __init__(self, hidden: Tensor, kwargs: dict):
+        super().__init__("vision encoder stopped before its first block")
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+class _Placed(nn.Module):
+    """Stands in for the patch embedding: its output, and each patch's index in two more
+    columns (``hi * 256 + lo``, exact in any float dtype up to 65,536 patches), which the
+    encoder's window reordering carries to the patch's place in the blocks' order."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.embed(x)
+        if out.shape[0] > 256 * 256:
+            raise ValueError(f"vtprune: an image of {out.shape[0]} patches; at most 65536 "
+                             "can be pruned inside the Qwen-VL encoder")
+        place = torch.arange(out.shape[0], device=out.device)
+        return torch.cat([out, torch.stack([place // 256, place % 256], 1).to(out.dtype)], 1)
+
+
+def _prologue(visual, run, pixel_values: Tensor, grid_thw) -> tuple[Tensor, Tensor, dict]:
+    """The encoder's own forward up to its first block: that block's input ([S, C], vLLM
+    [S, 1, C]), the patch index of each of its rows, and its keyword arguments."""
+    def stop(module, args, kwargs):
+        raise _Prologue(args[0] if args else kwargs.pop("hidden_states"), kwargs)
+
+    embed = visual.patch_embed
+    visual.patch_embed = _Placed(embed)
+    handle = visual.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        run(visual, pixel_values, grid_thw)
+    except _Prologue as reached:
+        x, kwargs = reached.hidden, reached.kwargs
+    else:
+        raise RuntimeError("vtprune: the Qwen-VL encoder did not reach its first block")
+    finally:
+        handle.remove()
+        visual.patch_embed = embed
+    place = x.reshape(x.shape[0], -1)[:, -2:].round().long()
+    return x[..., :-2].contiguous(), place[:, 0] * 256 + place[:, 1], kwargs
+
+
+def _like(old, value: int):
+    """``value`` as ``old`` is given (a tensor of its dtype and device, or an int)."""
+    if isinstance(old, Tensor):
+        return torch.tensor(value, dtype=old.dtype, device=old.device)
+    return value
+
+
+class BlockTower:
+    """The Qwen2-VL / Qwen2.5-VL encoder one block at a time, for a method inside it
+    (DCP-Prune). Its tokens are the merged ones, each a row of its four patches side by
+    side ([1, M, 4C], the merger's input), in raster order whatever order the blocks
+    see them in. A block runs on the kept tokens' patches only, in the blocks' order
+    (Qwen2.5-VL's windows), each keeping its rotary position and its attention segment
+    (its window, or the whole image) cut to the kept patches; :meth:`keep` says which
+    tokens remain. The encoder's own forward supplies everything up to the first block,
+    so both transformers' and vLLM's encoders run through it."""
+
+    prefix = 0
+
+    def __init__(self, encoder: EncoderTower):
+        self.visual, self._run = encoder.visual, encoder._run
+        self.grid_thw, self.grid = encoder.grid_thw, encoder.grid
+        self.unit = encoder.merge ** 2
+        self.num_layers = len(self.visual.blocks)
+        full = getattr(self.visual, "fullatt_block_indexes", None)
+        self._full = None if full is None else {int(i) for i in full}
+        if self._full is not None and 0 in self._full:
+            raise ValueError("vtprune: a Qwen2.5-VL encoder whose first block attends to "
+                             "the whole image cannot be pruned inside (its windows are "
+                             "read from that block's arguments)")
+
+    agree = staticmethod(EncoderTower.agree)
+
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        x, place, self._kwargs = _prologue(self.visual, self._run, pixel_values,
+                                           self.grid_thw)
+        self._check_plain(self._kwargs, x.shape[0])
+        self._batched = x.dim() == 3  # vLLM's blocks take [S, 1, C]
+        raster = place.view(-1, self.unit)[:, 0] // self.unit  # each block slot's token
+        self._slot = torch.empty_like(raster)
+        self._slot[raster] = torch.arange(raster.shape[0], device=raster.device)
+        self._origins = None
+        return x.reshape(raster.shape[0], -1)[self._slot][None]
+
+    def keep(self, origins: Tensor) -> None:
+        """The tokens the next layers receive: :meth:`embed`'s tokens ``origins``
+        (ascending)."""
+        self._origins = origins
+
+    def layer(self, i: int, hidden: Tensor) -> Tensor:
+        x, order, kwargs = self._block_inputs(i, hidden)
+        return self._raster(self.visual.blocks[i](x, **kwargs), order)
+
+    def layer_probed(self, i: int, hidden: Tensor):
+        """Block ``i`` once, with the residual stream after its attention and a probe per
+        token: the attention its patches receive (averaged over heads and queries,
+        summed over the four), the head-averaged token-to-token attention
+        (:func:`unit_attention`), its patches' keys and values side by side."""
+        from vllm_vtprune.pipeline import Probe
+
+        x, order, kwargs = self._block_inputs(i, hidden)
+        block = self.visual.blocks[i]
+        qkv, attended = BlockAttention(block), []
+        handle = block.attn.register_forward_hook(lambda m, a, out: attended.append(out))
+        try:
+            out = block(x, **kwargs)
+        finally:
+            qkv.remove()
+            handle.remove()
+        back = torch.argsort(order)
+        probe = Probe(
+            cls_attn=None,
+            keys=self._side_by_side(qkv.k)[:, back],
+            values=self._side_by_side(qkv.v)[:, back],
+            attn=unit_attention(qkv.q, qkv.k, qkv.cu_seqlens, self.unit)[back][:, back],
+            received=received_attention(qkv.q, qkv.k, qkv.cu_seqlens).view(
+                -1, self.unit).sum(1)[back])
+        return self._raster(x + attended[0], order), self._raster(out, order), probe
+
+    def _side_by_side(self, per_patch: Tensor) -> Tensor:
+        """[S, H, d] -> [H, S / unit, unit * d]: a token's patches side by side."""
+        s, h, d = per_patch.shape
+        return per_patch.reshape(s // self.unit, self.unit, h, d).permute(2, 0, 1, 3).reshape(
+            h, s // self.unit, self.unit * d)
+
+    def _block_inputs(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, dict]:
+        """The kept tokens' patches in the blocks' order ([S', C] or [S', 1, C]), which
+        row of ``hidden`` each token of that order is, and block ``i``'s arguments cut to
+        those patches."""
+        origins = self._origins
+        if origins is None:
+            origins = torch.arange(hidden.shape[1], device=self._slot.device)
+        slots = self._slot[origins.to(self._slot.device)]
+        order = torch.argsort(slots)
+        rows = (slots[order, None] * self.unit
+                + torch.arange(self.unit, device=slots.device)).flatten()
+        x = hidden[0][order.to(hidden.device)].reshape(rows.shape[0], -1)
+        return (x[:, None] if self._batched else x), order.to(hidden.device), self._cut(i, rows)
+
+    def _raster(self, out: Tensor, order: Tensor) -> Tensor:
+        units = out.reshape(order.shape[0], -1)
+        result = torch.empty_like(units)
+        result[order] = units
+        return result[None]
+
+    def _segments(self, i: int) -> Tensor:
+        """Block ``i``'s attention segments over every patch (blocks' order): the first
+        block's (every block's on Qwen2-VL; the windows on Qwen2.5-VL), or one per frame
+        for Qwen2.5-VL's full-attention blocks."""
+        cu = self._kwargs["cu_seqlens"]
+        if self._full is None or i not in self._full:
+            return cu
+        frames = int(self.grid_thw[0])
+        return torch.arange(frames + 1, dtype=cu.dtype, device=cu.device) * (int(cu[-1]) // frames)
+
+    def _cut(self, i: int, rows: Tensor) -> dict:
+        """Block ``i``'s keyword arguments for the patches ``rows`` (ascending, blocks'
+        order): segments counted over the kept patches (empty ones dropped), rotary
+        tables taken at the kept rows."""
+        kwargs = dict(self._kwargs)
+        full = self._segments(i)
+        cu = torch.searchsorted(rows.to(full.device), full.to(torch.int64))
+        cu = torch.unique_consecutive(cu).to(full.dtype)
+        kwargs["cu_seqlens"] = cu
+        if isinstance(kwargs.get("max_seqlen"), (int, Tensor)) and int(kwargs["max_seqlen"]):
+            kwargs["max_seqlen"] = _like(kwargs["max_seqlen"], int((cu[1:] - cu[:-1]).max()))
+        if "position_embeddings" in kwargs:  # transformers: (cos, sin) [S, d]
+            kwargs["position_embeddings"] = tuple(
+                t[rows.to(t.device)] for t in kwargs["position_embeddings"])
+        for name in ("rotary_pos_emb_cos", "rotary_pos_emb_sin"):  # vLLM
+            if name in kwargs:
+                kwargs[name] = kwargs[name][rows.to(kwargs[name].device)]
+        return kwargs
+
+    @staticmethod
+    def _check_plain(kwargs: dict, num_patches: int) -> None:
+        if (int(kwargs["cu_seqlens"][-1]) != num_patches
+                or kwargs.get("sequence_lengths") is not None):
+            raise ValueError("vtprune: this encoder attention backend's sequence offsets "
+                             "are not plain patch counts; pruning inside the Qwen-VL "
+                             "encoder needs them")
 
 
 def _embed_dim(vision_config) -> int:
@@ -236,8 +459,9 @@ def _question_ids(tokenizer, prompt_ids: list[int]) -> list[int]:
     return llava_family.question_ids(tokenizer, prompt_ids)
 
 
-# "cls_attention": the attention each token receives stands in for it (EncoderTower)
-PROVIDES = frozenset({"text", "llm_attention", "cls_attention", "keys"})
+# "cls_attention": the attention each token receives stands in for it (EncoderTower,
+# BlockTower); "encoder_layers": BlockTower runs the encoder one block at a time
+PROVIDES = frozenset({"text", "llm_attention", "cls_attention", "keys", "encoder_layers"})
 #: ResPrune's text-gate strength on Qwen2.5-VL ("ResPrune: Text-Conditioned Subspace
 #: Reconstruction for Visual Token Pruning", arXiv 2603.21105, Sec. IV-A1 and Table V:
 #: its denser tokens want a weaker gate than LLaVA's 0.75); Qwen2-VL has the same kind of

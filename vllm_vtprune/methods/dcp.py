@@ -512,8 +512,9 @@ def prune(ctx) -> "PrunedImage":
     shrinking uniformly to the budget (Sec. 3.2), the last one switching to TATCS when
     kappa > delta (Sec. 3.3); TATCS compares projector outputs with the noun embeddings.
 
-    ``ctx.tower`` runs one layer at a time; its ``prefix`` tokens (CLS) are carried
-    through every stage unpruned, and its ``grid`` gives the patch positions of Eq. 3.
+    ``ctx.tower`` runs one layer at a time and follows each stage's kept patches
+    (``keep``); its ``prefix`` tokens (CLS) are carried through every stage unpruned,
+    and its ``grid`` gives the patch positions of Eq. 3.
     ``ctx.candidates`` (a LLaVA-NeXT tile's patches that survive unpadding) rank before
     the rest at every stage, so the budget, at most their count, keeps only them; the
     others still run through the layers and recover into the anchors (Eq. 4).
@@ -536,9 +537,8 @@ def prune(ctx) -> "PrunedImage":
             continue
         x_att, x_out, probe = tower.layer_probed(i, h)
         y = check_tokens(x_out[0, p:], f"vision tower layer {i} output")
-        scores = StageScores(probe.cls_attn[:, p:] if probe.cls_attn is not None else None,
-                             h[0, p:].float(), x_att[0, p:].float(), probe.attn[p:, p:],
-                             probe.values[:, p:])
+        scores = StageScores(_cls_attention(probe, p), h[0, p:].float(),
+                             x_att[0, p:].float(), probe.attn[p:, p:], probe.values[:, p:])
         if stage == len(targets) - 1:
             kept, new = _last_stage(y, targets[stage], positions, scores, graph, ctx.text,
                                     float(ctx.option("delta")),
@@ -548,8 +548,19 @@ def prune(ctx) -> "PrunedImage":
             kept, new = _stage(y, targets[stage], positions, scores, graph, candidates)
         positions, origin = positions[kept], origin[kept]
         candidates = candidates[kept] if candidates is not None else None
+        tower.keep(origin)
         h = torch.cat([x_out[:, :p], new[None].to(h.dtype)], dim=1)
     return PrunedImage.merged(ctx.project(h[0, p:]), origin)
+
+
+def _cls_attention(probe, prefix: int) -> Tensor | None:
+    """Eq. 10's CLS attention to the patches; on a tower without CLS (Qwen-VL) the
+    attention each token receives, averaged over heads and queries, in its place: the
+    paper evaluates Qwen2-VL (Table 4) without naming a substitute, and this is the one
+    VisionZip and Polymorphic use on that family (Eq. 11 normalises either alike)."""
+    if probe.cls_attn is not None:
+        return probe.cls_attn[:, prefix:]
+    return probe.received
 
 
 class Graph(NamedTuple):
