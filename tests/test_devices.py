@@ -134,8 +134,8 @@ def _assert_same(want, got, other, max_flipped=0.0):
 FAMILY_SPECS = {"llava_next": ["none", "resprune:0.05", "visionzip:48", "dcp:48",
                                "fastv:0.05", "polymorphic:48"],
                 "qwen2_vl": ["none", "resprune:0.25", "divprune:8", "visionzip:0.25",
-                             "fastv:0.25", "polymorphic:0.25"],
-                "qwen2_5_vl": ["resprune:0.25", "visionzip:8", "fastv:8"]}
+                             "fastv:0.25", "polymorphic:0.25", "dcp:0.25"],
+                "qwen2_5_vl": ["resprune:0.25", "visionzip:8", "fastv:8", "dcp:8"]}
 PROMPTS = {"llava_next": "USER: <image>\n{q} ASSISTANT:",
            "qwen2_vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}"
                        "<|im_end|>\n<|im_start|>assistant\n"}

@@ -56,7 +56,8 @@ def test_unpruned_answer_and_positions_are_transformers_own(reference):
     assert torch.equal(reference.positions(ids, pruned), expected[:, 0])
 
 
-@pytest.mark.parametrize("spec", ["resprune:0.25", "divprune:16", "random:0.5", "resprune:1000"])
+@pytest.mark.parametrize("spec", ["resprune:0.25", "divprune:16", "random:0.5", "resprune:1000",
+                                  "dcp:0.25", "dcp:5,delta=0"])
 def test_pruned_images_keep_the_budget(reference, spec):
     parsed = spec_mod.parse(spec)
     image = _image()
@@ -191,3 +192,121 @@ def test_visionzip_without_cls_keeps_the_most_attended_tokens(reference):
     # the 12th and 13th differ by more than two CPUs' rounding, or the choice is a tie
     assert (ranked.values[11] - ranked.values[12]) / ranked.values[11] > 1e-4
     assert pruned[0].origins.tolist() == sorted(ranked.indices[:12].tolist())
+
+
+def _first_block_inputs(reference, image):
+    """Block 0's input (blocks' order) and arguments, from transformers' own forward."""
+    visual = reference.model.model.visual
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs, hidden=args[0])
+
+    patches, grid_thw = reference.pixel_values([image])[0]
+    handle = visual.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            reference.tower.for_image(grid_thw).embed(patches)
+    finally:
+        handle.remove()
+    return captured, patches, grid_thw
+
+
+def _window_index(visual, grid_thw):
+    """transformers' window order (raster token of each slot) and window segments."""
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(torch.tensor([grid_thw]),
+                                   spatial_merge_size=visual.spatial_merge_size,
+                                   window_size=visual.window_size, patch_size=visual.patch_size)
+
+
+def _masked_block(block, x, cos_sin, segment, keep):
+    """A block on every patch ([S, C], blocks' order) with attention only within a
+    segment and only to kept keys: a kept patch's outputs as if the others were absent.
+    Returns the stream after attention, after the MLP, and the softmax [H, S, S]."""
+    import sys
+
+    attn, s = block.attn, x.shape[0]
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    q, k, v = attn.qkv(block.norm1(x)).reshape(s, 3, attn.num_heads, -1).permute(
+        1, 0, 2, 3).unbind(0)
+    q, k = rotate(q, k, *cos_sin)
+    q, k, v = (t.transpose(0, 1).float() for t in (q, k, v))
+    allowed = (segment[:, None] == segment[None, :]) & keep[None, :]
+    scores = (q @ k.transpose(1, 2)) / q.shape[-1] ** 0.5
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    x_att = x + attn.proj((probs @ v).transpose(0, 1).reshape(s, -1))
+    return x_att, x_att + block.mlp(block.norm2(x_att)), probs
+
+
+def _segments(cu, s):
+    return torch.bucketize(torch.arange(s), cu[1:].long(), right=True)
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_blocks_on_kept_tokens_are_blocks_that_mask_the_others(reference, block):
+    """A block run on 40 of 108 merged tokens (BlockTower) gives each kept patch what the
+    whole block gives it when attention to the dropped patches is masked out, within
+    transformers' own segments (Qwen2.5-VL: block 0 a window, block 1 the whole image),
+    each at its own rotary position; its probe is that softmax summed per token."""
+    visual = reference.model.model.visual
+    captured, patches, grid_thw = _first_block_inputs(reference, _image((336, 252)))
+    x, s = captured["hidden"], captured["hidden"].shape[0]
+    units = s // 4
+    if hasattr(visual, "window_size"):
+        window_index, cu_windows = _window_index(visual, grid_thw)
+        full = block in visual.fullatt_block_indexes
+        segment = torch.zeros(s, dtype=torch.long) if full else _segments(cu_windows, s)
+    else:
+        window_index, segment = torch.arange(units), torch.zeros(s, dtype=torch.long)
+    kept = torch.sort(torch.randperm(units, generator=torch.Generator().manual_seed(5))[:40]).values
+    keep = torch.isin(window_index, kept).repeat_interleave(4)
+    back = torch.argsort(window_index)  # blocks' order -> raster order of tokens
+
+    with torch.no_grad():
+        ref_att, ref_out, probs = _masked_block(visual.blocks[block], x,
+                                                captured["position_embeddings"], segment, keep)
+        tower = reference.tower.for_image(grid_thw).layered()
+        hidden = tower.embed(patches)
+        tower.keep(kept)
+        x_att, x_out, probe = tower.layer_probed(block, hidden[:, kept])
+        plain = tower.layer(block, hidden[:, kept])
+
+    def raster(t):  # [S, ...] blocks' order -> [kept tokens, 4 * ...]
+        return t.reshape(units, -1)[back][kept]
+
+    torch.testing.assert_close(x_att[0], raster(ref_att), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_out[0], raster(ref_out), rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain, x_out)
+    mean = probs.mean(0)  # [S, S]
+    to_units = mean.view(s, units, 4).sum(-1)[keep]  # kept queries -> every token
+    query_units = torch.arange(s)[keep] // 4
+    attn = torch.zeros(units, units).index_add_(0, query_units, to_units) / 4
+    torch.testing.assert_close(probe.attn, attn[back][:, back][kept][:, kept],
+                               rtol=1e-5, atol=1e-7)
+    received = mean[keep].mean(0).view(units, 4).sum(-1)
+    torch.testing.assert_close(probe.received, received[back][kept], rtol=1e-5, atol=1e-7)
+    # the masking and the segments matter at these margins
+    _, unmasked, _ = _masked_block(visual.blocks[block], x, captured["position_embeddings"],
+                                   segment, torch.ones(s, dtype=torch.bool))
+    assert (raster(unmasked) - x_out[0]).abs().max() > 1e-3
+    if segment.max() > 0:
+        _, one, _ = _masked_block(visual.blocks[block], x, captured["position_embeddings"],
+                                  torch.zeros(s, dtype=torch.long), keep)
+        assert (raster(one) - x_out[0]).abs().max() > 1e-3
+
+
+def test_blocks_one_by_one_unpruned_are_the_encoder(reference):
+    """Every block run by BlockTower on every token, then the merger: transformers' own
+    image features, bit for bit."""
+    image = _image((280, 420))
+    patches, grid_thw = reference.pixel_values([image])[0]
+    encoder = reference.tower.for_image(grid_thw)
+    with torch.no_grad():
+        expected = encoder.project(encoder.embed(patches)[0])
+        tower = encoder.layered()
+        hidden = tower.embed(patches)
+        for i in range(tower.num_layers):
+            hidden = tower.layer(i, hidden)
+        assert torch.equal(encoder.project(hidden[0]), expected)

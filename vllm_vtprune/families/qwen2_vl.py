@@ -235,12 +235,19 @@ class _Prologue(Exception):
 
 class _Placed(nn.Module):
     """Stands in for the patch embedding: its output, and each patch's index in two more
-    columns (``hi * 256 + lo``, exact in any float dtype up to 65,536 patches), which the
-    encoder's window reordering carries to the patch's place in the blocks' order."""
+    columns (``hi * 256 + lo``, exact in any float dtype up to 65,536 patches), which
+    the encoder's window reordering carries to the patch's place in the blocks' order.
+    (A stand-in, not a hook: vLLM's compilable modules skip their hooks.)"""
 
     def __init__(self, embed: nn.Module):
         super().__init__()
         self.embed = embed
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the encoder reads its device and dtype off the embedding
+            return getattr(self.embed, name)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.embed(x)
@@ -251,15 +258,18 @@ class _Placed(nn.Module):
         return torch.cat([out, torch.stack([place // 256, place % 256], 1).to(out.dtype)], 1)
 
 
+class _Stop(nn.Module):
+    """Stands in for the first block: stops the encoder's forward with its arguments."""
+
+    def forward(self, hidden: Tensor, *args, **kwargs):
+        raise _Prologue(hidden, kwargs)
+
+
 def _prologue(visual, run, pixel_values: Tensor, grid_thw) -> tuple[Tensor, Tensor, dict]:
     """The encoder's own forward up to its first block: that block's input ([S, C], vLLM
     [S, 1, C]), the patch index of each of its rows, and its keyword arguments."""
-    def stop(module, args, kwargs):
-        raise _Prologue(args[0] if args else kwargs.pop("hidden_states"), kwargs)
-
-    embed = visual.patch_embed
-    visual.patch_embed = _Placed(embed)
-    handle = visual.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    embed, first = visual.patch_embed, visual.blocks[0]
+    visual.patch_embed, visual.blocks[0] = _Placed(embed), _Stop()
     try:
         run(visual, pixel_values, grid_thw)
     except _Prologue as reached:
@@ -267,8 +277,7 @@ def _prologue(visual, run, pixel_values: Tensor, grid_thw) -> tuple[Tensor, Tens
     else:
         raise RuntimeError("vtprune: the Qwen-VL encoder did not reach its first block")
     finally:
-        handle.remove()
-        visual.patch_embed = embed
+        visual.patch_embed, visual.blocks[0] = embed, first
     place = x.reshape(x.shape[0], -1)[:, -2:].round().long()
     return x[..., :-2].contiguous(), place[:, 0] * 256 + place[:, 1], kwargs
 
