@@ -13,13 +13,15 @@ shift $(( $# < 3 ? $# : 3 ))
 [ "${1:-}" = "--" ] && shift
 models=${VTPRUNE_MODELS:-/tmp/vtprune-models}
 port=${PORT:-8311}
+# LLaVA-1.5 positions stop at 2048; a LLaVA-NeXT image alone can take 2,928 tokens
+max_len=$([ "$family" = llava ] && echo 2048 || echo 8192)
 py=.venv/bin/python
 # on CPU vLLM reserves KV-cache space in host RAM (GiB); its default takes 92 % of it
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 [ -d "$models/$family" ] || $py -m vllm_vtprune.embedded.build --family "$family" --out "$models/$family"
 log=$(mktemp)
 .venv/bin/vllm serve "$models/$family" --vtprune "$server_spec" --served-model-name m \
-  --port "$port" --max-model-len 8192 --enforce-eager "$@" >"$log" 2>&1 &
+  --port "$port" --max-model-len "$max_len" --enforce-eager "$@" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$log"' EXIT
 until curl -sf "localhost:$port/health" >/dev/null; do
