@@ -8,8 +8,13 @@ each configuration's generate time and its ratio to the full-token run. With
 (one request at a time), which also runs the methods inside the LLM (FastV).
 
     python bench/accuracy.py --quick              # ~2 min: 40 questions, 4 methods at 64
-    python bench/accuracy.py [--num 200] [--budgets 576,192,128,64,32,16] [--methods ...]
-        [--split standard|hard] [--path vllm|transformers] [--json F] [--plot F.png]
+    python bench/accuracy.py [--num 200] [--budgets 192,128,64,32,16] [--methods ...]
+        [--split standard|hard] [--path vllm|transformers] [--json F [--resume]]
+        [--plot F.png]
+
+A long table goes in chunks: ``--json F --resume`` saves after every configuration and
+runs only what ``F`` does not hold yet (the full-tokens run included), so a run killed
+or stopped by ``--methods`` is continued by the next with the same ``--json``.
 
 Every served method runs by default (``random`` included); RCP with the modules shipped
 for the embedded model, or untrained ones where none are shipped (labelled so).
@@ -149,7 +154,7 @@ def plot(results: dict, full: dict, budgets: list[int], args) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(full["accuracy"], color="black", linewidth=2, label="full tokens (576)")
     for method, by_budget in results.items():
-        ax.plot(budgets, [by_budget[b]["accuracy"] for b in budgets], marker="o",
+        ax.plot(budgets, [by_budget[str(b)]["accuracy"] for b in budgets], marker="o",
                 label=args.labels.get(method, method))
     ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -161,6 +166,36 @@ def plot(results: dict, full: dict, budgets: list[int], args) -> None:
     fig.savefig(args.plot, dpi=110)
 
 
+def _identity(args) -> dict:
+    """What makes two runs' numbers one table: the checkpoint (by its directory's name,
+    the same in any clone), split, questions, path."""
+    return {"model": os.path.basename(os.path.normpath(_model())), "split": args.split,
+            "num": args.num, "path": args.path}
+
+
+def _resumed(args) -> dict | None:
+    """With --resume, what an earlier run of the same table saved to --json (its full
+    tokens run and every finished configuration), else None."""
+    if not (args.resume and args.json and os.path.exists(args.json)):
+        return None
+    with open(args.json) as f:
+        saved = json.load(f)
+    theirs = {k: saved.get(k) for k in _identity(args)}
+    if theirs != _identity(args):
+        raise SystemExit(f"--resume: {args.json} holds another table ({theirs}); this run "
+                         f"is {_identity(args)}")
+    return saved
+
+
+def _save(args, full: dict, results: dict) -> None:
+    """Every finished configuration, after each one (a killed run loses only the one
+    it was in)."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_identity(args) | {"full": full, "methods": results,
+                                         "labels": args.labels}, f, indent=2)
+
+
 def main() -> None:
     from vllm_vtprune import registry
 
@@ -168,7 +203,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--model", default=None,
                    help="a ShapesVQA LLaVA checkpoint directory (default: the embedded model)")
-    p.add_argument("--budgets", default="576,192,128,64,32,16")
+    p.add_argument("--budgets", default="192,128,64,32,16")
     p.add_argument("--path", choices=("vllm", "transformers"), default="vllm",
                    help="vllm (served methods) or the transformers reference path "
                         "(also methods inside the LLM that have a reference plan)")
@@ -177,7 +212,11 @@ def main() -> None:
     p.add_argument("--split", default="standard", help="ShapesVQA split: standard or hard")
     p.add_argument("--quick", action="store_true",
                    help="40 questions, resprune, divprune, random and fastv at 64")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None,
+                   help="also write the results here, after every configuration")
+    p.add_argument("--resume", action="store_true",
+                   help="take the full tokens run and the configurations --json already "
+                        "holds for this model, split, --num and path; run the rest")
     p.add_argument("--plot", default=None, help="PNG of accuracy against visual tokens")
     p.add_argument("--option", action="append", default=[],
                    help="METHOD:key=value added to that method's specs (repeatable), "
@@ -202,11 +241,13 @@ def main() -> None:
         runs = [n for n, m in registry.methods().items()
                 if m.served or (args.path == "transformers" and m.llm_plan is not None)]
         args.methods = ",".join(runs)
+    saved = _resumed(args)
     answers = vllm_answers() if args.path == "vllm" else transformers_answers()
     pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
     run(answers, pairs[:8], "none")  # warm-up
-    full = run(answers, pairs, "none")
-    results: dict[str, dict[int, dict]] = {}
+    full = saved["full"] if saved else run(answers, pairs, "none")
+    results: dict[str, dict[str, dict]] = saved["methods"] if saved else {}
+    args.labels.update(saved["labels"] if saved else {})
     budgets = [int(b) for b in args.budgets.split(",")]
     print(f"full tokens: accuracy {full['accuracy']:.3f} per type "
           + json.dumps({k: round(v, 3) for k, v in full["per_type"].items()})
@@ -214,26 +255,27 @@ def main() -> None:
     print("| method | " + " | ".join(f"{b} acc (retained)" for b in budgets) + " |")
     print("|" + "---|" * (len(budgets) + 1))
     for method in args.methods.split(","):
-        cells = []
-        answers(pairs[:2], spec_for(method, budgets[0], args))  # off the clock: engine start
-        for b in budgets:
+        done = results.setdefault(method, {})
+        todo = [b for b in budgets if str(b) not in done]
+        if todo:  # off the clock: engine start
+            answers(pairs[:2], spec_for(method, todo[0], args))
+        for b in todo:
             spec = spec_for(method, b, args)
-            r = results.setdefault(method, {})[b] = run(answers, pairs, spec) | {"spec": spec}
-            cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
-                         f"time x{r['seconds'] / full['seconds']:.2f})")
+            done[str(b)] = run(answers, pairs, spec) | {"spec": spec}
+            _save(args, full, results)
         if method == "rcp" and getattr(args, "rcp_label", None):
             args.labels[method] = args.rcp_label
+        cells = [f"{r['accuracy']:.3f} ({r['accuracy'] / full['accuracy']:.0%}, "
+                 f"time x{r['seconds'] / full['seconds']:.2f})"
+                 for r in (done[str(b)] for b in budgets)]
         print(f"| {args.labels.get(method, method)} | " + " | ".join(cells) + " |", flush=True)
+    _save(args, full, results)
+    shown = args.methods.split(",")
     print("\nper question type (accuracy at each budget; full tokens first):")
     for qtype in full["per_type"]:
         print(f"  {qtype:9} full {full['per_type'][qtype]:.2f} | " + " | ".join(
-            f"{m} " + " ".join(f"{results[m][b]['per_type'].get(qtype, 0):.2f}" for b in budgets)
-            for m in results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"split": args.split, "num": args.num, "path": args.path, "full": full,
-                       "methods": {args.labels.get(m, m): {str(b): r for b, r in v.items()}
-                                   for m, v in results.items()}}, f, indent=2)
+            f"{m} " + " ".join(f"{results[m][str(b)]['per_type'].get(qtype, 0):.2f}"
+                               for b in budgets) for m in shown))
     if args.plot:
         plot(results, full, budgets, args)
         print(f"plot: {args.plot}")
