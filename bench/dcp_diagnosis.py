@@ -1,0 +1,183 @@
+"""Why DCP-Prune loses accuracy on a ShapesVQA LLaVA: its choice, or its pruning inside
+the tower? Measured on the transformers reference path, same questions for every row:
+
+* ``dcp``: DCP as served (an ACGR stage after every second tower layer, TATCS at the
+  last when kappa > delta);
+* ``dcp choice, full context``: the patches DCP keeps, read from the unpruned tower's
+  feature layer instead (what the LLM would get had the tower seen every patch);
+* ``dcp one stage``: DCP's last stage (Eq. 9 scores, Eq. 4 recovery, TATCS) once, on the
+  unpruned feature layer;
+* ``cls top-k``: the K patches the CLS query attends to most at the feature layer;
+* ``random``: K patches drawn uniformly (seeded per image).
+
+It also prints how far DCP's tokens drift from the same patches read from the unpruned
+tower (mean cosine, after the projector), and where the CLS query looks: the share of its attention (feature layer and
+every DCP stage layer, head-averaged) that falls on patches an object or distractor
+touches, against those patches' share of the grid.
+
+    python bench/dcp_diagnosis.py [--model DIR] [--split hard] [--num 100]
+        [--budgets 64,16] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+PATCH = 14
+
+
+def _prompt(question: str) -> str:
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def object_patches(sample, grid: int = 24) -> torch.Tensor:
+    """[grid * grid] bool: patches an object's or distractor's box overlaps."""
+    hit = torch.zeros(grid, grid, dtype=torch.bool)
+    for obj in sample.objects + sample.distractors:
+        x0, y0, x1, y1 = obj.box
+        hit[max(y0, 0) // PATCH:min(y1 - 1, grid * PATCH - 1) // PATCH + 1,
+            max(x0, 0) // PATCH:min(x1 - 1, grid * PATCH - 1) // PATCH + 1] = True
+    return hit.flatten()
+
+
+class Diagnosis:
+    def __init__(self, path: str):
+        from vllm_vtprune.hf import HfReference
+
+        self.ref = HfReference.load(path)
+        self.tower = self.ref.tower
+        self.project = self.ref.model.model.multi_modal_projector
+
+    @torch.no_grad()
+    def answer(self, question: str, feats: torch.Tensor) -> str:
+        from vllm_vtprune.hf import _expand
+
+        ref = self.ref
+        ids = _expand(ref.tokenizer(_prompt(question)).input_ids, ref.image_token_id,
+                      [feats.shape[0]])
+        out: list[int] = []
+        for _ in range(4):
+            nxt = int(torch.argmax(ref._last_logits(ids + out, feats)))
+            if nxt == ref.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+        return ref.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def layers(self, pixels: torch.Tensor):
+        """Every layer's input [1, 577, C] up to the feature layer's, and its output."""
+        h = self.tower.embed(pixels)
+        inputs = []
+        for i in range(self.tower.num_layers):
+            inputs.append(h)
+            h = self.tower.layer(i, h)
+        return inputs, h
+
+    @torch.no_grad()
+    def cls_attention(self, layer_input: torch.Tensor, i: int) -> torch.Tensor:
+        """[576] head-averaged CLS attention to the patches at layer ``i``."""
+        return self.tower.probe(i, layer_input).cls_attn.float().mean(0)[1:]
+
+    @torch.no_grad()
+    def one_stage(self, inputs, out, k: int, text) -> torch.Tensor:
+        """DCP's last stage once, on the unpruned feature layer: [k, D] LLM tokens."""
+        from vllm_vtprune.methods import dcp
+
+        last = self.tower.num_layers - 1
+        x_att, x_out, probe = self.tower.layer_probed(last, inputs[last])
+        y = x_out[0, 1:].float()
+        scores = dcp.StageScores(probe.cls_attn[:, 1:], inputs[last][0, 1:].float(),
+                                 x_att[0, 1:].float(), probe.attn[1:, 1:], probe.values[:, 1:])
+        positions = dcp.grid_positions(y.shape[0])
+        _, new = dcp._last_stage(y, k, positions, scores, dcp.Graph(dcp.K_N, dcp.TAU, dcp.ALPHA),
+                                 text, dcp.DELTA, lambda: self.project(x_out[0, 1:]).float())
+        return self.project(new.to(x_out.dtype))
+
+
+def text_of(diag: Diagnosis, question: str):
+    from vllm_vtprune import pipeline
+    from vllm_vtprune.families import llava
+
+    ref = diag.ref
+    ids = pipeline.noun_ids(ref.tokenizer,
+                            llava.question_ids(ref.tokenizer,
+                                               ref.tokenizer(_prompt(question)).input_ids),
+                            {ref.image_token_id})
+    return ref.model.get_input_embeddings()(torch.tensor(ids)) if ids else None
+
+
+def main(argv=None) -> None:
+    from vllm_vtprune import spec as spec_mod
+    from vllm_vtprune.data import shapes_vqa as sv
+    from vllm_vtprune.embedded import model_path
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="default: the embedded model")
+    p.add_argument("--split", default="hard")
+    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--budgets", default="64,16")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    diag = Diagnosis(args.model or model_path())
+    split = sv.split_of(args.split)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    stage_layers = [i for i in range(diag.tower.num_layers) if (i + 1) % 2 == 0]
+    correct: dict[str, int] = {}
+    drift: dict[int, float] = {}  # mean cosine of DCP's tokens to the same full-context ones
+    share = {"objects": 0.0, **{f"layer {i}": 0.0 for i in stage_layers}}
+    started, n, index = time.perf_counter(), 0, 20_000
+    while n < args.num:
+        sample = sv.make_sample(split.heldout_seed, index, split=split)
+        index += 1
+        qa = sample.qas[n % len(sample.qas)]
+        pixels = diag.ref.pixel_values([sample.image])
+        inputs, out = diag.layers(pixels)
+        full = diag.project(out[0, 1:])
+        on = object_patches(sample)
+        share["objects"] += on.float().mean().item()
+        for i in stage_layers:
+            a = diag.cls_attention(inputs[i], i)
+            share[f"layer {i}"] += (a[on].sum() / a.sum()).item()
+        text = text_of(diag, qa.question)
+        cls = diag.cls_attention(inputs[-1], diag.tower.num_layers - 1)
+        rows = {"full": full}
+        for k in budgets:
+            _, pruned = diag.ref.generate(_prompt(qa.question), [sample.image],
+                                          spec_mod.parse(f"dcp:{k}"), max_new_tokens=0)
+            rows[f"dcp {k}"] = pruned[0].tokens
+            drift[k] = drift.get(k, 0.0) + torch.nn.functional.cosine_similarity(
+                pruned[0].tokens.float(), full[pruned[0].origins].float(), dim=-1).mean().item()
+            rows[f"dcp choice, full context {k}"] = full[pruned[0].origins]
+            rows[f"dcp one stage {k}"] = diag.one_stage(inputs, out, k, text)
+            rows[f"cls top-k {k}"] = full[torch.sort(torch.topk(cls, k).indices).values]
+            g = torch.Generator().manual_seed(index)
+            rows[f"random {k}"] = full[torch.sort(torch.randperm(576, generator=g)[:k]).values]
+        for name, feats in rows.items():
+            correct[name] = correct.get(name, 0) + (diag.answer(qa.question, feats) == qa.answer)
+        n += 1
+    print(f"{args.num} {args.split} questions, {time.perf_counter() - started:.0f} s")
+    print("| tokens | accuracy |\n|---|---|")
+    for name, c in correct.items():
+        print(f"| {name} | {c / args.num:.3f} |")
+    for k, total in drift.items():
+        print(f"DCP's {k} tokens against the same patches read from the unpruned tower: "
+              f"mean cosine {total / args.num:.3f}")
+    print("\nCLS attention on patches an object or distractor touches "
+          f"(those patches are {share['objects'] / args.num:.1%} of the grid):")
+    for i in stage_layers:
+        print(f"  layer {i + 1:2d} of {diag.tower.num_layers}: {share[f'layer {i}'] / args.num:.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"num": args.num, "split": args.split,
+                       "accuracy": {k: v / args.num for k, v in correct.items()},
+                       "dcp_cosine_to_full_context": {k: v / args.num for k, v in drift.items()},
+                       "cls_share_on_objects": {k: v / args.num for k, v in share.items()}},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
