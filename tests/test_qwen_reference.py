@@ -245,11 +245,15 @@ def _segments(cu, s):
 
 
 @pytest.mark.parametrize("block", [0, 1])
-def test_blocks_on_kept_tokens_are_blocks_that_mask_the_others(reference, block):
+def test_blocks_on_kept_tokens_are_blocks_that_mask_the_others(reference, block, monkeypatch):
     """A block run on 40 of 108 merged tokens (BlockTower) gives each kept patch what the
     whole block gives it when attention to the dropped patches is masked out, within
     transformers' own segments (Qwen2.5-VL: block 0 a window, block 1 the whole image),
-    each at its own rotary position; its probe is that softmax summed per token."""
+    each at its own rotary position; its probe is that softmax summed per token (chunked
+    over queries across tokens' boundaries)."""
+    from vllm_vtprune.families import qwen2_vl
+
+    monkeypatch.setattr(qwen2_vl, "PROBE_CHUNK", 7)
     visual = reference.model.model.visual
     captured, patches, grid_thw = _first_block_inputs(reference, _image((336, 252)))
     x, s = captured["hidden"], captured["hidden"].shape[0]

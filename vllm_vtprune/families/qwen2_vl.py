@@ -141,18 +141,23 @@ def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:
     return total / (q.shape[0] * q.shape[1])
 
 
-def unit_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor, unit: int) -> Tensor:
-    """[M, M] head-averaged attention between merged tokens of ``unit`` patches each:
-    row I, column K is the attention unit I's patches pay unit K's patches, summed over
-    K's and averaged over I's (each row sums to 1, as a token's softmax row does)."""
-    s = q.shape[0]
+def unit_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor,
+                   unit: int) -> tuple[Tensor, Tensor]:
+    """Over merged tokens of ``unit`` patches each, from one pass of the softmax:
+    [M, M] head-averaged attention between tokens (row I, column K: the attention unit
+    I's patches pay unit K's, summed over K's and averaged over I's, so each row sums to
+    1 as a token's softmax row does), and [M] the attention each token's patches receive,
+    averaged over heads and queries (:func:`received_attention`) and summed over them."""
+    s, heads = q.shape[0], q.shape[1]
     m = s // unit
-    out = torch.zeros(m, m, dtype=torch.float32, device=q.device)
+    between = torch.zeros(m, m, dtype=torch.float32, device=q.device)
+    received = torch.zeros(s, dtype=torch.float32, device=q.device)
     for rows, probs in _attention_rows(q, k, cu_seqlens):
+        received += probs.sum(dim=(0, 1))
         to_units = probs.mean(0).view(-1, m, unit).sum(-1)  # [rows, M]
         query_unit = torch.arange(rows.start, rows.stop, device=q.device) // unit
-        out.index_add_(0, query_unit, to_units)
-    return out / unit
+        between.index_add_(0, query_unit, to_units)
+    return between / unit, (received / (s * heads)).view(m, unit).sum(1)
 
 
 class EncoderTower:
@@ -352,13 +357,10 @@ class BlockTower:
             qkv.remove()
             handle.remove()
         back = torch.argsort(order)
-        probe = Probe(
-            cls_attn=None,
-            keys=self._side_by_side(qkv.k)[:, back],
-            values=self._side_by_side(qkv.v)[:, back],
-            attn=unit_attention(qkv.q, qkv.k, qkv.cu_seqlens, self.unit)[back][:, back],
-            received=received_attention(qkv.q, qkv.k, qkv.cu_seqlens).view(
-                -1, self.unit).sum(1)[back])
+        between, received = unit_attention(qkv.q, qkv.k, qkv.cu_seqlens, self.unit)
+        probe = Probe(cls_attn=None, keys=self._side_by_side(qkv.k)[:, back],
+                      values=self._side_by_side(qkv.v)[:, back],
+                      attn=between[back][:, back], received=received[back])
         return self._raster(x + attended[0], order), self._raster(out, order), probe
 
     def _side_by_side(self, per_patch: Tensor) -> Tensor:
