@@ -8,7 +8,9 @@ the tower? Measured on the transformers reference path, same questions for every
 * ``dcp one stage``: DCP's last stage (Eq. 9 scores, Eq. 4 recovery, TATCS) once, on the
   unpruned feature layer;
 * ``cls top-k``: the K patches the CLS query attends to most at the feature layer;
-* ``random``: K patches drawn uniformly (seeded per image).
+* ``random``: K patches drawn uniformly (seeded per image);
+* ``random inside the tower``: patches dropped at random on DCP's schedule inside the
+  tower (what pruning inside the tower costs whatever the choice).
 
 It also prints how far DCP's tokens drift from the same patches read from the unpruned
 tower (mean cosine, after the projector), and where the CLS query looks: the share of its attention (feature layer and
@@ -80,6 +82,23 @@ class Diagnosis:
     def cls_attention(self, layer_input: torch.Tensor, i: int) -> torch.Tensor:
         """[576] head-averaged CLS attention to the patches at layer ``i``."""
         return self.tower.probe(i, layer_input).cls_attn.float().mean(0)[1:]
+
+    @torch.no_grad()
+    def random_inside(self, pixels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+        """Patches dropped at random inside the tower on DCP's schedule (after every
+        second layer, nested, down to ``k`` at the last stage): [k, D] LLM tokens."""
+        from vllm_vtprune.methods import dcp
+
+        tower, g = self.tower, torch.Generator().manual_seed(seed)
+        targets = dcp.schedule(576, k, tower.num_layers, every=2)
+        h = tower.embed(pixels)
+        for i in range(tower.num_layers):
+            h = tower.layer(i, h)
+            stage = (i + 1) // 2 - 1
+            if (i + 1) % 2 == 0 and stage < len(targets):
+                keep = torch.sort(torch.randperm(h.shape[1] - 1, generator=g)[:targets[stage]]).values
+                h = torch.cat([h[:, :1], h[:, 1 + keep]], dim=1)
+        return self.project(h[0, 1:])
 
     @torch.no_grad()
     def one_stage(self, inputs, out, k: int, text) -> torch.Tensor:
@@ -156,6 +175,7 @@ def main(argv=None) -> None:
             rows[f"cls top-k {k}"] = full[torch.sort(torch.topk(cls, k).indices).values]
             g = torch.Generator().manual_seed(index)
             rows[f"random {k}"] = full[torch.sort(torch.randperm(576, generator=g)[:k]).values]
+            rows[f"random inside the tower {k}"] = diag.random_inside(pixels, k, index)
         for name, feats in rows.items():
             correct[name] = correct.get(name, 0) + (diag.answer(qa.question, feats) == qa.answer)
         n += 1
