@@ -5,6 +5,8 @@ the tower? Measured on the transformers reference path, same questions for every
   last when kappa > delta);
 * ``dcp choice, full context``: the patches DCP keeps, read from the unpruned tower's
   feature layer instead (what the LLM would get had the tower seen every patch);
+* ``dcp without recovery (alpha 0)``: DCP as served with Eq. 4's fusion coefficient 0
+  (the anchors pass unchanged; ablates ACGR's recovery, not its scores);
 * ``dcp one stage``: DCP's last stage (Eq. 9 scores, Eq. 4 recovery, TATCS) once, on the
   unpruned feature layer;
 * ``cls top-k``: the K patches the CLS query attends to most at the feature layer;
@@ -13,7 +15,8 @@ the tower? Measured on the transformers reference path, same questions for every
   tower (what pruning inside the tower costs whatever the choice).
 
 It also prints how far DCP's tokens drift from the same patches read from the unpruned
-tower (mean cosine, after the projector), and where the CLS query looks: the share of its attention (feature layer and
+tower (mean cosine after the projector, norm ratio at the feature layer), and where the
+CLS query looks: the share of its attention (feature layer and
 every DCP stage layer, head-averaged) that falls on patches an object or distractor
 touches, against those patches' share of the grid.
 
@@ -84,6 +87,24 @@ class Diagnosis:
         return self.tower.probe(i, layer_input).cls_attn.float().mean(0)[1:]
 
     @torch.no_grad()
+    def dcp(self, question: str, image, k: int, alpha: float | None = None):
+        """DCP as served at ``k`` (Eq. 4's fusion coefficient ``alpha`` instead of the
+        paper's 0.1 when given): the pruned image and its feature-layer tokens."""
+        from vllm_vtprune import spec as spec_mod
+        from vllm_vtprune.methods import dcp
+
+        seen = []
+        hook = self.project.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        paper, dcp.ALPHA = dcp.ALPHA, dcp.ALPHA if alpha is None else alpha
+        try:
+            _, pruned = self.ref.generate(_prompt(question), [image],
+                                          spec_mod.parse(f"dcp:{k}"), max_new_tokens=0)
+        finally:
+            dcp.ALPHA = paper
+            hook.remove()
+        return pruned[0], seen[-1].reshape(-1, seen[-1].shape[-1]).float()
+
+    @torch.no_grad()
     def random_inside(self, pixels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         """Patches dropped at random inside the tower on DCP's schedule (after every
         second layer, nested, down to ``k`` at the last stage): [k, D] LLM tokens."""
@@ -147,6 +168,7 @@ def main(argv=None) -> None:
     stage_layers = [i for i in range(diag.tower.num_layers) if (i + 1) % 2 == 0]
     correct: dict[str, int] = {}
     drift: dict[int, float] = {}  # mean cosine of DCP's tokens to the same full-context ones
+    growth: dict[int, float] = {}  # mean norm ratio of the same, at the feature layer
     share = {"objects": 0.0, **{f"layer {i}": 0.0 for i in stage_layers}}
     started, n, index = time.perf_counter(), 0, 20_000
     while n < args.num:
@@ -165,12 +187,15 @@ def main(argv=None) -> None:
         cls = diag.cls_attention(inputs[-1], diag.tower.num_layers - 1)
         rows = {"full": full}
         for k in budgets:
-            _, pruned = diag.ref.generate(_prompt(qa.question), [sample.image],
-                                          spec_mod.parse(f"dcp:{k}"), max_new_tokens=0)
-            rows[f"dcp {k}"] = pruned[0].tokens
+            pruned, seen = diag.dcp(qa.question, sample.image, k)
+            rows[f"dcp {k}"] = pruned.tokens
             drift[k] = drift.get(k, 0.0) + torch.nn.functional.cosine_similarity(
-                pruned[0].tokens.float(), full[pruned[0].origins].float(), dim=-1).mean().item()
-            rows[f"dcp choice, full context {k}"] = full[pruned[0].origins]
+                pruned.tokens.float(), full[pruned.origins].float(), dim=-1).mean().item()
+            growth[k] = growth.get(k, 0.0) + (seen.norm(dim=-1) / out[0, 1:][
+                pruned.origins].norm(dim=-1)).mean().item()
+            rows[f"dcp without recovery (alpha 0) {k}"] = diag.dcp(qa.question, sample.image,
+                                                                   k, alpha=0.0)[0].tokens
+            rows[f"dcp choice, full context {k}"] = full[pruned.origins]
             rows[f"dcp one stage {k}"] = diag.one_stage(inputs, out, k, text)
             rows[f"cls top-k {k}"] = full[torch.sort(torch.topk(cls, k).indices).values]
             g = torch.Generator().manual_seed(index)
@@ -185,7 +210,8 @@ def main(argv=None) -> None:
         print(f"| {name} | {c / args.num:.3f} |")
     for k, total in drift.items():
         print(f"DCP's {k} tokens against the same patches read from the unpruned tower: "
-              f"mean cosine {total / args.num:.3f}")
+              f"mean cosine {total / args.num:.3f} (after the projector), mean norm ratio "
+              f"{growth[k] / args.num:.2f} (at the feature layer)")
     print("\nCLS attention on patches an object or distractor touches "
           f"(those patches are {share['objects'] / args.num:.1%} of the grid):")
     for i in stage_layers:
@@ -195,6 +221,8 @@ def main(argv=None) -> None:
             json.dump({"num": args.num, "split": args.split,
                        "accuracy": {k: v / args.num for k, v in correct.items()},
                        "dcp_cosine_to_full_context": {k: v / args.num for k, v in drift.items()},
+                       "dcp_norm_ratio_to_full_context": {k: v / args.num
+                                                          for k, v in growth.items()},
                        "cls_share_on_objects": {k: v / args.num for k, v in share.items()}},
                       f, indent=2)
 
