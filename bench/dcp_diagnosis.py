@@ -91,16 +91,13 @@ class Diagnosis:
         """DCP as served at ``k`` (Eq. 4's fusion coefficient ``alpha`` instead of the
         paper's 0.1 when given): the pruned image and its feature-layer tokens."""
         from vllm_vtprune import spec as spec_mod
-        from vllm_vtprune.methods import dcp
 
         seen = []
+        spec = spec_mod.parse(f"dcp:{k}" + (f",alpha={alpha}" if alpha is not None else ""))
         hook = self.project.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-        paper, dcp.ALPHA = dcp.ALPHA, dcp.ALPHA if alpha is None else alpha
         try:
-            _, pruned = self.ref.generate(_prompt(question), [image],
-                                          spec_mod.parse(f"dcp:{k}"), max_new_tokens=0)
+            _, pruned = self.ref.generate(_prompt(question), [image], spec, max_new_tokens=0)
         finally:
-            dcp.ALPHA = paper
             hook.remove()
         return pruned[0], seen[-1].reshape(-1, seen[-1].shape[-1]).float()
 

@@ -105,3 +105,25 @@ def test_probed_layer_is_the_layer_and_its_probe_the_plain_softmax(reference, im
     assert torch.allclose(probe.context, attn @ v, atol=1e-5)
     assert torch.allclose(x_att, h + layer.self_attn.out_proj(
         (attn @ v).transpose(0, 1).reshape(1, h.shape[1], -1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [16, 100])
+def test_dcp_without_recovery_keeps_the_layers_own_tokens(reference, image_state, budget):
+    """``alpha=0`` (Eq. 4's fusion coefficient) leaves the anchors as the layer gives them:
+    DCP's tokens are then the tower's own layers run on CLS and the kept patches from
+    the stage on (``delta`` high: no TATCS); with the paper's 0.1 they are not."""
+    pixels, ids = image_state[0], image_state[1]
+    tower = reference.tower
+    image = _prune(reference, pixels, ids, f"dcp:{budget},alpha=0,delta=1e9")
+    stages = [i for i in range(tower.num_layers) if (i + 1) % 2 == 0]
+    assert len(stages) == 1  # the embedded tower: one stage, after its second layer
+    with torch.no_grad():
+        h = pipeline.run_layers(tower, tower.embed(pixels), 0, stages[0] + 1)
+        h = torch.cat([h[:, :1], h[:, 1 + image.origins.to(h.device)]], dim=1)
+        h = pipeline.run_layers(tower, h, stages[0] + 1, tower.num_layers)
+        want = reference.model.model.multi_modal_projector(h[0, 1:])
+    assert image.origins.tolist() == sorted(image.origins.tolist())
+    torch.testing.assert_close(image.tokens, want, rtol=1e-5, atol=1e-5)
+    paper = _prune(reference, pixels, ids, f"dcp:{budget},delta=1e9")
+    assert torch.equal(paper.origins, image.origins)  # alpha moves the tokens, not the choice
+    assert (paper.tokens - want).abs().max() > 1e-2

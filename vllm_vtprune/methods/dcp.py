@@ -529,7 +529,7 @@ def prune(ctx) -> "PrunedImage":
     positions = grid_positions(ctx.num_patches, width=tower.grid[1], device=h.device)
     origin = torch.arange(ctx.num_patches, device=h.device)
     candidates = ctx.candidates
-    graph = Graph(int(ctx.option("kn")), float(ctx.option("tau")), ALPHA)
+    graph = Graph(int(ctx.option("kn")), float(ctx.option("tau")), float(ctx.option("alpha")))
     for i in range(tower.num_layers):
         stage = (i + 1) // 2 - 1
         if (i + 1) % 2 or stage >= len(targets):
@@ -612,7 +612,9 @@ METHOD = Method(
           'Preservation", Secs. 3.2-3.3, Eqs. 1-8 and Appendix A',
     options=(Option("delta", float_ge0, DELTA, "kappa threshold that switches to TATCS"),
              Option("kn", int_ge(1), K_N, "anchor neighbours per context token (Eq. 3)"),
-             Option("tau", float_pos, TAU, "edge temperature (Eq. 3)")),
+             Option("tau", float_pos, TAU, "edge temperature (Eq. 3)"),
+             Option("alpha", float_ge0, ALPHA, "fusion coefficient of the recovery (Eq. 4); "
+                    "0 keeps the anchors as the layer gives them")),
     needs=frozenset({"encoder_layers", "cls_attention", "text"}),
     text_conditioned=_uses_text,
     prune=prune,
