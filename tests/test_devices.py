@@ -25,9 +25,10 @@ DEVICE = os.environ.get("VTPRUNE_TEST_DEVICE", "cpu")
 FACTORIES = frozenset({"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor",
                        "eye", "linspace", "rand", "randn", "randint", "randperm"})
 #: the serving path: methods, families, vLLM model classes, reference, kernels, server.
-#: Training (rcp_train, embedded/) runs on the CPU of these machines and is not held to it.
+#: The embedded model's training (embedded/) is not held to it; RCP's training is
+#: (``rcp_train --device``).
 SERVING = ("vllm_vtprune", "kernels", "server")
-NOT_SERVING = ("vllm_vtprune/embedded", "vllm_vtprune/rcp_train.py")
+NOT_SERVING = ("vllm_vtprune/embedded",)
 
 
 def implicit_device_calls(source: str) -> list[tuple[int, str]]:

@@ -24,7 +24,9 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   the paper's start); ``--init`` resumes from a checkpoint, at the target;
 * 16 pruning queries, query dropout 0.2 (the module defaults).
 
-Data: ShapesVQA's training split for the embedded model (default), or a JSONL file of
+``--device cuda`` trains on a GPU (the model in float32 there too; the checkpoint's
+tensors are written from the CPU, and the report's held-out accuracy is measured on the
+device). Data: ShapesVQA's training split for the embedded model (default), or a JSONL file of
 ``{"image": PATH, "question": TEXT, "answer": TEXT}`` records (image paths relative to
 the file). Deterministic from ``--seed``; ``--init CKPT`` resumes from a checkpoint (its
 report's step count continues). Writes the checkpoint (safetensors, see
@@ -113,13 +115,14 @@ def encode(reference, sample: Sample) -> Encoded:
     image = reference.image_tokens(reference.pixel_values([sample.image]), None, prompt)[0]
     ids = _expand(prompt, reference.image_token_id, [image.tokens.shape[0]])
     answer = tok(sample.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    rows = torch.tensor(ids)
+    dev = reference.device
+    rows = torch.tensor(ids, device=dev)
     visual = torch.nonzero(rows == reference.image_token_id).flatten()
     full = ids + answer[:-1]
     embeds = reference.prompt_embeds(full, image.tokens)
-    question = torch.arange(int(visual[-1]) + 1, len(ids))
-    return Encoded(embeds, torch.tensor(answer), visual, question,
-                   torch.arange(len(ids) - 1, len(full)))
+    question = torch.arange(int(visual[-1]) + 1, len(ids), device=dev)
+    return Encoded(embeds, torch.tensor(answer, device=dev), visual, question,
+                   torch.arange(len(ids) - 1, len(full), device=dev))
 
 
 # ------------------------------------------------------------------ the pruned forward
@@ -147,10 +150,10 @@ class MaskedForward:
         rep = self.heads // self.kv_heads
         k, v = k[0].repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
         scores = (q[0] @ k.transpose(1, 2)) * attn.scaling
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1)
         if keep is not None:  # exact masking forward, differentiable in ``keep``
-            own = torch.eye(t, dtype=probs.dtype)  # a token always sees itself
+            own = torch.eye(t, dtype=probs.dtype, device=probs.device)  # sees itself
             weights = torch.maximum(keep[None, :].expand(t, t), own)
             probs = probs * weights
             # a row whose kept keys all underflowed would divide 0 by 0
@@ -166,12 +169,14 @@ class MaskedForward:
         self._modules = modules
         x = enc.embeds
         t = x.shape[0]
-        positions = torch.arange(t)
+        dev = x.device
+        positions = torch.arange(t, device=dev)
         n = len(enc.visual)
-        mask = torch.ones(n)
+        mask = torch.ones(n, device=dev)
         masks, hidden, probs = {}, {}, None
         keep = None
-        pruned_sum, pruned_count = torch.zeros(x.shape[1]), torch.zeros(())
+        pruned_sum = torch.zeros(x.shape[1], device=dev)
+        pruned_count = torch.zeros((), device=dev)
         layers = modules.num_layers if modules is not None else len(self.lm.layers)
         for i in range(layers):
             if modules is not None and i in modules.pruners:
@@ -180,7 +185,7 @@ class MaskedForward:
                 pruned_sum = pruned_sum + (dropped[:, None] * x[enc.visual].float()).sum(0)
                 pruned_count = pruned_count + dropped.sum()
                 mask = masks[i] = new
-                keep = torch.ones(t).index_put((enc.visual,), mask)
+                keep = torch.ones(t, device=dev).index_put((enc.visual,), mask)
             x, probs = self.layer(i, x, positions, keep)
             if modules is not None and i in modules.adapters:
                 x = self._repair(modules, i, x, enc, mask, pruned_sum, pruned_count)
@@ -209,10 +214,11 @@ class MaskedForward:
 
     def _repair(self, modules, i, x, enc, mask, pruned_sum, pruned_count):
         adapter = modules.adapters[i]
-        positions = rcp.token_positions(len(enc.visual), adapter.mask_query.shape[0])
+        positions = rcp.token_positions(len(enc.visual), adapter.mask_query.shape[0],
+                                        device=x.device)
         mean = pruned_sum / pruned_count.clamp_min(1.0)
         context = adapter.mask_embedding(mask[None], positions) + adapter.pruned_proj(mean[None])
-        answer = torch.zeros(x.shape[0]).index_fill(0, enc.answer, 1.0)
+        answer = torch.zeros(x.shape[0], device=x.device).index_fill(0, enc.answer, 1.0)
         return adapter(x.float()[None], context, answer[None])[0].to(x.dtype)
 
 
@@ -393,15 +399,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="the paper's start: biases 0, r* annealed from 1")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
     p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu",
+                   help="where the frozen model and the modules train (e.g. cuda)")
     args = p.parse_args(argv)
     path = args.model or model_path()
     reference = HfReference.load(path)
+    reference.model.to(args.device)
     text = reference.model.config.text_config
     if args.init:
         modules = rcp.load_checkpoint(args.init)
         rcp.check_fits(modules, text.num_hidden_layers, text.hidden_size, args.init)
     else:
         modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed)
+    modules = modules.on(args.device)
     samples = jsonl_samples(args.data) if args.data else shapes_samples(sv.TRAIN_SEED,
                                                                          args.samples)
     started = time.time()

@@ -383,7 +383,7 @@ class RcpModules:
         for kind, table in (("pruner", self.pruners), ("adapter", self.adapters)):
             for layer, module in table.items():
                 for name, t in module.state_dict().items():
-                    out[f"{kind}.{layer}.{name}"] = t.detach().contiguous()
+                    out[f"{kind}.{layer}.{name}"] = t.detach().contiguous().cpu()
         return out
 
 
