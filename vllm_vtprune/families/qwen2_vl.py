@@ -231,7 +231,7 @@ class EncoderTower:
 
 class _Prologue(Exception):
     """The first block's input and keyword arguments: all of the encoder's forward that a
-    block-by-block run needs (raised from the block's pre-hook to stop the forward)."""
+    block-by-block run needs (raised by :class:`_Stop` to end the forward there)."""
 
     def __init__(self, hidden: Tensor, kwargs: dict):
         super().__init__("vision encoder stopped before its first block")
