@@ -56,20 +56,13 @@ class Diagnosis:
         self.tower = self.ref.tower
         self.project = self.ref.model.model.multi_modal_projector
 
-    @torch.no_grad()
     def answer(self, question: str, feats: torch.Tensor) -> str:
         from vllm_vtprune.hf import _expand
 
         ref = self.ref
         ids = _expand(ref.tokenizer(_prompt(question)).input_ids, ref.image_token_id,
                       [feats.shape[0]])
-        out: list[int] = []
-        for _ in range(4):
-            nxt = int(torch.argmax(ref._last_logits(ids + out, feats)))
-            if nxt == ref.tokenizer.eos_token_id:
-                break
-            out.append(nxt)
-        return ref.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return ref.greedy(ids, feats).strip()
 
     @torch.no_grad()
     def layers(self, pixels: torch.Tensor):
@@ -134,18 +127,6 @@ class Diagnosis:
         return self.project(new.to(x_out.dtype))
 
 
-def text_of(diag: Diagnosis, question: str):
-    from vllm_vtprune import pipeline
-    from vllm_vtprune.families import llava
-
-    ref = diag.ref
-    ids = pipeline.noun_ids(ref.tokenizer,
-                            llava.question_ids(ref.tokenizer,
-                                               ref.tokenizer(_prompt(question)).input_ids),
-                            {ref.image_token_id})
-    return ref.model.get_input_embeddings()(torch.tensor(ids)) if ids else None
-
-
 def main(argv=None) -> None:
     from vllm_vtprune import spec as spec_mod
     from vllm_vtprune.data import shapes_vqa as sv
@@ -180,7 +161,7 @@ def main(argv=None) -> None:
         for i in stage_layers:
             a = diag.cls_attention(inputs[i], i)
             share[f"layer {i}"] += (a[on].sum() / a.sum()).item()
-        text = text_of(diag, qa.question)
+        text = diag.ref.noun_embeds(diag.ref.tokenizer(_prompt(qa.question)).input_ids)
         cls = diag.cls_attention(inputs[-1], diag.tower.num_layers - 1)
         rows = {"full": full}
         for k in budgets:

@@ -123,7 +123,10 @@ def test_dcp_without_recovery_keeps_the_layers_own_tokens(reference, image_state
         h = pipeline.run_layers(tower, h, stages[0] + 1, tower.num_layers)
         want = reference.model.model.multi_modal_projector(h[0, 1:])
     assert image.origins.tolist() == sorted(image.origins.tolist())
-    torch.testing.assert_close(image.tokens, want, rtol=1e-5, atol=1e-5)
     paper = _prune(reference, pixels, ids, f"dcp:{budget},delta=1e9")
     assert torch.equal(paper.origins, image.origins)  # alpha moves the tokens, not the choice
-    assert (paper.tokens - want).abs().max() > 1e-2
+    # the stage's probed layer and the plain one round apart (measured 6e-6 of tokens up
+    # to 24 here; other CPUs differ): far below what the paper's recovery moves (1.5)
+    moved = (paper.tokens - want).abs().max()
+    assert moved > 0.1
+    assert (image.tokens - want).abs().max() < 1e-3 * moved

@@ -249,7 +249,7 @@ def test_blocks_on_kept_tokens_are_blocks_that_mask_the_others(reference, block,
     """A block run on 40 of 108 merged tokens (BlockTower) gives each kept patch what the
     whole block gives it when attention to the dropped patches is masked out, within
     transformers' own segments (Qwen2.5-VL: block 0 a window, block 1 the whole image),
-    each at its own rotary position; its probe is that softmax summed per token (chunked
+    each at its own rotary position; its probe is that softmax per token (chunked
     over queries across tokens' boundaries)."""
     from vllm_vtprune.families import qwen2_vl
 
@@ -280,8 +280,11 @@ def test_blocks_on_kept_tokens_are_blocks_that_mask_the_others(reference, block,
     def raster(t):  # [S, ...] blocks' order -> [kept tokens, 4 * ...]
         return t.reshape(units, -1)[back][kept]
 
-    torch.testing.assert_close(x_att[0], raster(ref_att), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x_out[0], raster(ref_out), rtol=1e-5, atol=1e-5)
+    # two float32 softmax paths (kept keys only vs every key, the others masked):
+    # measured 1.3e-6 apart here on outputs up to 14; what masking and windows move is
+    # 0.11 and more (below), so 1e-4 leaves either side a wide margin on any CPU
+    torch.testing.assert_close(x_att[0], raster(ref_att), rtol=0, atol=1e-4)
+    torch.testing.assert_close(x_out[0], raster(ref_out), rtol=0, atol=1e-4)
     assert torch.equal(plain, x_out)
     mean = probs.mean(0)  # [S, S]
     to_units = mean.view(s, units, 4).sum(-1)[keep]  # kept queries -> every token
@@ -289,16 +292,16 @@ def test_blocks_on_kept_tokens_are_blocks_that_mask_the_others(reference, block,
     attn = torch.zeros(units, units).index_add_(0, query_units, to_units) / 4
     torch.testing.assert_close(probe.attn, attn[back][:, back][kept][:, kept],
                                rtol=1e-5, atol=1e-7)
-    received = mean[keep].mean(0).view(units, 4).sum(-1)
+    received = mean[keep].mean(0).view(units, 4).mean(-1)
     torch.testing.assert_close(probe.received, received[back][kept], rtol=1e-5, atol=1e-7)
-    # the masking and the segments matter at these margins
+    # the masking and the segments matter far beyond the tolerance
     _, unmasked, _ = _masked_block(visual.blocks[block], x, captured["position_embeddings"],
                                    segment, torch.ones(s, dtype=torch.bool))
-    assert (raster(unmasked) - x_out[0]).abs().max() > 1e-3
+    assert (raster(unmasked) - x_out[0]).abs().max() > 1e-2
     if segment.max() > 0:
         _, one, _ = _masked_block(visual.blocks[block], x, captured["position_embeddings"],
                                   torch.zeros(s, dtype=torch.long), keep)
-        assert (raster(one) - x_out[0]).abs().max() > 1e-3
+        assert (raster(one) - x_out[0]).abs().max() > 1e-2
 
 
 def test_blocks_one_by_one_unpruned_are_the_encoder(reference):

@@ -61,13 +61,18 @@ class HfReference:
         """One :class:`~vllm_vtprune.pipeline.PrunedImage` per image, as vLLM computes them
         (``spec`` as vLLM serves it on this model: the family's option defaults added)."""
         spec = self.resolved(spec)
-        text = None
-        if pipeline.is_text_conditioned(spec):
-            question = family.question_ids(self.tokenizer, prompt_ids)
-            ids = pipeline.noun_ids(self.tokenizer, question, {self.image_token_id})
-            if ids:
-                text = self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
+        text = self.noun_embeds(prompt_ids) if pipeline.is_text_conditioned(spec) else None
         return [self.prune_one(pixel_values, i, spec, text) for i in range(len(pixel_values))]
+
+    @torch.no_grad()
+    def noun_embeds(self, prompt_ids: list[int]) -> torch.Tensor | None:
+        """[T, D] the input embeddings of the nouns of the prompt's last user turn (what
+        text-conditioned methods compare with), None without nouns."""
+        question = family.question_ids(self.tokenizer, prompt_ids)
+        ids = pipeline.noun_ids(self.tokenizer, question, {self.image_token_id})
+        if not ids:
+            return None
+        return self.model.get_input_embeddings()(torch.tensor(ids, device=self.device))
 
     @property
     def device(self) -> torch.device:
@@ -95,15 +100,20 @@ class HfReference:
         pruned, ids, feats = self.prompt_inputs(prompt, images, spec)
         if pipeline.acts_in_llm(spec):
             return self._generate_in_llm(ids, feats, pruned, spec, max_new_tokens), pruned
+        return self.greedy(ids, feats, max_new_tokens), pruned
+
+    @torch.no_grad()
+    def greedy(self, ids: list[int], feats: torch.Tensor | None,
+               max_new_tokens: int = 4) -> str:
+        """Greedy answer to expanded prompt ``ids`` with ``feats`` [K, D] at its image
+        tokens (whatever chose them)."""
         out: list[int] = []
-        eos = self.tokenizer.eos_token_id
         for _ in range(max_new_tokens):
-            logits = self._last_logits(ids + out, feats)
-            nxt = int(torch.argmax(logits))
-            if nxt == eos:
+            nxt = int(torch.argmax(self._last_logits(ids + out, feats)))
+            if nxt == self.tokenizer.eos_token_id:
                 break
             out.append(nxt)
-        return self.tokenizer.decode(out, skip_special_tokens=True), pruned
+        return self.tokenizer.decode(out, skip_special_tokens=True)
 
     def prompt_inputs(self, prompt: str, images, spec):
         """The pruned images, the prompt's ids with each image expanded to its kept

@@ -105,9 +105,7 @@ class VllmClipTower:
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         return self.complete(self._local_probe(self.vm.encoder.layers[i], hidden, full))
 
-    @staticmethod
-    def keep(origins: Tensor) -> None:
-        return None  # CLIP's layers do not depend on where the patches stand
+    keep = staticmethod(lambda origins: None)  # CLIP's layers ignore where patches stand
 
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]
@@ -143,9 +141,7 @@ class HfClipTower:
     def probe(self, i: int, hidden: Tensor, full: bool = False) -> Probe:
         return _hf_probe(self.vm.encoder.layers[i], hidden, full)
 
-    @staticmethod
-    def keep(origins: Tensor) -> None:
-        return None  # CLIP's layers do not depend on where the patches stand
+    keep = staticmethod(lambda origins: None)  # CLIP's layers ignore where patches stand
 
     def layer_probed(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, Probe]:
         layer = self.vm.encoder.layers[i]

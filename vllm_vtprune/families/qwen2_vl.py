@@ -135,29 +135,48 @@ def received_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tensor:
     """[S]: the attention each patch receives, averaged over heads and over the S queries
     (a query outside the patch's attention segment gives it 0). ``q``, ``k``: [S, H, d]
     as the block's softmax(q k^T / sqrt(d)) sees them."""
-    total = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-    for _, probs in _attention_rows(q, k, cu_seqlens):
-        total += probs.sum(dim=(0, 1))
-    return total / (q.shape[0] * q.shape[1])
+    return _attention_summary(q, k, cu_seqlens, None)[0]
 
 
 def unit_attention(q: Tensor, k: Tensor, cu_seqlens: Tensor,
                    unit: int) -> tuple[Tensor, Tensor]:
-    """Over merged tokens of ``unit`` patches each, from one pass of the softmax:
-    [M, M] head-averaged attention between tokens (row I, column K: the attention unit
-    I's patches pay unit K's, summed over K's and averaged over I's, so each row sums to
-    1 as a token's softmax row does), and [M] the attention each token's patches receive,
-    averaged over heads and queries (:func:`received_attention`) and summed over them."""
+    """Over merged tokens of ``unit`` patches each, from one pass of the softmax: [M, M]
+    head-averaged attention between tokens (row I, column K: the attention unit I's
+    patches pay unit K's, summed over K's and averaged over I's, so each row sums to 1 as
+    a token's softmax row does), and [S] :func:`received_attention`."""
+    received, between = _attention_summary(q, k, cu_seqlens, unit)
+    return between, received
+
+
+def _attention_summary(q: Tensor, k: Tensor, cu_seqlens: Tensor,
+                       unit: int | None) -> tuple[Tensor, Tensor | None]:
     s, heads = q.shape[0], q.shape[1]
-    m = s // unit
-    between = torch.zeros(m, m, dtype=torch.float32, device=q.device)
     received = torch.zeros(s, dtype=torch.float32, device=q.device)
+    between = None
+    if unit is not None:
+        m = s // unit
+        between = torch.zeros(m, m, dtype=torch.float32, device=q.device)
     for rows, probs in _attention_rows(q, k, cu_seqlens):
         received += probs.sum(dim=(0, 1))
-        to_units = probs.mean(0).view(-1, m, unit).sum(-1)  # [rows, M]
-        query_unit = torch.arange(rows.start, rows.stop, device=q.device) // unit
-        between.index_add_(0, query_unit, to_units)
-    return between / unit, (received / (s * heads)).view(m, unit).sum(1)
+        if between is not None:
+            to_units = probs.mean(0).view(-1, m, unit).sum(-1)  # [rows, M]
+            query_unit = torch.arange(rows.start, rows.stop, device=q.device) // unit
+            between.index_add_(0, query_unit, to_units)
+    return received / (s * heads), None if between is None else between / unit
+
+
+def per_token(received: Tensor, unit: int) -> Tensor:
+    """[S] per-patch received attention -> [S / unit]: each merged token's, the mean of
+    its patches' (what stands in for CLS attention on this family)."""
+    return received.view(-1, unit).mean(1)
+
+
+def side_by_side(per_patch: Tensor, unit: int) -> Tensor:
+    """[S, H, d] keys or values -> [H, S / unit, unit * d]: a merged token's patches side
+    by side, as the merger puts their features."""
+    s, h, d = per_patch.shape
+    return per_patch.reshape(s // unit, unit, h, d).permute(2, 0, 1, 3).reshape(
+        h, s // unit, unit * d)
 
 
 class EncoderTower:
@@ -209,12 +228,9 @@ class EncoderTower:
         from vllm_vtprune.pipeline import Probe
 
         last, unit = self._last, self.merge ** 2
-        received = received_attention(last.q, last.k, last.cu_seqlens)
-        received = received.view(-1, unit).mean(1)[self._order]
-        s, h, d = last.k.shape
-        keys = last.k.view(s // unit, unit, h, d).permute(2, 0, 1, 3).reshape(h, s // unit,
-                                                                              unit * d)
-        return Probe(cls_attn=None, keys=keys[:, self._order], received=received)
+        received = per_token(received_attention(last.q, last.k, last.cu_seqlens), unit)
+        return Probe(cls_attn=None, keys=side_by_side(last.k, unit)[:, self._order],
+                     received=received[self._order])
 
     @staticmethod
     def agree(flag: bool) -> bool:
@@ -342,8 +358,8 @@ class BlockTower:
 
     def layer_probed(self, i: int, hidden: Tensor):
         """Block ``i`` once, with the residual stream after its attention and a probe per
-        token: the attention its patches receive (averaged over heads and queries,
-        summed over the four), the head-averaged token-to-token attention
+        token, as :class:`EncoderTower`'s: the attention its patches receive (averaged
+        over heads, queries and the four), the head-averaged token-to-token attention
         (:func:`unit_attention`), its patches' keys and values side by side."""
         from vllm_vtprune.pipeline import Probe
 
@@ -356,18 +372,12 @@ class BlockTower:
         finally:
             qkv.remove()
             handle.remove()
-        back = torch.argsort(order)
-        between, received = unit_attention(qkv.q, qkv.k, qkv.cu_seqlens, self.unit)
-        probe = Probe(cls_attn=None, keys=self._side_by_side(qkv.k)[:, back],
-                      values=self._side_by_side(qkv.v)[:, back],
-                      attn=between[back][:, back], received=received[back])
+        back, unit = torch.argsort(order), self.unit
+        between, received = unit_attention(qkv.q, qkv.k, qkv.cu_seqlens, unit)
+        probe = Probe(cls_attn=None, keys=side_by_side(qkv.k, unit)[:, back],
+                      values=side_by_side(qkv.v, unit)[:, back],
+                      attn=between[back][:, back], received=per_token(received, unit)[back])
         return self._raster(x + attended[0], order), self._raster(out, order), probe
-
-    def _side_by_side(self, per_patch: Tensor) -> Tensor:
-        """[S, H, d] -> [H, S / unit, unit * d]: a token's patches side by side."""
-        s, h, d = per_patch.shape
-        return per_patch.reshape(s // self.unit, self.unit, h, d).permute(2, 0, 1, 3).reshape(
-            h, s // self.unit, self.unit * d)
 
     def _block_inputs(self, i: int, hidden: Tensor) -> tuple[Tensor, Tensor, dict]:
         """The kept tokens' patches in the blocks' order ([S', C] or [S', 1, C]), which

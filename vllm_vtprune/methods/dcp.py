@@ -554,10 +554,9 @@ def prune(ctx) -> "PrunedImage":
 
 
 def _cls_attention(probe, prefix: int) -> Tensor | None:
-    """Eq. 10's CLS attention to the patches; on a tower without CLS (Qwen-VL) the
-    attention each token receives, averaged over heads and queries, in its place: the
-    paper evaluates Qwen2-VL (Table 4) without naming a substitute, and this is the one
-    VisionZip and Polymorphic use on that family (Eq. 11 normalises either alike)."""
+    """Eq. 10's CLS attention to the patches; on a tower without CLS the stand-in its
+    family's probe gives (``Probe.received``): the paper evaluates Qwen2-VL (Table 4)
+    without naming one, and Eq. 11 normalises either alike."""
     if probe.cls_attn is not None:
         return probe.cls_attn[:, prefix:]
     return probe.received
