@@ -153,3 +153,75 @@ def test_noise_fades_out_before_the_end():
     assert scales[:61] == [1.0] * 61 and scales[90:] == [0.0] * 11
     assert abs(scales[75] - 0.5) < 1e-9
     assert all(a >= b for a, b in zip(scales, scales[1:]))
+
+
+def test_chunks_follow_the_whole_runs_schedule(reference):
+    """Two chunks of 2 steps (the second at first_step=2) see the temperatures, noise
+    scales, r* and learning rates of steps 2-3 of one 4-step run, and their own
+    sample order (not the first chunk's again)."""
+    text = reference.model.config.text_config
+    samples = rcp_train.shapes_samples(None, 6, start=20)
+    runs = {}
+    for first in (0, 2):
+        modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=1)
+        seen = []
+        encode = rcp_train.encode
+        rcp_train.encode = lambda ref, s, _seen=seen: (_seen.append(s.question),
+                                                       encode(ref, s))[1]
+        try:
+            runs[first] = (rcp_train.train(reference, modules, samples, steps=2, batch=2,
+                                           lr=1e-2, budget=128, seed=0, log=lambda m: None,
+                                           calibrate=False, first_step=first,
+                                           total_steps=4), seen)
+        finally:
+            rcp_train.encode = encode
+    target = rcp_train.budget_fraction(128, reference)
+    for first, (history, _) in runs.items():
+        for h in history:
+            rate, tau, r = rcp_train.schedule(h["step"], 4, 1e-2, target, warmup=True)
+            assert (h["tau"], h["target"]) == (round(tau, 4), round(r, 4))
+            assert h["noise"] == round(rcp_train.noise_scale(h["step"], 4), 4)
+        assert [h["step"] for h in history] == [first, first + 1]
+    assert runs[0][1] != runs[2][1]
+
+
+def test_both_splits_alternate_standard_and_hard():
+    both = rcp_train.shapes_samples(None, 5, start=7, split="both")
+    standard = list(sv.iter_questions(sv.STANDARD.train_seed, 3, 7, split="standard"))
+    hard = list(sv.iter_questions(sv.HARD.train_seed, 2, 7, split="hard"))
+    expect = [standard[0], hard[0], standard[1], hard[1], standard[2]]
+    assert [s.question for s in both] == [qa.question for _, qa in expect]
+    assert [s.answer for s in both] == [qa.answer for _, qa in expect]
+    held = rcp_train.shapes_samples(None, 2, split="hard", heldout=True)
+    assert [s.question for s in held] == [
+        qa.question for _, qa in sv.iter_questions(sv.HARD.heldout_seed, 2, split="hard")]
+
+
+def test_serving_calibration_leaves_the_count_to_the_ceiling(reference):
+    """After calibrate_for_serving, the first pruning layer's threshold (Eq. 8, counted
+    here from the pruner's logits, not by the calibration's quantile) keeps twice the
+    ceiling of the budget on the calibration samples, and every later one 95 % of the
+    tokens live there."""
+    from vllm_vtprune.methods._common import layer_average_ceiling
+
+    text = reference.model.config.text_config
+    modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=2)
+    samples = rcp_train.shapes_samples(None, 4, start=50)
+    rcp_train.calibrate_for_serving(reference, modules, samples, 64)
+    forward = rcp_train.MaskedForward(reference)
+    forward.record = {}
+    with torch.no_grad():
+        for s in samples:
+            forward(rcp_train.encode(reference, s), modules, 1.0, hard=True)
+    n = reference.tower.grid[0] * reference.tower.grid[1]
+    first = layer_average_ceiling(modules.num_layers, modules.pruning_layers[0],
+                                  [n] * modules.num_layers, 64)
+    layers = modules.pruning_layers
+    kept = {l: sum(int((x > 0).sum()) for x in forward.record[l]) for l in layers}
+    live = {l: sum(len(x) for x in forward.record[l]) for l in layers}
+    total = len(samples) * n
+    # quantile interpolation may put one logit on the wrong side per layer
+    assert abs(kept[layers[0]] - rcp_train.SERVING_MARGIN * first * len(samples)) <= 1
+    assert kept[layers[0]] > 1.5 * first * len(samples) and live[layers[0]] == total
+    for layer in layers[1:]:
+        assert abs(kept[layer] - 0.95 * live[layer]) <= 1
