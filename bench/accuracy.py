@@ -116,11 +116,13 @@ def run(answers, pairs, spec):
 
 
 def _rcp_ckpt(args) -> str | None:
-    """RCP's modules: --rcp-ckpt, else those shipped for the embedded model (when it is
-    the one measured), else untrained ones for the measured model (`vtprune rcp-init`)."""
-    from vllm_vtprune.embedded import RCP_CHECKPOINT
+    """RCP's modules: --rcp-ckpt, else those shipped for the embedded model measured
+    (the server picks them by the model's shape), else untrained ones for the measured
+    model (`vtprune rcp-init`)."""
+    from vllm_vtprune.embedded import MODELS, rcp_checkpoint
 
-    if args.rcp_ckpt is None and MODEL is None and RCP_CHECKPOINT.exists():
+    name = os.path.basename(os.path.normpath(_model()))
+    if args.rcp_ckpt is None and name in MODELS and rcp_checkpoint(name).exists():
         return None  # the shipped ones, picked by the server
     if args.rcp_ckpt in (None, "identity"):
         import tempfile

@@ -84,14 +84,14 @@ LLAVA = ["none", "resprune:48", "divprune:48", "visionzip:48", "random:48", "dcp
 @pytest.fixture(scope="module")
 def references():
     """The embedded model's reference on the CPU and on the test device (fp32 both)."""
-    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.embedded import SMALL_MODEL, model_path
     from vllm_vtprune.hf import HfReference
 
     if DEVICE.startswith("cuda"):  # TF32 convolutions would round the patch embedding
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    cpu = HfReference.load(model_path())
-    other = HfReference.load(model_path())
+    cpu = HfReference.load(model_path(SMALL_MODEL))
+    other = HfReference.load(model_path(SMALL_MODEL))
     other.model.to(DEVICE)
     return cpu, other
 

@@ -6,7 +6,7 @@ import torch
 
 from vllm_vtprune import llm_loop, spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
 from tests.reference import DECISION_MARGIN, decision_margins
 
@@ -15,7 +15,7 @@ from tests.reference import DECISION_MARGIN, decision_margins
 def reference():
     from vllm_vtprune.hf import HfReference
 
-    return HfReference.load(model_path())
+    return HfReference.load(model_path(SMALL_MODEL))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from vllm_vtprune import pipeline, registry
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
 BUDGET = 32
 
@@ -17,7 +17,7 @@ BUDGET = 32
 def reference():
     from vllm_vtprune.hf import HfReference
 
-    return HfReference.load(model_path())
+    return HfReference.load(model_path(SMALL_MODEL))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from vllm_vtprune import rcp_train
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 from vllm_vtprune.methods import rcp
 
 
@@ -18,7 +18,7 @@ from vllm_vtprune.methods import rcp
 def reference():
     from vllm_vtprune.hf import HfReference
 
-    return HfReference.load(model_path())
+    return HfReference.load(model_path(SMALL_MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +225,29 @@ def test_serving_calibration_leaves_the_count_to_the_ceiling(reference):
     assert kept[layers[0]] > 1.5 * first * len(samples) and live[layers[0]] == total
     for layer in layers[1:]:
         assert abs(kept[layer] - 0.95 * live[layer]) <= 1
+
+
+def test_fixed_count_training_masks_keep_the_served_counts(reference, modules):
+    """With counts set (the default training), each pruning layer's cumulative training
+    mask keeps exactly rcp.training_counts' tokens, and the loss's sparsity term is
+    reported but carries no weight."""
+    image, qa = next(sv.iter_questions(sv.TRAIN_SEED, 1, start=11))
+    enc = rcp_train.encode(reference, rcp_train.Sample(image, qa.question, qa.answer))
+    forward = rcp_train.MaskedForward(reference)
+    forward.repair_layers = tuple(sorted(modules.adapters))
+    forward.counts = rcp.training_counts(modules.num_layers, modules.pruning_layers,
+                                         len(enc.visual), 64)
+    modules.train(True)
+    try:
+        student = forward(enc, modules, 0.5, noise=1.0)
+    finally:
+        modules.train(False)
+    _, _, masks = student
+    for layer, mask in masks.items():
+        assert int(mask.detach().sum()) == forward.counts[layer]
+        assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    with torch.no_grad():
+        _, teacher, _ = forward(enc, None, 0.5)
+    terms = rcp_train.losses(student, teacher, enc, modules.num_layers, 0.1, sparse_weight=0.0)
+    want = rcp_train.TASK_WEIGHT * terms["task"] + rcp_train.REPAIR_WEIGHT * terms["repair"]
+    assert float(terms["sparse"]) > 0 and torch.allclose(terms["total"], want)

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vllm_vtprune import cli, families, pipeline, registry
 from vllm_vtprune import spec as spec_mod
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 from vllm_vtprune.families import llava
 
 
@@ -91,7 +91,7 @@ def _case_keeping_tokenizer():
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
-    fast.chat_template = AutoTokenizer.from_pretrained(model_path()).chat_template
+    fast.chat_template = AutoTokenizer.from_pretrained(model_path(SMALL_MODEL)).chat_template
     return fast
 
 
@@ -101,7 +101,7 @@ def _question(tokenizer, prompt):
 
 
 def test_role_words_are_not_nouns_with_the_lower_casing_embedded_tokenizer():
-    tok = AutoTokenizer.from_pretrained(model_path())
+    tok = AutoTokenizer.from_pretrained(model_path(SMALL_MODEL))
     assert tok("USER").input_ids[-1] == tok("user").input_ids[-1]  # it lower-cases
     prompt = "USER: <image>\nis there a red circle ? ASSISTANT:"
     words = _question(tok, prompt).split()
@@ -113,7 +113,7 @@ def test_role_words_are_not_nouns_with_the_lower_casing_embedded_tokenizer():
 
 
 def test_last_user_turn_of_a_multi_turn_prompt():
-    tok = AutoTokenizer.from_pretrained(model_path())
+    tok = AutoTokenizer.from_pretrained(model_path(SMALL_MODEL))
     prompt = ("USER: <image>\nwhat color is the square ? ASSISTANT: red</s>"
               "USER: is there a circle ? ASSISTANT:")
     assert "square" not in _question(tok, prompt) and "circle" in _question(tok, prompt)

@@ -146,10 +146,10 @@ def test_expand_empty_spec_is_an_error_naming_none(value):
 def test_expand_maps_a_local_checkpoint_to_its_family_class(tmp_path):
     from transformers import LlamaConfig
 
-    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.embedded import SMALL_MODEL, model_path
     from vllm_vtprune.families import llava
 
-    out = vllm_flag.expand(["serve", model_path(), "--vtprune", "random:16"])
+    out = vllm_flag.expand(["serve", model_path(SMALL_MODEL), "--vtprune", "random:16"])
     overrides = json.loads(out[out.index("--hf-overrides") + 1])
     assert overrides["architectures"] == [llava.ARCHITECTURE]
     # the config is read: a model of no family is refused before vLLM starts
@@ -316,25 +316,31 @@ def test_real_parser_merges_every_spelling_of_user_hf_overrides(vllm_parser_stat
 
 def test_rcp_without_ckpt_serves_the_modules_shipped_for_the_embedded_model(
         tmp_path, monkeypatch, rcp_checkpoint):
-    """What ships for the embedded model (none yet: trained modules did worse than
-    untrained ones, see rcp_train) is found without ckpt=; other models must name one."""
+    """What ships for an embedded model (``rcp/<its name>.safetensors``) is found
+    without ckpt=, for that model only; other models must name one."""
     import json
     import shutil
 
     from vllm_vtprune import embedded
-    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.embedded import DEFAULT_MODEL, SMALL_MODEL, model_path
 
-    monkeypatch.setattr(embedded, "RCP_CHECKPOINT", Path(rcp_checkpoint))
-    out = vllm_flag.expand(["serve", model_path(), "--vtprune", "rcp:64"])
+    shipped = tmp_path / "rcp"
+    shipped.mkdir()
+    shutil.copy(rcp_checkpoint, shipped / f"{SMALL_MODEL}.safetensors")
+    monkeypatch.setattr(embedded, "RCP_DIR", shipped)
+    out = vllm_flag.expand(["serve", model_path(SMALL_MODEL), "--vtprune", "rcp:64"])
     overrides = json.loads(out[out.index("--hf-overrides") + 1])
-    assert overrides["vtprune"] == f"rcp:64,ckpt={rcp_checkpoint}"
+    assert overrides["vtprune"] == f"rcp:64,ckpt={shipped / SMALL_MODEL}.safetensors"
+    # the other embedded model has none shipped in this directory
+    with pytest.raises(ValueError, match=re.escape("rcp:K,ckpt=PATH")):
+        vllm_flag.expand(["serve", model_path(DEFAULT_MODEL), "--vtprune", "rcp:64"])
     other = tmp_path / "other-llava"  # the embedded model with a wider decoder
     other.mkdir()
-    config = json.loads((Path(model_path()) / "config.json").read_text())
+    config = json.loads((Path(model_path(SMALL_MODEL)) / "config.json").read_text())
     config["text_config"]["intermediate_size"] *= 2
     (other / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        if (Path(model_path()) / name).exists():
-            shutil.copy(Path(model_path()) / name, other / name)
+        if (Path(model_path(SMALL_MODEL)) / name).exists():
+            shutil.copy(Path(model_path(SMALL_MODEL)) / name, other / name)
     with pytest.raises(ValueError, match=re.escape("rcp:K,ckpt=PATH")):
         vllm_flag.expand(["serve", str(other), "--vtprune", "rcp:64"])

@@ -7,9 +7,15 @@ Implements the training of Zhang et al., "RCP: Representation Consistency Pruner
 Mitigating Distribution Shift in Large Vision-Language Models" (arXiv 2604.04972),
 Sec. III-D, on the transformers model (every backbone weight frozen):
 
-* masks: the pruners' Gumbel-sigmoid straight-through masks (Eqs. 6-7) with the
-  temperature annealed from 1.5 to 0.2 and the noise faded out over the last steps
-  (:func:`noise_scale`), cumulative over the pruning layers; a pruned
+* masks (default, not in the paper): Eq. 6's noisy logits keep exactly the count the
+  budget serves at each pruning layer (:func:`vllm_vtprune.methods.rcp.gumbel_topk_mask`,
+  counts from :func:`vllm_vtprune.methods.rcp.training_counts`), straight-through with a
+  sigmoid around the k-th logit, the temperature annealed from 1.5 to 0.2 and the noise
+  faded out over the last steps (:func:`noise_scale`); the sparsity term is then
+  reported, not optimised. ``--threshold-masks``: the paper's Gumbel-sigmoid masks
+  (Eqs. 6-7, threshold at 0) with the sparsity loss, whose pruners here drifted away
+  from the budget (to keeping most tokens on shapes-llava v2, a third of it on v1). In
+  both, masks are cumulative over the pruning layers and a pruned
   visual token is removed from every later query's attention by renormalising the
   softmax over the kept keys (exact masking in the forward pass, differentiable in the
   mask);
@@ -17,7 +23,7 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   cross-entropy on the answer (teacher forcing); repair (Eqs. 16-18): the answer
   region's hidden states after each repair layer against the full-token teacher's;
   sparsity (Eqs. 19-21): |layer-averaged retention - r*|, r* = budget / N;
-* initialisation (not in the paper): the pruners' biases are calibrated on 16 samples
+* initialisation (threshold masks; not in the paper): the pruners' biases are calibrated on 16 samples
   so that their threshold masks start at the budget (:func:`calibrate_biases`); r* is
   then the target from the first step (the paper anneals it from 1 over early training,
   which here first taught the pruners to keep everything; ``--no-calibrate`` restores
@@ -213,16 +219,25 @@ class MaskedForward:
     #: when a dict, the pruners' logits of the live tokens are appended per layer
     record: dict | None = None
 
+    #: tokens kept after each pruning layer (rcp.training_counts), or None: Eq. 6-7's
+    #: threshold masks
+    counts: dict[int, int] | None = None
+
     def _prune(self, pruner, x, probs, enc, mask, tau, hard, noise):
         a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1)).detach()
         h = x.float()
         logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None],
                                prev_mask=mask[None])[0]
         if self.record is not None:
-            layer = next(l for l, p in self._modules.pruners.items() if p is pruner)
-            self.record.setdefault(layer, []).append(logits[mask > 0.5].detach())
-        m = (rcp.inference_mask(logits, 1.0) if hard
-             else rcp.gumbel_sigmoid_mask(logits, tau, noise=noise))
+            self.record.setdefault(layer_of(self._modules, pruner), []).append(
+                logits[mask > 0.5].detach())
+        if hard:
+            m = rcp.inference_mask(logits, 1.0)
+        elif self.counts is not None:
+            m = rcp.gumbel_topk_mask(logits, mask, self.counts[layer_of(self._modules, pruner)],
+                                     tau, noise=noise)
+        else:
+            m = rcp.gumbel_sigmoid_mask(logits, tau, noise=noise)
         return rcp.cumulative_mask(mask, m)
 
     def _repair(self, modules, i, x, enc, mask, pruned_sum, pruned_count):
@@ -235,15 +250,21 @@ class MaskedForward:
         return adapter(x.float()[None], context, answer[None])[0].to(x.dtype)
 
 
+def layer_of(modules: rcp.RcpModules, pruner) -> int:
+    return next(l for l, p in modules.pruners.items() if p is pruner)
+
+
 # ------------------------------------------------------------------ losses
-def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float) -> dict:
-    """Eq. 22's terms for one sequence."""
+def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float,
+           sparse_weight: float = SPARSE_WEIGHT) -> dict:
+    """Eq. 22's terms for one sequence (``sparse_weight`` 0 with fixed-count masks,
+    whose retention the sparsity term cannot move)."""
     logits, hidden, masks = student
     task = F.cross_entropy(logits.float(), enc.targets)
     repair = rcp.repair_loss([hidden[l] for l in sorted(hidden)],
                              [teacher_hidden[l] for l in sorted(hidden)])
     sparse = rcp.sparsity_loss(masks, num_layers, len(enc.visual), target)
-    total = TASK_WEIGHT * task + REPAIR_WEIGHT * repair + SPARSE_WEIGHT * sparse
+    total = TASK_WEIGHT * task + REPAIR_WEIGHT * repair + sparse_weight * sparse
     return {"task": task, "repair": repair, "sparse": sparse, "total": total}
 
 
@@ -331,13 +352,17 @@ def calibrate_for_serving(reference, modules: rcp.RcpModules, samples: list[Samp
 def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: int,
           batch: int, lr: float, budget: int, seed: int, log=print,
           calibrate: bool = True, warmup: bool | None = None, first_step: int = 0,
-          total_steps: int | None = None) -> list[dict]:
+          total_steps: int | None = None, fixed_count: bool = True) -> list[dict]:
     """Optimise ``modules`` in place for ``steps`` steps; returns the per-step mean losses.
 
     A run split into chunks passes each chunk's ``first_step`` and the whole run's
     ``total_steps``: the schedules (learning rate, temperature, noise, r*) and the
     sample order are those of step ``first_step + i`` of the whole run, so chunks
     follow the one run's schedule (AdamW's moments restart with each chunk).
+
+    ``fixed_count`` (default): masks keep the served count (:func:`rcp.gumbel_topk_mask`,
+    :func:`rcp.training_counts`) and the sparsity term is reported, not optimised;
+    False: the paper's threshold masks (Eqs. 6-7) with the sparsity loss.
     """
     total_steps = total_steps or first_step + steps
     for p in reference.model.parameters():
@@ -366,10 +391,14 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
         sums = {}
         for _ in range(batch):
             enc = encode(reference, samples[order.randrange(len(samples))])
+            forward.counts = (rcp.training_counts(modules.num_layers, modules.pruning_layers,
+                                                  len(enc.visual), budget)
+                              if fixed_count else None)
             with torch.no_grad():
                 _, teacher, _ = forward(enc, None, tau)
             terms = losses(forward(enc, modules, tau, noise=noise), teacher, enc,
-                           modules.num_layers, target)
+                           modules.num_layers, target,
+                           sparse_weight=0.0 if fixed_count else SPARSE_WEIGHT)
             (terms["total"] / batch).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / batch
@@ -448,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-budget", type=int, default=None,
                    help="after training, calibrate the biases for serving rcp:K up to this "
                         "K (see calibrate_for_serving); default: none (a chunk to resume)")
+    p.add_argument("--threshold-masks", action="store_true",
+                   help="the paper's masks (Eqs. 6-7, threshold at 0) with the sparsity "
+                        "loss, instead of masks keeping the served count")
     p.add_argument("--no-calibrate", action="store_true",
                    help="the paper's start: biases 0, r* annealed from 1")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
@@ -475,14 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     history = train(reference, modules, samples, steps=args.steps, batch=args.batch,
                     lr=args.lr, budget=args.budget, seed=args.seed,
                     log=lambda m: print(m, file=sys.stderr, flush=True),
-                    calibrate=not args.init and not args.no_calibrate,
+                    calibrate=(args.threshold_masks and not args.init
+                               and not args.no_calibrate),
                     warmup=args.no_calibrate and not args.init, first_step=previous,
-                    total_steps=args.total_steps)
+                    total_steps=args.total_steps, fixed_count=not args.threshold_masks)
     modules.info = {"model": os.path.abspath(path), "budget": args.budget,
                     "steps": previous + args.steps, "seed": args.seed, "init": args.init,
                     "total_steps": args.total_steps or previous + args.steps,
                     "data": args.data or f"shapes_vqa {args.split} training split",
-                    "batch": args.batch, "lr": args.lr}
+                    "batch": args.batch, "lr": args.lr,
+                    "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
+                             else "fixed count (gumbel top-k)", "split": args.split}
     if args.serve_budget:
         trained = {l: float(p.bias) for l, p in modules.pruners.items()}
         served = calibrate_for_serving(reference, modules, samples[:32], args.serve_budget)

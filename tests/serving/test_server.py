@@ -42,9 +42,9 @@ def text_token_count(tokenizer, question: str, num_images: int) -> int:
 def kv_bytes_per_token() -> int:
     from transformers import AutoConfig
 
-    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
-    t = AutoConfig.from_pretrained(model_path()).text_config
+    t = AutoConfig.from_pretrained(model_path(SMALL_MODEL)).text_config
     head_dim = t.hidden_size // t.num_attention_heads
     return 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim * 4  # float32 KV
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_vtprune.embedded import model_path
+from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
 VLLM = str(Path(sys.executable).parent / "vllm")
 
@@ -28,7 +28,7 @@ def _serve(model: str, spec: str, timeout: int = 240) -> subprocess.CompletedPro
                                           ("polymorphic:64,layers=3-9-16", "1 to 7"),
                                           ("divprune:64,layers=3-7-16", "'layers'")])
 def test_malformed_or_unserved_spec_stops_the_server_at_once(spec, named):
-    proc = _serve(model_path(), spec, timeout=120)
+    proc = _serve(model_path(SMALL_MODEL), spec, timeout=120)
     assert proc.returncode == 2
     assert named in proc.stderr
     assert "accepted" in proc.stderr or "served" in proc.stderr
@@ -44,7 +44,7 @@ def text_only_checkpoint(tmp_path_factory) -> str:
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=512)
     LlamaForCausalLM(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_path()).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path(SMALL_MODEL)).save_pretrained(out)
     return str(out)
 
 

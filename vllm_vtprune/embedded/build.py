@@ -351,18 +351,22 @@ def build_qwen(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-def build(family: str, out_dir: str | Path) -> Path:
-    """A checkpoint of ``family`` in its public hub layout: LLaVA-1.5 is the embedded
-    model, LLaVA-NeXT wraps its weights, the Qwen families are small and random."""
+def build(family: str, out_dir: str | Path, model: str | None = None) -> Path:
+    """A checkpoint of ``family`` in its public hub layout: LLaVA-1.5 is embedded model
+    ``model``, LLaVA-NeXT wraps its weights, the Qwen families are small and random.
+
+    ``model`` defaults to the small embedded model (v1): these checkpoints serve the
+    family tests and exchanges, where a request's cost matters more than accuracy.
+    """
     import shutil
 
-    from vllm_vtprune.embedded import model_path
+    from vllm_vtprune.embedded import SMALL_MODEL, model_path
 
     if family == "llava":
-        shutil.copytree(model_path(), out_dir, dirs_exist_ok=True)
+        shutil.copytree(model_path(model or SMALL_MODEL), out_dir, dirs_exist_ok=True)
         return Path(out_dir)
     if family == "llava_next":
-        return build_llava_next(model_path(), out_dir)
+        return build_llava_next(model_path(model or SMALL_MODEL), out_dir)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         return build_qwen(family, out_dir)
     raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
@@ -377,8 +381,11 @@ def main(argv: list[str] | None = None) -> None:
                     "(vLLM and transformers load it as they load the real ones).")
     p.add_argument("--family", choices=FAMILIES, default="llava")
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None,
+                   help="embedded model the LLaVA families take their weights from "
+                        "(default: the small one, shapes-llava)")
     args = p.parse_args(argv)
-    print(build(args.family, args.out))
+    print(build(args.family, args.out, args.model))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_vtprune.data import shapes_vqa as sv
-from vllm_vtprune.embedded import MODEL_DIR
+from vllm_vtprune.embedded import DEFAULT_MODEL, SMALL_MODEL, model_dir
 from vllm_vtprune.embedded.build import (IMAGE_TOKEN_ID, V2_TEXT_LAYERS, V2_VISION_LAYERS,
                                          build_config, build_tokenizer, save_checkpoint,
                                          vocabulary)
@@ -593,12 +593,17 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-num", type=int, default=400)
-    p.add_argument("--out", type=Path, default=MODEL_DIR)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"checkpoint directory (default: the package's {DEFAULT_MODEL} with "
+                        f"--deepen, else --init's directory, else {SMALL_MODEL})")
     args = p.parse_args()
     if args.add_grid_positions and not args.init:
         p.error("--add-grid-positions needs --init (a model built from seed always has the table)")
     if args.deepen and not args.init:
         p.error("--deepen needs --init (the checkpoint to grow)")
+    if args.out is None:
+        args.out = (model_dir(DEFAULT_MODEL) if args.deepen else
+                    Path(args.init) if args.init else model_dir(SMALL_MODEL))
     args.command = "python -m vllm_vtprune.embedded.train " + " ".join(sys.argv[1:])
     train(args)
 

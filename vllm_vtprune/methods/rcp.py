@@ -55,6 +55,8 @@ __all__ = [
     "intrinsic_attention",
     "attention_logit",
     "gumbel_sigmoid_mask",
+    "gumbel_topk_mask",
+    "training_counts",
     "inference_mask",
     "cumulative_mask",
     "ResidualCrossAttentionPruner",
@@ -104,6 +106,56 @@ def gumbel_sigmoid_mask(logits: Tensor, tau: float, generator: torch.Generator |
     y_soft = torch.sigmoid((logits + noise * g) / tau)
     hard = (y_soft > 0.5).to(y_soft.dtype)
     return hard - y_soft.detach() + y_soft
+
+
+def gumbel_topk_mask(logits: Tensor, live: Tensor, k: int, tau: float,
+                     generator: torch.Generator | None = None, noise: float = 1.0) -> Tensor:
+    """Straight-through mask keeping exactly ``min(k, live)`` of the ``live`` tokens ([N]
+    logits, [N] 0/1 live mask): the top-k of Eq. 6's noisy logits ``logits + noise * g``
+    forward, ``sigmoid((logits + noise * g - t) / tau)`` backward, ``t`` halfway between
+    the k-th and the (k+1)-th noisy logit among the live tokens.
+
+    Not in the paper (Eqs. 6-7 threshold at 0 and leave the count to the sparsity loss,
+    Eqs. 19-21): trained so, the pruners of shapes-llava v2 drifted to keeping most
+    tokens within 20 steps at the paper's learning rate (the repair loss outweighs the
+    sparsity loss at this model's hidden-state scale), and those of v1 to keeping a
+    third of the budget at Eq. 8's threshold. A count fixed at the budget leaves the
+    pruners to learn which tokens to keep, the question they answer when served, where
+    the budget's ceiling sets the count (:class:`RequestState`).
+    """
+    n = logits.shape[-1]
+    live = live > 0.5
+    count = int(live.sum())
+    noisy = logits.float()
+    if noise:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(EPS, 1 - EPS)
+        noisy = noisy + noise * (torch.log(u) - torch.log1p(-u))
+    ranked = noisy.masked_fill(~live, float("-inf"))
+    if k >= count:
+        hard = live.to(noisy.dtype)
+        threshold = ranked.masked_fill(~live, float("inf")).min() - 1.0
+    else:
+        top = torch.topk(ranked, k + 1).values
+        threshold = (top[k - 1] + top[k]) / 2 if k > 0 else top[0] + 1.0
+        hard = torch.zeros(n, dtype=noisy.dtype, device=logits.device)
+        if k > 0:
+            hard[torch.topk(ranked, k).indices] = 1.0
+    y_soft = torch.sigmoid((noisy - threshold.detach()) / tau) * live
+    return hard - y_soft.detach() + y_soft
+
+
+def training_counts(num_layers: int, pruning_layers: Sequence[int], num_tokens: int,
+                    budget: int, later_share: float = 0.95) -> dict[int, int]:
+    """Tokens kept after each pruning layer in training (:func:`gumbel_topk_mask`): at the
+    first, the budget's layer-average ceiling if every later layer kept as many (what
+    :class:`RequestState` keeps there); at each later one ``later_share`` of the tokens
+    still live (what the serving thresholds are calibrated to keep there)."""
+    first = layer_average_ceiling(num_layers, pruning_layers[0], [num_tokens] * num_layers,
+                                  min(budget, num_tokens))
+    counts = {pruning_layers[0]: min(first, num_tokens)}
+    for layer in pruning_layers[1:]:
+        counts[layer] = max(1, round(later_share * counts[max(counts)]))
+    return counts
 
 
 def inference_mask(logits: Tensor, tau: float = 1.0) -> Tensor:
