@@ -467,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=4000, help="ShapesVQA training questions")
-    p.add_argument("--split", default="standard", choices=("standard", "hard", "both"),
-                   help="ShapesVQA split to train and evaluate on (both: in turns)")
+    p.add_argument("--split", default="both", choices=("standard", "hard", "both"),
+                   help="ShapesVQA split to train and evaluate on (both: in turns, as "
+                        "shapes-llava v2 was trained; v1 knows the standard one only)")
     p.add_argument("--init", default=None,
                    help="resume from this checkpoint (its step count continues the run)")
     p.add_argument("--total-steps", type=int, default=None,
@@ -500,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = (jsonl_samples(args.data) if args.data
                else shapes_samples(None, args.samples, split=args.split))
     previous = modules.info.get("steps", 0) if args.init else 0
+    resumed = dict(modules.info) if args.init else None
     if modules.info.get("serving_biases"):
         raise SystemExit(f"--init {args.init}: calibrated for serving already; resume from "
                          "the chunk's checkpoint before --serve-budget")
@@ -514,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     modules.info = {"model": os.path.abspath(path), "budget": args.budget,
                     "steps": previous + args.steps, "seed": args.seed, "init": args.init,
                     "total_steps": args.total_steps or previous + args.steps,
+                    "resumed_from": resumed,
                     "data": args.data or f"shapes_vqa {args.split} training split",
                     "batch": args.batch, "lr": args.lr,
                     "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
@@ -527,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     last = history[-min(20, len(history)):]
     report = {**modules.info, "seconds": round(time.time() - started, 1),
               "losses_last_steps": {k: sum(h[k] for h in last) / len(last)
-                                    for k in ("total", "task", "repair", "sparse")},
+                                    for k in ("total", "task", "repair", "sparse")}
+                                   if last else None,
               "history": history[::max(1, len(history) // 50)]}
     if args.eval:
         report["heldout"] = evaluate(reference, args.out, args.budget,
