@@ -251,3 +251,22 @@ def test_fixed_count_training_masks_keep_the_served_counts(reference, modules):
     terms = rcp_train.losses(student, teacher, enc, modules.num_layers, 0.1, sparse_weight=0.0)
     want = rcp_train.TASK_WEIGHT * terms["task"] + rcp_train.REPAIR_WEIGHT * terms["repair"]
     assert float(terms["sparse"]) > 0 and torch.allclose(terms["total"], want)
+
+
+def test_chunked_command_line_run_resumes_and_calibrates_for_serving(tmp_path):
+    """`python -m vllm_vtprune.rcp_train` in two chunks: the second continues the step
+    count and records the first; --serve-budget stores the trained and the serving
+    biases, and a calibrated checkpoint is refused as a chunk to resume."""
+    common = ["--model", model_path(SMALL_MODEL), "--split", "standard", "--budget", "64",
+              "--batch", "1", "--samples", "4", "--eval", "0", "--total-steps", "2"]
+    first, second = str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")
+    assert rcp_train.main(common + ["--steps", "1", "--out", first]) == 0
+    assert rcp_train.main(common + ["--steps", "1", "--init", first, "--out", second,
+                                    "--serve-budget", "128"]) == 0
+    info = rcp.load_checkpoint(second).info
+    assert info["steps"] == 2 and info["resumed_from"]["steps"] == 1
+    assert set(info["serving_biases"]) == {str(l) for l in info["trained_biases"]}
+    report = json.loads(open(second + ".json").read())
+    assert [h["step"] for h in report["history"]] == [1]
+    with pytest.raises(SystemExit, match="calibrated for serving"):
+        rcp_train.main(common + ["--steps", "1", "--init", second, "--out", first])
