@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                     "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
                              else "fixed count (gumbel top-k)", "split": args.split}
     if args.serve_budget:
-        trained = {l: float(p.bias) for l, p in modules.pruners.items()}
+        trained = {l: float(p.bias.detach()) for l, p in modules.pruners.items()}
         served = calibrate_for_serving(reference, modules, samples[:32], args.serve_budget)
         modules.info |= {"trained_biases": trained, "serving_biases": served,
                          "serve_budget": args.serve_budget}
