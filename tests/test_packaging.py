@@ -22,3 +22,16 @@ def test_every_package_directory_is_declared():
     # sub-packages of mapped folders (vllm_vtprune.kernels, vllm_vtprune.server) belong
     # to their mapping, not to vllm_vtprune/
     assert found <= declared, f"not installed: {sorted(found - declared)}"
+
+
+def test_every_embedded_model_ships_as_package_data():
+    """The wheel carries each embedded model's directory (the default one included)."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    from vllm_vtprune.embedded import MODELS
+
+    data = read_configuration(ROOT / "pyproject.toml")["tool"]["setuptools"]["package-data"]
+    globs = data["vllm_vtprune.embedded"]
+    for name in MODELS:
+        assert f"{name}/*" in globs, name
+    assert "rcp/*" in globs
