@@ -200,31 +200,36 @@ def test_both_splits_alternate_standard_and_hard():
 def test_serving_calibration_leaves_the_count_to_the_ceiling(reference):
     """After calibrate_for_serving, the first pruning layer's threshold (Eq. 8, counted
     here from the pruner's logits, not by the calibration's quantile) keeps twice the
-    ceiling of the budget on the calibration samples, and every later one 95 % of the
-    tokens live there."""
+    ceiling of the serving budget on the calibration samples, and every later one 95 %
+    of the tokens live there under the trained budget's counts."""
     from vllm_vtprune.methods._common import layer_average_ceiling
 
     text = reference.model.config.text_config
     modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=2)
-    samples = rcp_train.shapes_samples(None, 4, start=50)
-    rcp_train.calibrate_for_serving(reference, modules, samples, 64)
+    samples = rcp_train.shapes_samples(None, 4, start=50, split="standard")
+    rcp_train.calibrate_for_serving(reference, modules, samples, 128, trained_budget=64)
+    n = reference.tower.grid[0] * reference.tower.grid[1]
+    layers = modules.pruning_layers
     forward = rcp_train.MaskedForward(reference)
-    forward.record = {}
     with torch.no_grad():
+        forward.record = {}
         for s in samples:
             forward(rcp_train.encode(reference, s), modules, 1.0, hard=True)
-    n = reference.tower.grid[0] * reference.tower.grid[1]
-    first = layer_average_ceiling(modules.num_layers, modules.pruning_layers[0],
-                                  [n] * modules.num_layers, 64)
-    layers = modules.pruning_layers
-    kept = {l: sum(int((x > 0).sum()) for x in forward.record[l]) for l in layers}
-    live = {l: sum(len(x) for x in forward.record[l]) for l in layers}
-    total = len(samples) * n
+        first_logits = forward.record[layers[0]]
+        forward.record = {}
+        for s in samples:
+            enc = rcp_train.encode(reference, s)
+            forward.counts = rcp.training_counts(modules.num_layers, layers, n, 64)
+            forward(enc, modules, 1.0, noise=0.0)
+    first = layer_average_ceiling(modules.num_layers, layers[0], [n] * modules.num_layers, 128)
+    kept = sum(int((x > 0).sum()) for x in first_logits)
     # quantile interpolation may put one logit on the wrong side per layer
-    assert abs(kept[layers[0]] - rcp_train.SERVING_MARGIN * first * len(samples)) <= 1
-    assert kept[layers[0]] > 1.5 * first * len(samples) and live[layers[0]] == total
+    assert abs(kept - rcp_train.SERVING_MARGIN * first * len(samples)) <= 1
+    assert sum(len(x) for x in first_logits) == len(samples) * n
     for layer in layers[1:]:
-        assert abs(kept[layer] - 0.95 * live[layer]) <= 1
+        live = forward.record[layer]
+        assert all(len(x) == forward.counts[max(l for l in layers if l < layer)] for x in live)
+        assert abs(sum(int((x > 0).sum()) for x in live) - 0.95 * sum(len(x) for x in live)) <= 1
 
 
 def test_fixed_count_training_masks_keep_the_served_counts(reference, modules):

@@ -294,11 +294,14 @@ def noise_scale(step: int, steps: int) -> float:
 # ------------------------------------------------------------------ training
 @torch.no_grad()
 def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: list[Encoded],
-                     budget: int, margin: float = 1.0) -> dict[int, float]:
+                     budget: int, margin: float = 1.0,
+                     live_budget: int | None = None) -> dict[int, float]:
     """Set each pruner's bias so that, on ``encoded``, its threshold mask (Eq. 8) keeps
     at the first pruning layer ``margin`` times what the layer-averaged budget allows if
     every later layer kept as many (:func:`vllm_vtprune.methods._common.layer_average_ceiling`),
-    and 95 % of the live tokens at the later ones, layer after layer.
+    and 95 % of the live tokens at the later ones, layer after layer. The later layers'
+    live tokens are those the thresholds leave, or with ``live_budget`` those the
+    fixed-count masks of that budget leave (:func:`rcp.training_counts`, no noise).
 
     Not in the paper: with the bias at 0 the pruners start by keeping almost every token
     at the first pruning layer, where the straight-through gradient of a saturated
@@ -316,7 +319,13 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     for s, layer in enumerate(layers):
         forward.record = {}
         for enc in encoded:
-            forward(enc, modules, 1.0, hard=True)
+            if s > 0 and live_budget is not None:
+                forward.counts = rcp.training_counts(modules.num_layers, layers, len(enc.visual),
+                                                     live_budget)
+                forward(enc, modules, 1.0, noise=0.0)
+                forward.counts = None
+            else:
+                forward(enc, modules, 1.0, hard=True)
         logits = torch.cat(forward.record[layer])
         keep = min(1.0, margin * first / n) if s == 0 else 0.95
         pruner = modules.pruners[layer]
@@ -333,20 +342,24 @@ SERVING_MARGIN = 2.0
 
 
 def calibrate_for_serving(reference, modules: rcp.RcpModules, samples: list[Sample],
-                          budget: int) -> dict[int, float]:
+                          budget: int, trained_budget: int) -> dict[int, float]:
     """Biases for serving ``rcp:K``, K up to ``budget``: the threshold keeps twice the
     ceiling at the first pruning layer, so the ceiling sets the count there and the
-    trained logits choose the tokens; later layers' thresholds keep 95 % of the live ones.
+    trained logits choose the tokens; each later layer's threshold keeps 95 % of the
+    tokens live there at ``trained_budget`` (the counts the modules trained with).
 
     Not in the paper, where the threshold alone sets the count. Measured on the embedded
-    model: trained thresholds keep well under the budget at inference (Eq. 6's noise and
+    models: trained thresholds keep well under the budget at inference (Eq. 6's noise and
     the annealed temperature train a looser rule than Eq. 8's), which costs accuracy the
-    budget allowed.
+    budget allowed; and later layers calibrated on the threshold's own (much larger)
+    live set kept half of the trained count there.
     """
     forward = MaskedForward(reference)
     forward.repair_layers = tuple(sorted(modules.adapters))
     encoded = [encode(reference, s) for s in samples]
-    return calibrate_biases(forward, modules, encoded, budget, margin=SERVING_MARGIN)
+    modules.train(False)
+    return calibrate_biases(forward, modules, encoded, budget, margin=SERVING_MARGIN,
+                            live_budget=trained_budget)
 
 
 def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: int,
@@ -523,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                              else "fixed count (gumbel top-k)", "split": args.split}
     if args.serve_budget:
         trained = {l: float(p.bias.detach()) for l, p in modules.pruners.items()}
-        served = calibrate_for_serving(reference, modules, samples[:32], args.serve_budget)
+        served = calibrate_for_serving(reference, modules, samples[:32], args.serve_budget,
+                                       args.budget)
         modules.info |= {"trained_biases": trained, "serving_biases": served,
                          "serve_budget": args.serve_budget}
     rcp.save_checkpoint(modules, args.out)
