@@ -119,11 +119,14 @@ def _rcp_ckpt(args) -> str | None:
     """RCP's modules: --rcp-ckpt, else those shipped for the embedded model measured
     (the server picks them by the model's shape), else untrained ones for the measured
     model (`vtprune rcp-init`)."""
-    from vllm_vtprune.embedded import MODELS, rcp_checkpoint
+    from transformers import AutoConfig
 
-    name = os.path.basename(os.path.normpath(_model()))
-    if args.rcp_ckpt is None and name in MODELS and rcp_checkpoint(name).exists():
-        return None  # the shipped ones, picked by the server
+    from vllm_vtprune.embedded import with_shipped_modules
+    from vllm_vtprune.spec import parse
+
+    shipped = with_shipped_modules(parse("rcp:1"), AutoConfig.from_pretrained(_model()))
+    if args.rcp_ckpt is None and shipped.value("ckpt") is not None:
+        return None  # the shipped ones, picked by the server alike
     if args.rcp_ckpt in (None, "identity"):
         import tempfile
 

@@ -299,9 +299,10 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     """Set each pruner's bias so that, on ``encoded``, its threshold mask (Eq. 8) keeps
     at the first pruning layer ``margin`` times what the layer-averaged budget allows if
     every later layer kept as many (:func:`vllm_vtprune.methods._common.layer_average_ceiling`),
-    and 95 % of the live tokens at the later ones, layer after layer. The later layers'
-    live tokens are those the thresholds leave, or with ``live_budget`` those the
-    fixed-count masks of that budget leave (:func:`rcp.training_counts`, no noise).
+    and :data:`rcp.LATER_SHARE` of the live tokens at the later ones, layer after layer.
+    The later layers' live tokens are those the thresholds leave, or with ``live_budget``
+    those the fixed-count masks of that budget leave (:func:`rcp.training_counts`, no
+    noise).
 
     Not in the paper: with the bias at 0 the pruners start by keeping almost every token
     at the first pruning layer, where the straight-through gradient of a saturated
@@ -309,12 +310,9 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     training). After training (:func:`calibrate_for_serving`) a margin above 1 leaves the
     count to the served ceiling and the choice to the learned logits.
     """
-    from vllm_vtprune.methods._common import layer_average_ceiling
-
     n = len(encoded[0].visual)
     layers = modules.pruning_layers
-    first = layer_average_ceiling(modules.num_layers, layers[0], [n] * modules.num_layers,
-                                  min(budget, n))
+    first = rcp.training_counts(modules.num_layers, layers, n, budget)[layers[0]]
     out = {}
     for s, layer in enumerate(layers):
         forward.record = {}
@@ -327,7 +325,7 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
             else:
                 forward(enc, modules, 1.0, hard=True)
         logits = torch.cat(forward.record[layer])
-        keep = min(1.0, margin * first / n) if s == 0 else 0.95
+        keep = min(1.0, margin * first / n) if s == 0 else rcp.LATER_SHARE
         pruner = modules.pruners[layer]
         shift = -float(torch.quantile(logits - pruner.bias, 1.0 - keep))
         pruner.bias.fill_(shift)
@@ -345,8 +343,8 @@ def calibrate_for_serving(reference, modules: rcp.RcpModules, samples: list[Samp
                           budget: int, trained_budget: int) -> dict[int, float]:
     """Biases for serving ``rcp:K``, K up to ``budget``: the threshold keeps twice the
     ceiling at the first pruning layer, so the ceiling sets the count there and the
-    trained logits choose the tokens; each later layer's threshold keeps 95 % of the
-    tokens live there at ``trained_budget`` (the counts the modules trained with).
+    trained logits choose the tokens; each later layer's threshold keeps
+    :data:`rcp.LATER_SHARE` of the tokens live there at ``trained_budget`` (the counts the modules trained with).
 
     Not in the paper, where the threshold alone sets the count. Measured on the embedded
     models: trained thresholds keep well under the budget at inference (Eq. 6's noise and
@@ -384,7 +382,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     forward.repair_layers = tuple(sorted(modules.adapters))
     torch.manual_seed(seed + first_step)
     order = random.Random(f"{seed}:{first_step}")
-    if calibrate:
+    if calibrate and not fixed_count:  # a bias does not move a top-k
         biases = calibrate_biases(forward, modules, [encode(reference, samples[i]) for i in
                                                      range(min(16, len(samples)))], budget)
         log(f"calibrated pruner biases: {biases}")
@@ -522,8 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     history = train(reference, modules, samples, steps=args.steps, batch=args.batch,
                     lr=args.lr, budget=args.budget, seed=args.seed,
                     log=lambda m: print(m, file=sys.stderr, flush=True),
-                    calibrate=(args.threshold_masks and not args.init
-                               and not args.no_calibrate),
+                    calibrate=not args.init and not args.no_calibrate,
                     warmup=args.no_calibrate and not args.init, first_step=previous,
                     total_steps=args.total_steps, fixed_count=not args.threshold_masks)
     modules.info = {"model": os.path.abspath(path), "budget": args.budget,

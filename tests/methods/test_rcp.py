@@ -106,12 +106,13 @@ def test_gumbel_sigmoid_noise_scale():
 
 
 def _topk_reference(noisy: list[float], live: list[bool], k: int):
-    """Exactly k of the live tokens with the largest noisy logits (ties: lower index),
-    and the threshold halfway between the k-th and (k+1)-th of them, by sorting."""
+    """Exactly k of the live tokens with the largest noisy logits, the threshold halfway
+    between the k-th and (k+1)-th of them, and their gap, by sorting."""
     order = sorted((i for i, a in enumerate(live) if a), key=lambda i: (-noisy[i], i))
     chosen = set(order[:k])
     threshold = (noisy[order[k - 1]] + noisy[order[k]]) / 2
-    return [1.0 if i in chosen else 0.0 for i in range(len(noisy))], threshold
+    gap = noisy[order[k - 1]] - noisy[order[k]]
+    return [1.0 if i in chosen else 0.0 for i in range(len(noisy))], threshold, gap
 
 
 @pytest.mark.parametrize("n,k,dead", [(37, 5, 9), (576, 29, 0), (64, 63, 0), (10, 1, 3)])
@@ -126,7 +127,10 @@ def test_gumbel_topk_mask_keeps_k_live_tokens_with_a_soft_gradient(n, k, dead):
     m = rcp.gumbel_topk_mask(logits, live, k, tau, generator=torch.Generator().manual_seed(7))
     u = torch.rand(n, generator=torch.Generator().manual_seed(7)).clamp(1e-8, 1 - 1e-8)
     noisy = [float(x) for x in logits.detach() + torch.log(u) - torch.log(1 - u)]
-    hard, t = _topk_reference(noisy, [bool(a) for a in live], k)
+    hard, t, gap = _topk_reference(noisy, [bool(a) for a in live], k)
+    # the reference's noise (log(1 - u)) and the mask's (log1p(-u)) differ by ~1e-7:
+    # the chosen set is comparable exactly only when the k-th and (k+1)-th are further apart
+    assert gap > 1e-4, gap
     assert m.detach().tolist() == hard
     weights = torch.randn(n)
     (m * weights).sum().backward()

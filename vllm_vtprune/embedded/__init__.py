@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "shapes-llava-v2"
 SMALL_MODEL = "shapes-llava"
 MODELS = (DEFAULT_MODEL, SMALL_MODEL)
-MODEL_DIR = ROOT / DEFAULT_MODEL
 RCP_DIR = ROOT / "rcp"
 
 

@@ -69,6 +69,11 @@ __all__ = [
 
 NUM_QUERIES = 16
 QUERY_DROPOUT = 0.2
+#: share of the live visual tokens each pruning layer after the first keeps, in training
+#: (:func:`training_counts`) and in the thresholds calibrated for serving (not in the
+#: paper, whose threshold sets every count: at a layer-averaged budget the first
+#: pruning layer takes nearly all the pruning there is room for)
+LATER_SHARE = 0.95
 
 
 def intrinsic_attention(attn: Tensor) -> Tensor:
@@ -135,17 +140,16 @@ def gumbel_topk_mask(logits: Tensor, live: Tensor, k: int, tau: float,
         hard = live.to(noisy.dtype)
         threshold = ranked.masked_fill(~live, float("inf")).min() - 1.0
     else:
-        top = torch.topk(ranked, k + 1).values
+        top, index = torch.topk(ranked, k + 1)  # sorted: the first k are the top k
         threshold = (top[k - 1] + top[k]) / 2 if k > 0 else top[0] + 1.0
         hard = torch.zeros(n, dtype=noisy.dtype, device=logits.device)
-        if k > 0:
-            hard[torch.topk(ranked, k).indices] = 1.0
+        hard[index[:k]] = 1.0
     y_soft = torch.sigmoid((noisy - threshold.detach()) / tau) * live
     return hard - y_soft.detach() + y_soft
 
 
 def training_counts(num_layers: int, pruning_layers: Sequence[int], num_tokens: int,
-                    budget: int, later_share: float = 0.95) -> dict[int, int]:
+                    budget: int, later_share: float = LATER_SHARE) -> dict[int, int]:
     """Tokens kept after each pruning layer in training (:func:`gumbel_topk_mask`): at the
     first, the budget's layer-average ceiling if every later layer kept as many (what
     :class:`RequestState` keeps there); at each later one ``later_share`` of the tokens
