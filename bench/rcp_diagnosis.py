@@ -1,0 +1,132 @@
+"""Where RCP loses accuracy on a ShapesVQA LLaVA (transformers reference path).
+
+    python bench/rcp_diagnosis.py --split hard --num 100 --budgets 64,128 --images 40
+
+RCP (Zhang et al., "RCP: Representation Consistency Pruner for Mitigating Distribution
+Shift in Large Vision-Language Models", arXiv 2604.04972; ``vllm_vtprune.methods.rcp``)
+prunes before its first pruning layer to the count the layer-averaged budget allows
+there (29 of 576 at ``rcp:64`` on the 16-layer shapes-llava v2). Prints, per budget:
+
+* accuracy on ``--num`` held-out questions: full tokens; ``rcp:B`` with the trained
+  modules; the same pruners with identity repair adapters (Sec. III-C's
+  initialisation: what the adapters add); FastV at the same first-layer count and layer
+  (``fastv:K``: the same tokens kept from the same layer, chosen by last-token
+  attention instead);
+* how often the first pruning layer's top-K tokens lie on object patches, over
+  ``--images`` held-out images: the trained logits (Eq. 5), their intrinsic-attention
+  term A alone (Eq. 4), their learned terms S_q + S_i alone (Eqs. 2-3), FastV's
+  last-token attention, and the base rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from polymorphic_diagnosis import _accuracy, _object_patches  # noqa: E402
+
+
+def identity_adapter_checkpoint(ckpt: str, out: str) -> str:
+    """``ckpt``'s pruners with freshly initialised (identity) adapters, saved at ``out``."""
+    from vllm_vtprune.methods import rcp
+
+    modules = rcp.load_checkpoint(ckpt)
+    fresh = rcp.build_modules(modules.hidden_size, modules.num_layers, modules.pruning_layers,
+                              tuple(sorted(modules.adapters)), **modules.config)
+    modules.adapters = fresh.adapters
+    modules.info = {**modules.info, "diagnosis": "adapters reset to identity"}
+    rcp.save_checkpoint(modules, out)
+    return out
+
+
+def first_layer_count(num_layers: int, first: int, tokens: int, budget: int) -> int:
+    from vllm_vtprune.methods._common import layer_average_ceiling
+
+    return min(tokens, layer_average_ceiling(num_layers, first, [tokens] * num_layers, budget))
+
+
+@torch.no_grad()
+def object_shares(ref, modules, split, images: int, counts: list[int]) -> dict:
+    """Share of object patches among the top-``count`` tokens of each ranking at the
+    first pruning layer, averaged over held-out images (one question each)."""
+    from vllm_vtprune import rcp_train
+    from vllm_vtprune.data import shapes_vqa as sv
+    from vllm_vtprune.methods import rcp
+
+    forward = rcp_train.MaskedForward(ref)
+    first = modules.pruning_layers[0]
+    pruner = modules.pruners[first]
+    names = ("trained logits (Eq. 5)", "A alone (Eq. 4)", "S_q + S_i alone (Eqs. 2-3)",
+             "FastV last-token attention", "base rate")
+    sums = {k: {n: 0.0 for n in names} for k in counts}
+    for index in range(images):
+        sample = sv.make_sample(split.heldout_seed, 20_000 + index, split=split)
+        qa = sample.qas[0]
+        on = _object_patches(sample)
+        enc = rcp_train.encode(ref, rcp_train.Sample(sample.image, qa.question, qa.answer))
+        x = enc.embeds[: int(enc.answer[0]) + 1]
+        positions = torch.arange(x.shape[0])
+        for layer in range(first):
+            x, probs = forward.layer(layer, x, positions, None)
+        h = x.float()
+        a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1))
+        logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None])[0]
+        intrinsic = rcp.attention_logit(a[None])[0]
+        scores = {names[0]: logits, names[1]: intrinsic, names[2]: logits - intrinsic,
+                  names[3]: probs[:, -1, enc.visual].mean(0)}
+        for k in counts:
+            for name, score in scores.items():
+                sums[k][name] += on[torch.topk(score, k).indices].float().mean().item()
+            sums[k]["base rate"] += on.float().mean().item()
+    return {f"top {k}": {n: round(v / images, 3) for n, v in s.items()} for k, s in sums.items()}
+
+
+def main() -> None:
+    from vllm_vtprune.data import shapes_vqa as sv
+    from vllm_vtprune.embedded import model_path, rcp_checkpoint
+    from vllm_vtprune.hf import HfReference
+    from vllm_vtprune.methods import rcp
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="default: the embedded model")
+    p.add_argument("--ckpt", default=None, help="default: the modules shipped for it")
+    p.add_argument("--split", default="hard")
+    p.add_argument("--num", type=int, default=100)
+    p.add_argument("--budgets", default="64,128")
+    p.add_argument("--images", type=int, default=40)
+    args = p.parse_args()
+    ref = HfReference.load(args.model or model_path())
+    ckpt = args.ckpt or rcp_checkpoint(os.path.basename(os.path.normpath(args.model or
+                                                                          model_path())))
+    modules = rcp.load_checkpoint(ckpt)
+    split = sv.split_of(args.split)
+    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
+    tokens = ref.tower.grid[0] * ref.tower.grid[1]
+    first = modules.pruning_layers[0]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    counts = [first_layer_count(modules.num_layers, first, tokens, b) for b in budgets]
+    result = {"model": str(args.model or model_path()), "ckpt": str(ckpt), "split": args.split,
+              "questions": len(pairs), "first_pruning_layer": first,
+              "accuracy": {"full tokens": _accuracy(ref, pairs, None)}}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = identity_adapter_checkpoint(ckpt, os.path.join(tmp, "identity.safetensors"))
+        for budget, count in zip(budgets, counts):
+            row = result["accuracy"][f"budget {budget} ({count} tokens from layer {first})"] = {}
+            row["rcp, trained modules"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={ckpt}")
+            row["rcp, identity adapters"] = _accuracy(ref, pairs,
+                                                      f"rcp:{budget},ckpt={plain}")
+            row[f"fastv:{count},layer={first}"] = _accuracy(ref, pairs,
+                                                            f"fastv:{count},layer={first}")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
