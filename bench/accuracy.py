@@ -11,6 +11,7 @@ each configuration's generate time and its ratio to the full-token run. With
     python bench/accuracy.py [--num 200] [--budgets 192,128,64,32,16] [--methods ...]
         [--split standard|hard] [--path vllm|transformers] [--json F [--resume]]
         [--plot F.png]
+    python bench/accuracy.py --json F --markdown  # the saved table, as in the README
 
 A long table goes in chunks: ``--json F --resume`` saves after every configuration and
 runs only what ``F`` does not hold yet (the full-tokens run included), so a run killed
@@ -201,6 +202,26 @@ def _save(args, full: dict, results: dict) -> None:
                                          "labels": args.labels}, f, indent=2)
 
 
+def markdown_table(saved: dict, budgets: list[int]) -> str:
+    """The README's table of a saved run (``--json``): accuracy and share of full-token
+    accuracy per method and budget, methods ranked by accuracy at the middle budget,
+    "not yet" where the run has no result."""
+    full = saved["full"]["accuracy"]
+    middle = str(budgets[len(budgets) // 2])
+    ranked = sorted(saved["methods"].items(),
+                    key=lambda kv: -kv[1].get(middle, {}).get("accuracy", -1.0))
+    lines = [f"| {saved['split']}, {saved['num']} questions | "
+             + " | ".join(str(b) for b in budgets) + " |",
+             "|" + "---|" * (len(budgets) + 1),
+             f"| full tokens | {full:.3f} |" + " |" * (len(budgets) - 1)]
+    for method, done in ranked:
+        cells = [f"{done[str(b)]['accuracy']:.3f} ({done[str(b)]['accuracy'] / full:.0%})"
+                 if str(b) in done else "not yet" for b in budgets]
+        lines.append(f"| {saved.get('labels', {}).get(method, method)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     from vllm_vtprune import registry
 
@@ -229,7 +250,15 @@ def main() -> None:
     p.add_argument("--rcp-ckpt", default=None,
                    help="RCP modules (default: those shipped for the embedded model, else "
                         "untrained ones; 'identity' for untrained, `vtprune rcp-init`)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the table --json holds as Markdown (runs nothing)")
     args = p.parse_args()
+    if args.markdown:
+        if not (args.json and os.path.exists(args.json)):
+            raise SystemExit("--markdown reads the table saved by --json F; give an existing F")
+        with open(args.json) as f:
+            print(markdown_table(json.load(f), [int(b) for b in args.budgets.split(",")]))
+        return
     global MODEL
     MODEL = args.model
     if args.quick:

@@ -42,3 +42,17 @@ def test_a_saved_table_is_resumed_by_the_same_table_only(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="shapes-llava-v2"):
         accuracy._resumed(_args(path))
     assert json.loads(path.read_text())["model"] == "shapes-llava-v2"
+
+
+def test_markdown_table_ranks_by_the_middle_budget_and_marks_missing_results():
+    saved = {"split": "hard", "num": 400, "full": {"accuracy": 0.8},
+             "labels": {"rcp": "rcp (shipped modules)"},
+             "methods": {"random": {"64": {"accuracy": 0.4}, "16": {"accuracy": 0.2}},
+                         "rcp": {"64": {"accuracy": 0.6}},
+                         "dcp": {}}}
+    lines = accuracy.markdown_table(saved, [192, 64, 16]).splitlines()
+    assert lines[0] == "| hard, 400 questions | 192 | 64 | 16 |"
+    assert lines[2] == "| full tokens | 0.800 | | |"
+    assert lines[3:] == ["| rcp (shipped modules) | not yet | 0.600 (75%) | not yet |",
+                         "| random | not yet | 0.400 (50%) | 0.200 (25%) |",
+                         "| dcp | not yet | not yet | not yet |"]
