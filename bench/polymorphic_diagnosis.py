@@ -64,25 +64,38 @@ def _object_patches(sample, grid: int = 24, patch: int = 14) -> torch.Tensor:
     return on.flatten()
 
 
+def prompt_states(ref, forward, split, index: int, layers: int, seed: int | None = None):
+    """Sample ``index`` (held-out from 20,000, or ``seed``'s from 30,000) with its first
+    question: the object-patch mask [576], the encoded sequence, and the prompt rows'
+    hidden states and attention after the first ``layers`` decoder layers."""
+    from vllm_vtprune import rcp_train
+    from vllm_vtprune.data import shapes_vqa as sv
+
+    if seed is None:
+        sample = sv.make_sample(split.heldout_seed, 20_000 + index, split=split)
+    else:
+        sample = sv.make_sample(seed, 30_000 + index, split=split)
+    qa = sample.qas[0]
+    enc = rcp_train.encode(ref, rcp_train.Sample(sample.image, qa.question, qa.answer))
+    x = enc.embeds[: int(enc.answer[0]) + 1]
+    positions = torch.arange(x.shape[0])
+    probs = None
+    for layer in range(layers):
+        x, probs = forward.layer(layer, x, positions, None)
+    return _object_patches(sample), enc, x, probs
+
+
 @torch.no_grad()
 def ranking_object_shares(ref, split, images: int, top: int) -> dict[str, float]:
     """Share of object patches among the top tokens of each ranking, averaged."""
     from vllm_vtprune import rcp_train
-    from vllm_vtprune.data import shapes_vqa as sv
     from vllm_vtprune.methods import polymorphic as poly
 
     forward = rcp_train.MaskedForward(ref)
     sums = {"rater score (Eqs. 9-11, layer 2)": 0.0,
             "FastV attention (layer 1)": 0.0, "base rate": 0.0}
     for index in range(images):
-        sample = sv.make_sample(split.heldout_seed, 20_000 + index, split=split)
-        qa = sample.qas[0]
-        on = _object_patches(sample)
-        enc = rcp_train.encode(ref, rcp_train.Sample(sample.image, qa.question, qa.answer))
-        x = enc.embeds[: int(enc.answer[0]) + 1]
-        positions = torch.arange(x.shape[0])
-        for layer in range(2):
-            x, probs = forward.layer(layer, x, positions, None)
+        on, enc, x, probs = prompt_states(ref, forward, split, index, 2)
         alpha, _ = poly.rater_scores(poly.rms_normalized(x[enc.visual]),
                                      poly.rms_normalized(x[enc.question]))
         attention = probs[:, -1, enc.visual].mean(0)

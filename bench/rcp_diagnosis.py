@@ -15,7 +15,12 @@ there (29 of 576 at ``rcp:64`` on the 16-layer shapes-llava v2). Prints, per bud
 * how often the first pruning layer's top-K tokens lie on object patches, over
   ``--images`` held-out images: the trained logits (Eq. 5), their intrinsic-attention
   term A alone (Eq. 4), their learned terms S_q + S_i alone (Eqs. 2-3), FastV's
-  last-token attention, and the base rate.
+  last-token attention, and the base rate;
+* which way the training gradient pushes each kind of token: over ``--gradients``
+  training samples, masks set to the trained top-K (the first budget's count) at the
+  first pruning layer, the share of kept/dropped object/background tokens whose
+  straight-through gradient dL/dm (Eq. 22's task and repair terms) is negative, i.e.
+  would raise their mask, and its median.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from polymorphic_diagnosis import _accuracy, _object_patches  # noqa: E402
+from polymorphic_diagnosis import _accuracy, prompt_states  # noqa: E402
 
 
 def identity_adapter_checkpoint(ckpt: str, out: str) -> str:
@@ -56,7 +61,6 @@ def object_shares(ref, modules, split, images: int, counts: list[int]) -> dict:
     """Share of object patches among the top-``count`` tokens of each ranking at the
     first pruning layer, averaged over held-out images (one question each)."""
     from vllm_vtprune import rcp_train
-    from vllm_vtprune.data import shapes_vqa as sv
     from vllm_vtprune.methods import rcp
 
     forward = rcp_train.MaskedForward(ref)
@@ -66,14 +70,7 @@ def object_shares(ref, modules, split, images: int, counts: list[int]) -> dict:
              "FastV last-token attention", "base rate")
     sums = {k: {n: 0.0 for n in names} for k in counts}
     for index in range(images):
-        sample = sv.make_sample(split.heldout_seed, 20_000 + index, split=split)
-        qa = sample.qas[0]
-        on = _object_patches(sample)
-        enc = rcp_train.encode(ref, rcp_train.Sample(sample.image, qa.question, qa.answer))
-        x = enc.embeds[: int(enc.answer[0]) + 1]
-        positions = torch.arange(x.shape[0])
-        for layer in range(first):
-            x, probs = forward.layer(layer, x, positions, None)
+        on, enc, x, probs = prompt_states(ref, forward, split, index, first)
         h = x.float()
         a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1))
         logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None])[0]
@@ -85,6 +82,57 @@ def object_shares(ref, modules, split, images: int, counts: list[int]) -> dict:
                 sums[k][name] += on[torch.topk(score, k).indices].float().mean().item()
             sums[k]["base rate"] += on.float().mean().item()
     return {f"top {k}": {n: round(v / images, 3) for n, v in s.items()} for k, s in sums.items()}
+
+
+def straight_through_signs(ref, modules, split, images: int, count: int) -> dict:
+    """Per kind of token (kept/dropped x object/background): the share whose
+    straight-through gradient dL/dm of the task and repair losses (Eq. 22's weights) is
+    negative, i.e. whose mask the gradient would raise, and the median gradient; masks
+    the trained top-``count`` at the first pruning layer, on ``images`` training-split
+    samples (one question each)."""
+    from vllm_vtprune import rcp_train
+    from vllm_vtprune.methods import rcp
+
+    for p in ref.model.parameters():
+        p.requires_grad_(False)
+    first = modules.pruning_layers[0]
+    one = rcp.RcpModules(modules.hidden_size, modules.num_layers,
+                         {first: modules.pruners[first]}, modules.adapters, modules.config)
+    forward = rcp_train.MaskedForward(ref)
+    forward.repair_layers = tuple(sorted(modules.adapters))
+    leaf = {}
+
+    def top_count(pruner, x, probs, enc, mask, tau, hard, noise):
+        a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1))
+        h = x.float().detach()
+        with torch.no_grad():
+            logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None])[0]
+        m = torch.zeros(len(enc.visual))
+        m[torch.topk(logits, count).indices] = 1.0
+        leaf["m"] = m.requires_grad_(True)
+        return leaf["m"]
+
+    forward._prune = top_count
+    kinds = ("kept object", "kept background", "dropped object", "dropped background")
+    found = {t: {k: [] for k in kinds} for t in ("task", "repair")}
+    for index in range(images):
+        with torch.no_grad():
+            on, enc, _, _ = prompt_states(ref, forward, split, index, 0, seed=split.train_seed)
+        with torch.no_grad():
+            _, teacher, _ = forward(enc, None, 1.0)
+        for term, weight in (("task", rcp_train.TASK_WEIGHT),
+                             ("repair", rcp_train.REPAIR_WEIGHT)):
+            terms = rcp_train.losses(forward(enc, one, 1.0), teacher, enc, modules.num_layers,
+                                     0.0, sparse_weight=0.0)
+            grad, = torch.autograd.grad(weight * terms[term], leaf["m"])
+            kept = leaf["m"].detach() > 0.5
+            for kind, sel in zip(kinds, (kept & on, kept & ~on, ~kept & on, ~kept & ~on)):
+                if sel.any():
+                    found[term][kind].append(grad[sel])
+    return {term: {kind: {"share raised": round(float((torch.cat(g) < 0).float().mean()), 3),
+                          "median dL/dm": float(f"{float(torch.cat(g).median()):.4g}")}
+                   for kind, g in by_kind.items() if g}
+            for term, by_kind in found.items()}
 
 
 def main() -> None:
@@ -100,6 +148,9 @@ def main() -> None:
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--budgets", default="64,128")
     p.add_argument("--images", type=int, default=40)
+    p.add_argument("--gradients", type=int, default=24,
+                   help="training samples for the straight-through gradient signs (0: none)")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy runs")
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
     ckpt = args.ckpt or rcp_checkpoint(os.path.basename(os.path.normpath(args.model or
@@ -113,8 +164,12 @@ def main() -> None:
     counts = [first_layer_count(modules.num_layers, first, tokens, b) for b in budgets]
     result = {"model": str(args.model or model_path()), "ckpt": str(ckpt), "split": args.split,
               "questions": len(pairs), "first_pruning_layer": first,
-              "accuracy": {"full tokens": _accuracy(ref, pairs, None)}}
+              "accuracy": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.no_accuracy:
+            budgets = counts = []
+        else:
+            result["accuracy"]["full tokens"] = _accuracy(ref, pairs, None)
         plain = identity_adapter_checkpoint(ckpt, os.path.join(tmp, "identity.safetensors"))
         for budget, count in zip(budgets, counts):
             row = result["accuracy"][f"budget {budget} ({count} tokens from layer {first})"] = {}
@@ -124,7 +179,13 @@ def main() -> None:
             row[f"fastv:{count},layer={first}"] = _accuracy(ref, pairs,
                                                             f"fastv:{count},layer={first}")
             print(json.dumps(row), file=sys.stderr, flush=True)
-    result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
+    first_counts = [first_layer_count(modules.num_layers, first, tokens, int(b))
+                    for b in args.budgets.split(",")]
+    result["object_share_of_top"] = object_shares(ref, modules, split, args.images,
+                                                  first_counts)
+    if args.gradients:
+        result["straight_through_gradient"] = straight_through_signs(
+            ref, modules, split, args.gradients, first_counts[0])
     print(json.dumps(result, indent=2))
 
 
