@@ -147,7 +147,8 @@ def main() -> None:
     p.add_argument("--split", default="hard")
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--budgets", default="64,128")
-    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--images", type=int, default=40,
+                   help="held-out images for the object shares (0: none)")
     p.add_argument("--gradients", type=int, default=24,
                    help="training samples for the straight-through gradient signs (0: none)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy runs")
@@ -181,8 +182,9 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr, flush=True)
     first_counts = [first_layer_count(modules.num_layers, first, tokens, int(b))
                     for b in args.budgets.split(",")]
-    result["object_share_of_top"] = object_shares(ref, modules, split, args.images,
-                                                  first_counts)
+    if args.images:
+        result["object_share_of_top"] = object_shares(ref, modules, split, args.images,
+                                                      first_counts)
     if args.gradients:
         result["straight_through_gradient"] = straight_through_signs(
             ref, modules, split, args.gradients, first_counts[0])
