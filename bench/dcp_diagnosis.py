@@ -31,21 +31,14 @@ import time
 
 import torch
 
-PATCH = 14
+from vllm_vtprune.rcp_train import prompt_text
 
 
-def _prompt(question: str) -> str:
-    return f"USER: <image>\n{question} ASSISTANT:"
+def object_patches(sample) -> torch.Tensor:
+    """Patches an object's or distractor's box overlaps, [576] bool."""
+    from vllm_vtprune.data import shapes_vqa as sv
 
-
-def object_patches(sample, grid: int = 24) -> torch.Tensor:
-    """[grid * grid] bool: patches an object's or distractor's box overlaps."""
-    hit = torch.zeros(grid, grid, dtype=torch.bool)
-    for obj in sample.objects + sample.distractors:
-        x0, y0, x1, y1 = obj.box
-        hit[max(y0, 0) // PATCH:min(y1 - 1, grid * PATCH - 1) // PATCH + 1,
-            max(x0, 0) // PATCH:min(x1 - 1, grid * PATCH - 1) // PATCH + 1] = True
-    return hit.flatten()
+    return torch.from_numpy(sv.object_patches(sample.objects + sample.distractors))
 
 
 class Diagnosis:
@@ -60,7 +53,7 @@ class Diagnosis:
         from vllm_vtprune.hf import _expand
 
         ref = self.ref
-        ids = _expand(ref.tokenizer(_prompt(question)).input_ids, ref.image_token_id,
+        ids = _expand(ref.tokenizer(prompt_text(question)).input_ids, ref.image_token_id,
                       [feats.shape[0]])
         return ref.greedy(ids, feats).strip()
 
@@ -89,7 +82,7 @@ class Diagnosis:
         spec = spec_mod.parse(f"dcp:{k}" + (f",alpha={alpha}" if alpha is not None else ""))
         hook = self.project.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         try:
-            _, pruned = self.ref.generate(_prompt(question), [image], spec, max_new_tokens=0)
+            _, pruned = self.ref.generate(prompt_text(question), [image], spec, max_new_tokens=0)
         finally:
             hook.remove()
         return pruned[0], seen[-1].reshape(-1, seen[-1].shape[-1]).float()
@@ -161,7 +154,7 @@ def main(argv=None) -> None:
         for i in stage_layers:
             a = diag.cls_attention(inputs[i], i)
             share[f"layer {i}"] += (a[on].sum() / a.sum()).item()
-        text = diag.ref.noun_embeds(diag.ref.tokenizer(_prompt(qa.question)).input_ids)
+        text = diag.ref.noun_embeds(diag.ref.tokenizer(prompt_text(qa.question)).input_ids)
         cls = diag.cls_attention(inputs[-1], diag.tower.num_layers - 1)
         rows = {"full": full}
         for k in budgets:

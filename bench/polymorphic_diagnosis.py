@@ -23,10 +23,11 @@ import torch
 
 def _accuracy(ref, pairs, spec) -> float:
     from vllm_vtprune import spec as spec_mod
+    from vllm_vtprune.rcp_train import prompt_text
 
     parsed = spec_mod.parse(spec) if spec else None
-    return sum(ref.generate(f"USER: <image>\n{qa.question} ASSISTANT:", [image], parsed)[0]
-               .strip() == qa.answer for image, qa in pairs) / len(pairs)
+    return sum(ref.generate(prompt_text(qa.question), [image], parsed)[0].strip() == qa.answer
+               for image, qa in pairs) / len(pairs)
 
 
 def stage_accuracies(ref, pairs, budget: int) -> dict[str, float]:
@@ -55,19 +56,11 @@ def stage_accuracies(ref, pairs, budget: int) -> dict[str, float]:
     return out
 
 
-def _object_patches(sample, grid: int = 24, patch: int = 14) -> torch.Tensor:
-    on = torch.zeros(grid, grid, dtype=torch.bool)
-    for o in sample.objects:
-        x0, y0, x1, y1 = o.box
-        on[max(0, y0 // patch):min(grid, (y1 - 1) // patch + 1),
-           max(0, x0 // patch):min(grid, (x1 - 1) // patch + 1)] = True
-    return on.flatten()
-
-
 def prompt_states(ref, forward, split, index: int, layers: int, seed: int | None = None):
     """Sample ``index`` (held-out from 20,000, or ``seed``'s from 30,000) with its first
-    question: the object-patch mask [576], the encoded sequence, and the prompt rows'
-    hidden states and attention after the first ``layers`` decoder layers."""
+    question: the patches its objects cover [576] (distractors not counted: no question
+    is about them), the encoded sequence, and the prompt rows' hidden states and
+    attention after the first ``layers`` decoder layers."""
     from vllm_vtprune import rcp_train
     from vllm_vtprune.data import shapes_vqa as sv
 
@@ -82,7 +75,7 @@ def prompt_states(ref, forward, split, index: int, layers: int, seed: int | None
     probs = None
     for layer in range(layers):
         x, probs = forward.layer(layer, x, positions, None)
-    return _object_patches(sample), enc, x, probs
+    return torch.from_numpy(sv.object_patches(sample.objects)), enc, x, probs
 
 
 @torch.no_grad()

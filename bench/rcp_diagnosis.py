@@ -50,12 +50,6 @@ def identity_adapter_checkpoint(ckpt: str, out: str) -> str:
     return out
 
 
-def first_layer_count(num_layers: int, first: int, tokens: int, budget: int) -> int:
-    from vllm_vtprune.methods._common import layer_average_ceiling
-
-    return min(tokens, layer_average_ceiling(num_layers, first, [tokens] * num_layers, budget))
-
-
 @torch.no_grad()
 def object_shares(ref, modules, split, images: int, counts: list[int]) -> dict:
     """Share of object patches among the top-``count`` tokens of each ranking at the
@@ -71,10 +65,8 @@ def object_shares(ref, modules, split, images: int, counts: list[int]) -> dict:
     sums = {k: {n: 0.0 for n in names} for k in counts}
     for index in range(images):
         on, enc, x, probs = prompt_states(ref, forward, split, index, first)
-        h = x.float()
-        a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1))
-        logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None])[0]
-        intrinsic = rcp.attention_logit(a[None])[0]
+        logits = forward.pruner_logits(pruner, x, probs, enc)
+        intrinsic = rcp.attention_logit(forward.intrinsic(probs, enc)[None])[0]
         scores = {names[0]: logits, names[1]: intrinsic, names[2]: logits - intrinsic,
                   names[3]: probs[:, -1, enc.visual].mean(0)}
         for k in counts:
@@ -103,10 +95,8 @@ def straight_through_signs(ref, modules, split, images: int, count: int) -> dict
     leaf = {}
 
     def top_count(pruner, x, probs, enc, mask, tau, hard, noise):
-        a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1))
-        h = x.float().detach()
         with torch.no_grad():
-            logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None])[0]
+            logits = forward.pruner_logits(pruner, x, probs, enc)
         m = torch.zeros(len(enc.visual))
         m[torch.topk(logits, count).indices] = 1.0
         leaf["m"] = m.requires_grad_(True)
@@ -135,11 +125,29 @@ def straight_through_signs(ref, modules, split, images: int, count: int) -> dict
             for term, by_kind in found.items()}
 
 
+def accuracies(ref, pairs, ckpt: str, first: int, budgets: list[int],
+               counts: list[int]) -> dict:
+    """Full tokens; per budget ``rcp:B`` with ``ckpt``, with its adapters at identity, and
+    FastV keeping the same count from the same layer."""
+    out = {"full tokens": _accuracy(ref, pairs, None)}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = identity_adapter_checkpoint(ckpt, os.path.join(tmp, "identity.safetensors"))
+        for budget, count in zip(budgets, counts):
+            row = out[f"budget {budget} ({count} tokens from layer {first})"] = {}
+            row["rcp, trained modules"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={ckpt}")
+            row["rcp, identity adapters"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={plain}")
+            row[f"fastv:{count},layer={first}"] = _accuracy(ref, pairs,
+                                                            f"fastv:{count},layer={first}")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> None:
     from vllm_vtprune.data import shapes_vqa as sv
-    from vllm_vtprune.embedded import model_path, rcp_checkpoint
+    from vllm_vtprune.embedded import model_path, with_shipped_modules
     from vllm_vtprune.hf import HfReference
     from vllm_vtprune.methods import rcp
+    from vllm_vtprune.spec import parse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the embedded model")
@@ -154,40 +162,26 @@ def main() -> None:
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy runs")
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
-    ckpt = args.ckpt or rcp_checkpoint(os.path.basename(os.path.normpath(args.model or
-                                                                          model_path())))
+    ckpt = args.ckpt or with_shipped_modules(parse("rcp:1"), ref.model.config).value("ckpt")
+    if ckpt is None:
+        raise SystemExit("no RCP modules ship for this model: give --ckpt")
     modules = rcp.load_checkpoint(ckpt)
     split = sv.split_of(args.split)
     pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
     tokens = ref.tower.grid[0] * ref.tower.grid[1]
     first = modules.pruning_layers[0]
     budgets = [int(b) for b in args.budgets.split(",")]
-    counts = [first_layer_count(modules.num_layers, first, tokens, b) for b in budgets]
+    counts = [rcp.training_counts(modules.num_layers, modules.pruning_layers, tokens, b)[first]
+              for b in budgets]
     result = {"model": str(args.model or model_path()), "ckpt": str(ckpt), "split": args.split,
-              "questions": len(pairs), "first_pruning_layer": first,
-              "accuracy": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.no_accuracy:
-            budgets = counts = []
-        else:
-            result["accuracy"]["full tokens"] = _accuracy(ref, pairs, None)
-        plain = identity_adapter_checkpoint(ckpt, os.path.join(tmp, "identity.safetensors"))
-        for budget, count in zip(budgets, counts):
-            row = result["accuracy"][f"budget {budget} ({count} tokens from layer {first})"] = {}
-            row["rcp, trained modules"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={ckpt}")
-            row["rcp, identity adapters"] = _accuracy(ref, pairs,
-                                                      f"rcp:{budget},ckpt={plain}")
-            row[f"fastv:{count},layer={first}"] = _accuracy(ref, pairs,
-                                                            f"fastv:{count},layer={first}")
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    first_counts = [first_layer_count(modules.num_layers, first, tokens, int(b))
-                    for b in args.budgets.split(",")]
+              "questions": len(pairs), "first_pruning_layer": first, "accuracy": {}}
+    if not args.no_accuracy:
+        result["accuracy"] = accuracies(ref, pairs, ckpt, first, budgets, counts)
     if args.images:
-        result["object_share_of_top"] = object_shares(ref, modules, split, args.images,
-                                                      first_counts)
+        result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
     if args.gradients:
         result["straight_through_gradient"] = straight_through_signs(
-            ref, modules, split, args.gradients, first_counts[0])
+            ref, modules, split, args.gradients, counts[0])
     print(json.dumps(result, indent=2))
 
 

@@ -451,3 +451,35 @@ def test_hard_iter_questions_takes_turns_over_six_types():
     pairs = list(sv.iter_questions(SEED, 12, start=40, split="hard"))
     order = ["exist", "color", "count", "position", "relation", "compare"]
     assert [qa.qtype for _, qa in pairs] == order * 2
+
+
+def _patches_by_pixels(objects) -> np.ndarray:
+    """Slow reference: paint every pixel of every box, then mark a 14x14 patch hit when
+    any of its pixels is painted."""
+    painted = np.zeros((SIZE, SIZE), dtype=bool)
+    for o in objects:
+        x0, y0, x1, y1 = o.box
+        painted[max(y0, 0):min(y1, SIZE), max(x0, 0):min(x1, SIZE)] = True
+    return painted.reshape(SIZE // 14, 14, SIZE // 14, 14).any(axis=(1, 3)).reshape(-1)
+
+
+@pytest.mark.parametrize("objects", [
+    [],
+    [sv.Obj("square", "red", 35, 37, 30)],  # box (20, 22, 50, 52): patches x 1-3, y 1-3
+    [sv.Obj("circle", "blue", 21, 21, 14)],  # box (14, 14, 28, 28): exactly patch (1, 1)
+    [sv.Obj("triangle", "green", 330, 5, 20), sv.Obj("circle", "red", 168, 168, 12)],
+])
+def test_object_patches_are_the_patches_the_boxes_overlap(objects):
+    got = sv.object_patches(objects)
+    assert got.shape == (576,) and got.dtype == bool
+    assert np.array_equal(got, _patches_by_pixels(objects))
+    if objects and objects[0].size == 14:
+        assert np.flatnonzero(got).tolist() == [1 * 24 + 1]
+
+
+def test_object_patches_of_generated_samples_match_their_pixels():
+    split = sv.split_of("hard")
+    for index in range(5):
+        s = sv.make_sample(split.heldout_seed, index, split=split)
+        everything = s.objects + s.distractors
+        assert np.array_equal(sv.object_patches(everything), _patches_by_pixels(everything))

@@ -223,11 +223,24 @@ class MaskedForward:
     #: threshold masks
     counts: dict[int, int] | None = None
 
-    def _prune(self, pruner, x, probs, enc, mask, tau, hard, noise):
-        a = probs[:, enc.question][:, :, enc.visual].mean(dim=(0, 1)).detach()
+    @staticmethod
+    def intrinsic(probs: Tensor, enc: Encoded) -> Tensor:
+        """a_i (Eq. 4) from the previous layer's attention ``probs`` [H, T, T]: the
+        question rows' attention to each visual token, averaged over heads and rows."""
+        return rcp.intrinsic_attention(probs[:, enc.question][:, :, enc.visual][None].detach())[0]
+
+    @classmethod
+    def pruner_logits(cls, pruner, x: Tensor, probs: Tensor, enc: Encoded,
+                      mask: Tensor | None = None) -> Tensor:
+        """Eq. 5's logits of the visual rows of ``x`` (the hidden states entering the
+        pruning layer), ``mask`` the cumulative keep mask so far."""
         h = x.float()
-        logits = pruner.logits(h[enc.visual][None], h[enc.question][None], a[None],
-                               prev_mask=mask[None])[0]
+        return pruner.logits(h[enc.visual][None], h[enc.question][None],
+                             cls.intrinsic(probs, enc)[None],
+                             prev_mask=None if mask is None else mask[None])[0]
+
+    def _prune(self, pruner, x, probs, enc, mask, tau, hard, noise):
+        logits = self.pruner_logits(pruner, x, probs, enc, mask)
         if self.record is not None:
             self.record.setdefault(layer_of(self._modules, pruner), []).append(
                 logits[mask > 0.5].detach())

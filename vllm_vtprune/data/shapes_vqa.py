@@ -111,6 +111,19 @@ class Sample:
     distractors: list[Obj] = dataclasses.field(default_factory=list)
 
 
+def object_patches(objects) -> np.ndarray:
+    """[(IMAGE_SIZE // PATCH) ** 2] bool, row-major: the 14x14 patches any of
+    ``objects``' boxes overlaps (pass ``sample.objects + sample.distractors`` for every
+    shape drawn)."""
+    grid = IMAGE_SIZE // PATCH
+    hit = np.zeros((grid, grid), dtype=bool)
+    for obj in objects:
+        x0, y0, x1, y1 = obj.box
+        hit[max(y0, 0) // PATCH:min(y1 - 1, IMAGE_SIZE - 1) // PATCH + 1,
+            max(x0, 0) // PATCH:min(x1 - 1, IMAGE_SIZE - 1) // PATCH + 1] = True
+    return hit.reshape(-1)
+
+
 def _rng(seed: int, index: int) -> random.Random:
     return random.Random(seed * 1_000_003 + index)
 
