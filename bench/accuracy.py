@@ -30,7 +30,9 @@ import time
 
 
 def _prompt(question: str) -> str:
-    return f"USER: <image>\n{question} ASSISTANT:"
+    from vllm_vtprune.embedded.conversation import user_turn
+
+    return user_turn(question)
 
 
 def _model() -> str:

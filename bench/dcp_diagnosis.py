@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from vllm_vtprune.rcp_train import prompt_text
+from vllm_vtprune.embedded.conversation import user_turn
 
 
 def object_patches(sample) -> torch.Tensor:
@@ -53,7 +53,7 @@ class Diagnosis:
         from vllm_vtprune.hf import _expand
 
         ref = self.ref
-        ids = _expand(ref.tokenizer(prompt_text(question)).input_ids, ref.image_token_id,
+        ids = _expand(ref.tokenizer(user_turn(question)).input_ids, ref.image_token_id,
                       [feats.shape[0]])
         return ref.greedy(ids, feats).strip()
 
@@ -82,7 +82,7 @@ class Diagnosis:
         spec = spec_mod.parse(f"dcp:{k}" + (f",alpha={alpha}" if alpha is not None else ""))
         hook = self.project.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
         try:
-            _, pruned = self.ref.generate(prompt_text(question), [image], spec, max_new_tokens=0)
+            _, pruned = self.ref.generate(user_turn(question), [image], spec, max_new_tokens=0)
         finally:
             hook.remove()
         return pruned[0], seen[-1].reshape(-1, seen[-1].shape[-1]).float()
@@ -154,7 +154,7 @@ def main(argv=None) -> None:
         for i in stage_layers:
             a = diag.cls_attention(inputs[i], i)
             share[f"layer {i}"] += (a[on].sum() / a.sum()).item()
-        text = diag.ref.noun_embeds(diag.ref.tokenizer(prompt_text(qa.question)).input_ids)
+        text = diag.ref.noun_embeds(diag.ref.tokenizer(user_turn(qa.question)).input_ids)
         cls = diag.cls_attention(inputs[-1], diag.tower.num_layers - 1)
         rows = {"full": full}
         for k in budgets:

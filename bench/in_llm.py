@@ -117,10 +117,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from vllm_vtprune.data import shapes_vqa as sv
+    from vllm_vtprune.embedded.conversation import user_turn
 
     path = build_model(Path(args.model_dir))
     pairs = list(sv.iter_questions(sv.HELDOUT_SEED, args.repeats, start=30000))
-    requests = [{"prompt": f"USER: <image>\n{qa.question} ASSISTANT:",
+    requests = [{"prompt": user_turn(qa.question),
                  "multi_modal_data": {"image": image}} for image, qa in pairs]
     print(f"model: {path} (LLM {llm_parameters(path) / 1e6:.0f}M parameters, "
           f"{torch.get_num_threads()} threads); {args.repeats} requests, 576 image tokens")

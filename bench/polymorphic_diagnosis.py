@@ -23,10 +23,10 @@ import torch
 
 def _accuracy(ref, pairs, spec) -> float:
     from vllm_vtprune import spec as spec_mod
-    from vllm_vtprune.rcp_train import prompt_text
+    from vllm_vtprune.embedded.conversation import user_turn
 
     parsed = spec_mod.parse(spec) if spec else None
-    return sum(ref.generate(prompt_text(qa.question), [image], parsed)[0].strip() == qa.answer
+    return sum(ref.generate(user_turn(qa.question), [image], parsed)[0].strip() == qa.answer
                for image, qa in pairs) / len(pairs)
 
 

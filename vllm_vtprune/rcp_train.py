@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vllm_vtprune.embedded.conversation import user_turn
 from vllm_vtprune.methods import rcp
 
 TASK_WEIGHT, REPAIR_WEIGHT, SPARSE_WEIGHT = 1.5, 40.0, 200.0
@@ -121,16 +122,12 @@ def jsonl_samples(path: str) -> list[Sample]:
     return out
 
 
-def prompt_text(question: str) -> str:
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
 @torch.no_grad()
 def encode(reference, sample: Sample) -> Encoded:
     from vllm_vtprune.hf import _expand
 
     tok = reference.tokenizer
-    prompt = tok(prompt_text(sample.question)).input_ids
+    prompt = tok(user_turn(sample.question)).input_ids
     image = reference.image_tokens(reference.pixel_values([sample.image]), None, prompt)[0]
     ids = _expand(prompt, reference.image_token_id, [image.tokens.shape[0]])
     answer = tok(sample.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -453,7 +450,7 @@ def evaluate(reference, ckpt: str, budget: int, samples: list[Sample]) -> dict:
     right = full = 0
     kept = None
     for s in samples:
-        prompt = prompt_text(s.question)
+        prompt = user_turn(s.question)
         right += reference.generate(prompt, [s.image], spec)[0].strip() == s.answer
         full += reference.generate(prompt, [s.image], None)[0].strip() == s.answer
         fractions = _kept_fractions(reference, prompt, s.image, spec)
