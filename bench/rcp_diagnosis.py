@@ -4,14 +4,17 @@
 
 RCP (Zhang et al., "RCP: Representation Consistency Pruner for Mitigating Distribution
 Shift in Large Vision-Language Models", arXiv 2604.04972; ``vllm_vtprune.methods.rcp``)
-prunes before its first pruning layer to the count the layer-averaged budget allows
-there (29 of 576 at ``rcp:64`` on the 16-layer shapes-llava v2). Prints, per budget:
+prunes before each pruning layer to the budget's planned count there
+(:func:`vllm_vtprune.methods.rcp.planned_counts`: 56, 16 and 5 of 576 at layers 1, 7 and
+13 for ``rcp:64`` on the 16-layer shapes-llava v2). Prints, per budget:
 
 * accuracy on ``--num`` held-out questions: full tokens; ``rcp:B`` with the trained
   modules; the same pruners with identity repair adapters (Sec. III-C's
-  initialisation: what the adapters add); FastV at the same first-layer count and layer
-  (``fastv:K``: the same tokens kept from the same layer, chosen by last-token
-  attention instead);
+  initialisation: what the adapters add); FastV's rule on the same plan (the same
+  counts at the same layers, chosen by last-token attention instead);
+* with ``--schedules``, FastV's rule on other plans at the pruning layers (``29``: a flat
+  29 from the first; ``56/16/5``: one count per pruning layer), with their layer
+  averages: what a plan's shape is worth apart from the pruners;
 * how often the first pruning layer's top-K tokens lie on object patches, over
   ``--images`` held-out images: the trained logits (Eq. 5), their intrinsic-attention
   term A alone (Eq. 4), their learned terms S_q + S_i alone (Eqs. 2-3), FastV's
@@ -125,20 +128,58 @@ def straight_through_signs(ref, modules, split, images: int, count: int) -> dict
             for term, by_kind in found.items()}
 
 
-def accuracies(ref, pairs, ckpt: str, first: int, budgets: list[int],
-               counts: list[int]) -> dict:
+def accuracies(ref, pairs, ckpt: str, plans: dict[int, dict[int, int]]) -> dict:
     """Full tokens; per budget ``rcp:B`` with ``ckpt``, with its adapters at identity, and
-    FastV keeping the same count from the same layer."""
+    FastV's rule keeping the same counts at the same layers (``plans``: budget ->
+    :func:`rcp.planned_counts`)."""
     out = {"full tokens": _accuracy(ref, pairs, None)}
     with tempfile.TemporaryDirectory() as tmp:
         plain = identity_adapter_checkpoint(ckpt, os.path.join(tmp, "identity.safetensors"))
-        for budget, count in zip(budgets, counts):
-            row = out[f"budget {budget} ({count} tokens from layer {first})"] = {}
+        for budget, counts in plans.items():
+            row = out[f"budget {budget} (kept {schedule_name(counts)})"] = {}
             row["rcp, trained modules"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={ckpt}")
             row["rcp, identity adapters"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={plain}")
-            row[f"fastv:{count},layer={first}"] = _accuracy(ref, pairs,
-                                                            f"fastv:{count},layer={first}")
+            row["fastv's rule, same plan"] = staged_fastv_accuracy(ref, pairs, counts)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    return out
+
+
+def schedule_name(counts: dict[int, int]) -> str:
+    return ", ".join(f"{k} from layer {l}" for l, k in sorted(counts.items()))
+
+
+def staged_fastv_accuracy(ref, pairs, counts: dict[int, int]) -> float:
+    """Accuracy with FastV's rule (Chen et al., arXiv 2403.06764: the last prompt token's
+    head-averaged attention ranks the image's live tokens) applied before each layer of
+    ``counts``, keeping that many there: FastV's choice on RCP's plan."""
+    from vllm_vtprune import llm_loop
+    from vllm_vtprune.methods import fastv
+
+    def llm_plan(ids, sizes, spec, num_layers, patches=None):
+        spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
+        return llm_loop.Plan({layer: fastv.decision(spans, lambda n, k=k: min(k, n))
+                              for layer, k in counts.items()})
+
+    ref.llm_plan = llm_plan  # this instance only: every other method keeps its own plan
+    try:
+        return _accuracy(ref, pairs, "fastv:1")
+    finally:
+        del ref.llm_plan
+
+
+def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
+                        schedules: list[str]) -> dict:
+    """FastV's rule on each ``K1/K2/...`` schedule at the pruning ``layers`` (fewer counts
+    than layers: the last one holds), with its layer average."""
+    from vllm_vtprune.llm_loop import layer_counts
+
+    out = {}
+    for name in schedules:
+        counts = dict(zip(layers, (int(k) for k in name.split("/"))))
+        average = sum(layer_counts(num_layers, tokens, counts)) / num_layers
+        out[name] = {"layer_average": round(average, 2),
+                     "accuracy": staged_fastv_accuracy(ref, pairs, counts)}
+        print(name, json.dumps(out[name]), file=sys.stderr, flush=True)
     return out
 
 
@@ -160,6 +201,9 @@ def main() -> None:
     p.add_argument("--gradients", type=int, default=24,
                    help="training samples for the straight-through gradient signs (0: none)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy runs")
+    p.add_argument("--schedules", default=None,
+                   help="FastV's rule on these plans at the pruning layers, e.g. "
+                        "'29;56/16/5' (accuracy and layer average)")
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
     ckpt = args.ckpt or with_shipped_modules(parse("rcp:1"), ref.model.config).value("ckpt")
@@ -170,13 +214,17 @@ def main() -> None:
     pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
     tokens = ref.tower.grid[0] * ref.tower.grid[1]
     first = modules.pruning_layers[0]
-    budgets = [int(b) for b in args.budgets.split(",")]
-    counts = [rcp.training_counts(modules.num_layers, modules.pruning_layers, tokens, b)[first]
-              for b in budgets]
+    plans = {int(b): rcp.planned_counts(modules.num_layers, modules.pruning_layers, tokens,
+                                        int(b)) for b in args.budgets.split(",")}
+    counts = [plan[first] for plan in plans.values()]
     result = {"model": str(args.model or model_path()), "ckpt": str(ckpt), "split": args.split,
               "questions": len(pairs), "first_pruning_layer": first, "accuracy": {}}
     if not args.no_accuracy:
-        result["accuracy"] = accuracies(ref, pairs, ckpt, first, budgets, counts)
+        result["accuracy"] = accuracies(ref, pairs, ckpt, plans)
+    if args.schedules:
+        result["fastv_rule_schedules"] = schedule_accuracies(
+            ref, pairs, modules.pruning_layers, modules.num_layers, tokens,
+            args.schedules.split(";"))
     if args.images:
         result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
     if args.gradients:

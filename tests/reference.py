@@ -204,8 +204,8 @@ DECISION_MARGIN = 2e-5
 def decision_margins(method: str):
     """Record how far each decision of the reference run is from flipping: FastV's and
     Polymorphic's relative gap between the last kept and the first dropped score; RCP's
-    distance of every logit from its threshold and, where the layer-average ceiling cuts,
-    the gap at the cut."""
+    distance of every logit from its threshold and, where the planned count cuts, the gap
+    at the cut."""
     from vllm_vtprune.methods import _common, fastv, polymorphic, rcp
 
     margins: list[float] = []
@@ -223,26 +223,14 @@ def decision_margins(method: str):
             return original(scores, k, *args, **kwargs)
         return wrapped
 
-    last: list[torch.Tensor] = []
-
-    def threshold(original):
-        def wrapped(logits, *args, **kwargs):
-            last[:] = [logits]
-            return original(logits, *args, **kwargs)
-        return wrapped
-
-    def ceiling(original):  # called after the threshold, with the cut it makes
-        def wrapped(*args, **kwargs):
-            cut = original(*args, **kwargs)
-            if not last:  # the plan's schedule, before any decision
-                return cut
-            logits = last.pop()
+    def cut_gap(original):  # RCP: Eq. 8's threshold, then the plan's count
+        def wrapped(logits, cap, *args, **kwargs):
             stay = torch.sort(logits[logits > 0], descending=True).values
-            if 0 < cut < len(stay) - 1:  # the cut decides; a flip at 0 cannot reach it
-                margins.append(float(stay[cut - 1] - stay[cut]))
+            if 0 < cap < len(stay) - 1:  # the cap decides; a flip at 0 cannot reach it
+                margins.append(float(stay[cap - 1] - stay[cap]))
             else:  # the threshold decides
                 margins.append(float(logits.abs().min()))
-            return cut
+            return original(logits, cap, *args, **kwargs)
         return wrapped
 
     if method == "fastv":
@@ -250,8 +238,7 @@ def decision_margins(method: str):
     elif method == "polymorphic":
         patch(polymorphic, "stable_topk", topk_gap)
     elif method == "rcp":
-        patch(rcp, "layer_average_ceiling", ceiling)
-        patch(rcp, "inference_mask", threshold)
+        patch(rcp, "served_choice", cut_gap)
     try:
         yield margins
     finally:

@@ -9,7 +9,7 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
 
 * masks (default, not in the paper): Eq. 6's noisy logits keep exactly the count the
   budget serves at each pruning layer (:func:`vllm_vtprune.methods.rcp.gumbel_topk_mask`,
-  counts from :func:`vllm_vtprune.methods.rcp.training_counts`), straight-through with a
+  counts from :func:`vllm_vtprune.methods.rcp.planned_counts`), straight-through with a
   sigmoid around the k-th logit, the temperature annealed from 1.5 to 0.2 and the noise
   faded out over the last steps (:func:`noise_scale`); the sparsity term is then
   reported, not optimised. ``--threshold-masks``: the paper's Gumbel-sigmoid masks
@@ -216,7 +216,7 @@ class MaskedForward:
     #: when a dict, the pruners' logits of the live tokens are appended per layer
     record: dict | None = None
 
-    #: tokens kept after each pruning layer (rcp.training_counts), or None: Eq. 6-7's
+    #: tokens kept after each pruning layer (rcp.planned_counts), or None: Eq. 6-7's
     #: threshold masks
     counts: dict[int, int] | None = None
 
@@ -307,11 +307,11 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
                      budget: int, margin: float = 1.0,
                      live_budget: int | None = None) -> dict[int, float]:
     """Set each pruner's bias so that, on ``encoded``, its threshold mask (Eq. 8) keeps
-    at the first pruning layer ``margin`` times what the layer-averaged budget allows if
-    every later layer kept as many (:func:`vllm_vtprune.methods._common.layer_average_ceiling`),
-    and :data:`rcp.LATER_SHARE` of the live tokens at the later ones, layer after layer.
+    ``margin`` times the budget's planned count at the first pruning layer
+    (:func:`rcp.planned_counts`) and ``margin`` times :data:`rcp.LATER_SHARE` of the live
+    tokens at the later ones, layer after layer.
     The later layers' live tokens are those the thresholds leave, or with ``live_budget``
-    those the fixed-count masks of that budget leave (:func:`rcp.training_counts`, no
+    those the fixed-count masks of that budget leave (:func:`rcp.planned_counts`, no
     noise).
 
     Not in the paper: with the bias at 0 the pruners start by keeping almost every token
@@ -322,20 +322,20 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     """
     n = len(encoded[0].visual)
     layers = modules.pruning_layers
-    first = rcp.training_counts(modules.num_layers, layers, n, budget)[layers[0]]
+    first = rcp.planned_counts(modules.num_layers, layers, n, budget)[layers[0]]
     out = {}
     for s, layer in enumerate(layers):
         forward.record = {}
         for enc in encoded:
             if s > 0 and live_budget is not None:
-                forward.counts = rcp.training_counts(modules.num_layers, layers, len(enc.visual),
+                forward.counts = rcp.planned_counts(modules.num_layers, layers, len(enc.visual),
                                                      live_budget)
                 forward(enc, modules, 1.0, noise=0.0)
                 forward.counts = None
             else:
                 forward(enc, modules, 1.0, hard=True)
         logits = torch.cat(forward.record[layer])
-        keep = min(1.0, margin * first / n) if s == 0 else rcp.LATER_SHARE
+        keep = min(1.0, margin * (first / n if s == 0 else rcp.LATER_SHARE))
         pruner = modules.pruners[layer]
         shift = -float(torch.quantile(logits - pruner.bias, 1.0 - keep))
         pruner.bias.fill_(shift)
@@ -344,17 +344,18 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     return out
 
 
-#: after training, the first pruning layer's threshold keeps this many times the
-#: ceiling of the largest budget served (:func:`calibrate_for_serving`)
+#: after training, each pruning layer's threshold keeps this many times the planned
+#: count of the largest budget served (:func:`calibrate_for_serving`)
 SERVING_MARGIN = 2.0
 
 
 def calibrate_for_serving(reference, modules: rcp.RcpModules, samples: list[Sample],
                           budget: int, trained_budget: int) -> dict[int, float]:
-    """Biases for serving ``rcp:K``, K up to ``budget``: the threshold keeps twice the
-    ceiling at the first pruning layer, so the ceiling sets the count there and the
-    trained logits choose the tokens; each later layer's threshold keeps
-    :data:`rcp.LATER_SHARE` of the tokens live there at ``trained_budget`` (the counts the modules trained with).
+    """Biases for serving ``rcp:K``, K up to ``budget``: each threshold keeps twice the
+    planned count (:func:`rcp.planned_counts`; at later layers twice
+    :data:`rcp.LATER_SHARE` of the tokens live there at ``trained_budget``, the counts the
+    modules trained with), so the plan sets the count and the trained logits choose the
+    tokens.
 
     Not in the paper, where the threshold alone sets the count. Measured on the embedded
     models: trained thresholds keep well under the budget at inference (Eq. 6's noise and
@@ -382,7 +383,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     follow the one run's schedule (AdamW's moments restart with each chunk).
 
     ``fixed_count`` (default): masks keep the served count (:func:`rcp.gumbel_topk_mask`,
-    :func:`rcp.training_counts`) and the sparsity term is reported, not optimised;
+    :func:`rcp.planned_counts`) and the sparsity term is reported, not optimised;
     False: the paper's threshold masks (Eqs. 6-7) with the sparsity loss.
     """
     total_steps = total_steps or first_step + steps
@@ -412,7 +413,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
         sums = {}
         for _ in range(batch):
             enc = encode(reference, samples[order.randrange(len(samples))])
-            forward.counts = (rcp.training_counts(modules.num_layers, modules.pruning_layers,
+            forward.counts = (rcp.planned_counts(modules.num_layers, modules.pruning_layers,
                                                   len(enc.visual), budget)
                               if fixed_count else None)
             with torch.no_grad():

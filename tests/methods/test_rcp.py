@@ -157,20 +157,58 @@ def test_gumbel_topk_mask_without_noise_is_the_top_k_of_the_logits():
     assert rcp.gumbel_topk_mask(logits, live, 9, 0.2, noise=0.0).tolist() == live.tolist()
 
 
-def test_training_counts_reach_the_layer_average_budget():
-    """First pruning layer: the budget's ceiling with every later layer as full; later
-    ones 95 % of the live tokens; the layer average then stays within the budget."""
+def _layer_average(num_layers: int, n: int, counts: dict[int, int]) -> float:
+    """Eq. 20's r_bar times N, layer by layer: full before the first pruning layer, each
+    pruning layer's count from it on."""
+    per_layer = []
+    for layer in range(num_layers):
+        live = [counts[l] for l in sorted(counts) if l <= layer]
+        per_layer.append(live[-1] if live else n)
+    return sum(per_layer) / num_layers
+
+
+def _slow_plan(layers, n, budget, share, num_layers=16):
+    """Every first count from n down: the largest whose decay (each later layer ``share``
+    of the one before, rounded, at least 1) averages within the budget."""
+    for first in range(n, 0, -1):
+        counts = {layers[0]: first}
+        for prev, layer in zip(layers, layers[1:]):
+            counts[layer] = max(1, round(share * counts[prev]))
+        if _layer_average(num_layers, n, counts) <= budget:
+            return counts
+    return counts
+
+
+def test_planned_counts_decay_as_table_vi_and_fill_the_layer_average_budget():
+    """Each later pruning layer keeps LATER_SHARE (Table VI: 16.72 % -> 4.59 % -> 1.44 %,
+    ratios 0.27 and 0.31) of the one before; the first keeps the most the layer-averaged
+    budget allows, found here by trying every count."""
+    assert 0.27 <= rcp.LATER_SHARE <= 0.31
     for layers, n, budget in (((1, 7, 13), 576, 64), ((1, 7, 13), 576, 128),
-                              ((1, 2, 4), 576, 192), ((1, 7, 13), 576, 16)):
-        counts = rcp.training_counts(16, layers, n, budget)
-        per_layer = [n] * 16
-        for layer in range(16):
-            live = [counts[l] for l in layers if l <= layer]
-            per_layer[layer] = live[-1] if live else n
-        first = max(1, (budget * 16 - n * layers[0]) // (16 - layers[0]))
-        assert counts[layers[0]] == min(first, n)
-        assert counts[layers[1]] == max(1, round(0.95 * counts[layers[0]]))
-        assert sum(per_layer) / 16 <= max(budget, (n * layers[0] + 15) / 16)
+                              ((1, 7, 13), 576, 192), ((1, 2, 4), 576, 100),
+                              ((3, 9), 577, 150), ((1, 7, 13), 2880, 640)):
+        counts = rcp.planned_counts(16, layers, n, budget)
+        assert counts == _slow_plan(layers, n, budget, rcp.LATER_SHARE), (layers, n, budget)
+        assert budget - 1 < _layer_average(16, n, counts) <= budget or counts[layers[-1]] == 1
+    # e.g. rcp:64 on 576 tokens at layers 1/7/13 of 16: 56, 16, 5 tokens (average 63.9)
+    assert rcp.planned_counts(16, (1, 7, 13), 576, 64) == _slow_plan((1, 7, 13), 576, 64, 0.29)
+
+
+def test_planned_counts_below_the_first_layers_floor_keep_one_token():
+    """A budget under the tokens every layer before the first pruning one sees (576 / 16
+    = 36 here) cannot be met: one token stays from the first pruning layer on."""
+    for budget in (1, 16, 32, 36):
+        assert rcp.planned_counts(16, (1, 7, 13), 576, budget) == {1: 1, 7: 1, 13: 1}
+
+
+def test_planned_counts_near_the_token_count_raise_the_later_share():
+    """When the first pruning layer keeps every token, the later ones keep more than
+    LATER_SHARE so that the average still comes within a token of the budget."""
+    for budget in (400, 500, 575):
+        counts = rcp.planned_counts(16, (1, 7, 13), 576, budget)
+        assert counts[1] == 576
+        assert counts[7] / 576 > rcp.LATER_SHARE
+        assert budget - 1 <= _layer_average(16, 576, counts) <= budget
 
 
 def test_query_dropout_only_in_training():
