@@ -131,7 +131,7 @@ def straight_through_signs(ref, modules, split, images: int, count: int) -> dict
 def accuracies(ref, pairs, ckpt: str, plans: dict[int, dict[int, int]]) -> dict:
     """Full tokens; per budget ``rcp:B`` with ``ckpt``, with its adapters at identity, and
     FastV's rule keeping the same counts at the same layers (``plans``: budget ->
-    :func:`rcp.planned_counts`)."""
+    :meth:`rcp.RcpModules.plan`)."""
     out = {"full tokens": _accuracy(ref, pairs, None)}
     with tempfile.TemporaryDirectory() as tmp:
         plain = identity_adapter_checkpoint(ckpt, os.path.join(tmp, "identity.safetensors"))
@@ -214,8 +214,7 @@ def main() -> None:
     pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
     tokens = ref.tower.grid[0] * ref.tower.grid[1]
     first = modules.pruning_layers[0]
-    plans = {int(b): rcp.planned_counts(modules.num_layers, modules.pruning_layers, tokens,
-                                        int(b)) for b in args.budgets.split(",")}
+    plans = {int(b): modules.plan(tokens, int(b)) for b in args.budgets.split(",")}
     counts = [plan[first] for plan in plans.values()]
     result = {"model": str(args.model or model_path()), "ckpt": str(ckpt), "split": args.split,
               "questions": len(pairs), "first_pruning_layer": first, "accuracy": {}}

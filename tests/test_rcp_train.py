@@ -201,7 +201,7 @@ def test_serving_calibration_leaves_the_count_to_the_plan(reference):
     """After calibrate_for_serving, the first pruning layer's threshold (Eq. 8, counted
     here from the pruner's logits, not by the calibration's quantile) keeps twice the
     serving budget's planned count on the calibration samples, and every later one twice
-    LATER_SHARE of the tokens live there under the trained budget's counts."""
+    the modules' later share of the tokens live there under the trained budget's counts."""
     text = reference.model.config.text_config
     modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=2)
     samples = rcp_train.shapes_samples(None, 4, start=50, split="standard")
@@ -217,9 +217,9 @@ def test_serving_calibration_leaves_the_count_to_the_plan(reference):
         forward.record = {}
         for s in samples:
             enc = rcp_train.encode(reference, s)
-            forward.counts = rcp.planned_counts(modules.num_layers, layers, n, 64)
+            forward.counts = modules.plan(n, 64)
             forward(enc, modules, 1.0, noise=0.0)
-    first = rcp.planned_counts(modules.num_layers, layers, n, 128)[layers[0]]
+    first = modules.plan(n, 128)[layers[0]]
     kept = sum(int((x > 0).sum()) for x in first_logits)
     # quantile interpolation may put one logit on the wrong side per layer
     assert abs(kept - rcp_train.SERVING_MARGIN * first * len(samples)) <= 1
@@ -227,20 +227,19 @@ def test_serving_calibration_leaves_the_count_to_the_plan(reference):
     for layer in layers[1:]:
         live = forward.record[layer]
         assert all(len(x) == forward.counts[max(l for l in layers if l < layer)] for x in live)
-        want = rcp_train.SERVING_MARGIN * rcp.LATER_SHARE * sum(len(x) for x in live)
+        want = rcp_train.SERVING_MARGIN * modules.later_share * sum(len(x) for x in live)
         assert abs(sum(int((x > 0).sum()) for x in live) - want) <= 1
 
 
 def test_fixed_count_training_masks_keep_the_served_counts(reference, modules):
     """With counts set (the default training), each pruning layer's cumulative training
-    mask keeps exactly rcp.planned_counts' tokens, and the loss's sparsity term is
+    mask keeps exactly the modules' planned counts, and the loss's sparsity term is
     reported but carries no weight."""
     image, qa = next(sv.iter_questions(sv.TRAIN_SEED, 1, start=11))
     enc = rcp_train.encode(reference, rcp_train.Sample(image, qa.question, qa.answer))
     forward = rcp_train.MaskedForward(reference)
     forward.repair_layers = tuple(sorted(modules.adapters))
-    forward.counts = rcp.planned_counts(modules.num_layers, modules.pruning_layers,
-                                         len(enc.visual), 64)
+    forward.counts = modules.plan(len(enc.visual), 64)
     modules.train(True)
     try:
         student = forward(enc, modules, 0.5, noise=1.0)

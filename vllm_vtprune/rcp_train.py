@@ -216,7 +216,7 @@ class MaskedForward:
     #: when a dict, the pruners' logits of the live tokens are appended per layer
     record: dict | None = None
 
-    #: tokens kept after each pruning layer (rcp.planned_counts), or None: Eq. 6-7's
+    #: tokens kept after each pruning layer (rcp.RcpModules.plan), or None: Eq. 6-7's
     #: threshold masks
     counts: dict[int, int] | None = None
 
@@ -266,7 +266,7 @@ def layer_of(modules: rcp.RcpModules, pruner) -> int:
 
 # ------------------------------------------------------------------ losses
 def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float,
-           sparse_weight: float = SPARSE_WEIGHT) -> dict:
+           sparse_weight: float = SPARSE_WEIGHT, repair_weight: float = REPAIR_WEIGHT) -> dict:
     """Eq. 22's terms for one sequence (``sparse_weight`` 0 with fixed-count masks,
     whose retention the sparsity term cannot move)."""
     logits, hidden, masks = student
@@ -274,7 +274,7 @@ def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float
     repair = rcp.repair_loss([hidden[l] for l in sorted(hidden)],
                              [teacher_hidden[l] for l in sorted(hidden)])
     sparse = rcp.sparsity_loss(masks, num_layers, len(enc.visual), target)
-    total = TASK_WEIGHT * task + REPAIR_WEIGHT * repair + sparse_weight * sparse
+    total = TASK_WEIGHT * task + repair_weight * repair + sparse_weight * sparse
     return {"task": task, "repair": repair, "sparse": sparse, "total": total}
 
 
@@ -308,10 +308,10 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
                      live_budget: int | None = None) -> dict[int, float]:
     """Set each pruner's bias so that, on ``encoded``, its threshold mask (Eq. 8) keeps
     ``margin`` times the budget's planned count at the first pruning layer
-    (:func:`rcp.planned_counts`) and ``margin`` times :data:`rcp.LATER_SHARE` of the live
+    (:meth:`rcp.RcpModules.plan`) and ``margin`` times the modules' later share of the live
     tokens at the later ones, layer after layer.
     The later layers' live tokens are those the thresholds leave, or with ``live_budget``
-    those the fixed-count masks of that budget leave (:func:`rcp.planned_counts`, no
+    those the fixed-count masks of that budget leave (:meth:`rcp.RcpModules.plan`, no
     noise).
 
     Not in the paper: with the bias at 0 the pruners start by keeping almost every token
@@ -322,20 +322,19 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     """
     n = len(encoded[0].visual)
     layers = modules.pruning_layers
-    first = rcp.planned_counts(modules.num_layers, layers, n, budget)[layers[0]]
+    first = modules.plan(n, budget)[layers[0]]
     out = {}
     for s, layer in enumerate(layers):
         forward.record = {}
         for enc in encoded:
             if s > 0 and live_budget is not None:
-                forward.counts = rcp.planned_counts(modules.num_layers, layers, len(enc.visual),
-                                                     live_budget)
+                forward.counts = modules.plan(len(enc.visual), live_budget)
                 forward(enc, modules, 1.0, noise=0.0)
                 forward.counts = None
             else:
                 forward(enc, modules, 1.0, hard=True)
         logits = torch.cat(forward.record[layer])
-        keep = min(1.0, margin * (first / n if s == 0 else rcp.LATER_SHARE))
+        keep = min(1.0, margin * (first / n if s == 0 else modules.later_share))
         pruner = modules.pruners[layer]
         shift = -float(torch.quantile(logits - pruner.bias, 1.0 - keep))
         pruner.bias.fill_(shift)
@@ -352,8 +351,8 @@ SERVING_MARGIN = 2.0
 def calibrate_for_serving(reference, modules: rcp.RcpModules, samples: list[Sample],
                           budget: int, trained_budget: int) -> dict[int, float]:
     """Biases for serving ``rcp:K``, K up to ``budget``: each threshold keeps twice the
-    planned count (:func:`rcp.planned_counts`; at later layers twice
-    :data:`rcp.LATER_SHARE` of the tokens live there at ``trained_budget``, the counts the
+    planned count (:meth:`rcp.RcpModules.plan`; at later layers twice
+    the modules' later share of the tokens live there at ``trained_budget``, the counts the
     modules trained with), so the plan sets the count and the trained logits choose the
     tokens.
 
@@ -374,7 +373,8 @@ def calibrate_for_serving(reference, modules: rcp.RcpModules, samples: list[Samp
 def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: int,
           batch: int, lr: float, budget: int, seed: int, log=print,
           calibrate: bool = True, warmup: bool | None = None, first_step: int = 0,
-          total_steps: int | None = None, fixed_count: bool = True) -> list[dict]:
+          total_steps: int | None = None, fixed_count: bool = True,
+          repair_weight: float = REPAIR_WEIGHT) -> list[dict]:
     """Optimise ``modules`` in place for ``steps`` steps; returns the per-step mean losses.
 
     A run split into chunks passes each chunk's ``first_step`` and the whole run's
@@ -383,7 +383,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     follow the one run's schedule (AdamW's moments restart with each chunk).
 
     ``fixed_count`` (default): masks keep the served count (:func:`rcp.gumbel_topk_mask`,
-    :func:`rcp.planned_counts`) and the sparsity term is reported, not optimised;
+    :meth:`rcp.RcpModules.plan`) and the sparsity term is reported, not optimised;
     False: the paper's threshold masks (Eqs. 6-7) with the sparsity loss.
     """
     total_steps = total_steps or first_step + steps
@@ -413,14 +413,13 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
         sums = {}
         for _ in range(batch):
             enc = encode(reference, samples[order.randrange(len(samples))])
-            forward.counts = (rcp.planned_counts(modules.num_layers, modules.pruning_layers,
-                                                  len(enc.visual), budget)
-                              if fixed_count else None)
+            forward.counts = modules.plan(len(enc.visual), budget) if fixed_count else None
             with torch.no_grad():
                 _, teacher, _ = forward(enc, None, tau)
             terms = losses(forward(enc, modules, tau, noise=noise), teacher, enc,
                            modules.num_layers, target,
-                           sparse_weight=0.0 if fixed_count else SPARSE_WEIGHT)
+                           sparse_weight=0.0 if fixed_count else SPARSE_WEIGHT,
+                           repair_weight=repair_weight)
             (terms["total"] / batch).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / batch
@@ -505,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                         "loss, instead of masks keeping the served count")
     p.add_argument("--no-calibrate", action="store_true",
                    help="the paper's start: biases 0, r* annealed from 1")
+    p.add_argument("--repair-weight", type=float, default=REPAIR_WEIGHT,
+                   help="Eq. 22's lambda_repair (the paper's 40)")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu",
@@ -533,13 +534,14 @@ def main(argv: list[str] | None = None) -> int:
                     log=lambda m: print(m, file=sys.stderr, flush=True),
                     calibrate=not args.init and not args.no_calibrate,
                     warmup=args.no_calibrate and not args.init, first_step=previous,
-                    total_steps=args.total_steps, fixed_count=not args.threshold_masks)
+                    total_steps=args.total_steps, fixed_count=not args.threshold_masks,
+                    repair_weight=args.repair_weight)
     modules.info = {"model": os.path.abspath(path), "budget": args.budget,
                     "steps": previous + args.steps, "seed": args.seed, "init": args.init,
                     "total_steps": args.total_steps or previous + args.steps,
                     "resumed_from": resumed,
                     "data": args.data or f"shapes_vqa {args.split} training split",
-                    "batch": args.batch, "lr": args.lr,
+                    "batch": args.batch, "lr": args.lr, "repair_weight": args.repair_weight,
                     "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
                              else "fixed count (gumbel top-k)", "split": args.split}
     if args.serve_budget:

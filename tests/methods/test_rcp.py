@@ -350,3 +350,28 @@ def test_budget_at_the_token_count_keeps_everything(rcp_checkpoint, budget, prun
 
     plan = rcp.llm_plan(spec_mod.parse(f"rcp:{budget},ckpt={rcp_checkpoint}"), [(5, 581)], 8, 576)
     assert bool(plan.decisions) is pruned and bool(plan.adapters) is pruned
+
+
+def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
+    """Fresh modules plan with LATER_SHARE and save it; a checkpoint written before the
+    plan decayed (no later_share in its config) serves the flat plan it trained with."""
+    import json
+
+    from safetensors.torch import save_file
+
+    fresh = rcp.build_modules(16, 16, seed=0)
+    assert fresh.later_share == rcp.LATER_SHARE
+    path = str(tmp_path / "fresh.safetensors")
+    rcp.save_checkpoint(fresh, path)
+    loaded = rcp.load_checkpoint(path)
+    assert loaded.later_share == rcp.LATER_SHARE
+    assert loaded.plan(576, 64) == _slow_plan(list(loaded.pruning_layers), 576, 64, 0.29)
+
+    config = {k: v for k, v in fresh.config.items() if k != "later_share"}
+    legacy = str(tmp_path / "legacy.safetensors")
+    save_file(fresh.tensors(), legacy, metadata={
+        "format": rcp.CHECKPOINT_FORMAT, "hidden_size": "16", "num_layers": "16",
+        "config": json.dumps(config), "info": "{}"})
+    old = rcp.load_checkpoint(legacy)
+    assert old.later_share == rcp.LEGACY_LATER_SHARE == 0.95
+    assert old.plan(576, 64) == _slow_plan(list(old.pruning_layers), 576, 64, 0.95)

@@ -79,6 +79,9 @@ QUERY_DROPOUT = 0.2
 #: questions): 56/16/5 tokens beat a flat 29 at the same layer average, 0.71 vs 0.68 on
 #: the hard split, 0.92 vs 0.85 on the standard one.
 LATER_SHARE = 0.29
+#: what checkpoints without a ``later_share`` in their config were trained with (a flat
+#: plan: every later pruning layer 0.95 of the one before)
+LEGACY_LATER_SHARE = 0.95
 
 
 def intrinsic_attention(attn: Tensor) -> Tensor:
@@ -459,6 +462,17 @@ class RcpModules:
     def pruning_layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.pruners))
 
+    @property
+    def later_share(self) -> float:
+        """The plan's decay these modules were trained with (:func:`planned_counts`)."""
+        return float(self.config.get("later_share", LATER_SHARE))
+
+    def plan(self, num_tokens: int, budget: int) -> dict[int, int]:
+        """Tokens kept from each pruning layer on at ``budget`` (:func:`planned_counts`
+        with these modules' layers and decay)."""
+        return planned_counts(self.num_layers, self.pruning_layers, num_tokens, budget,
+                              self.later_share)
+
     def parameters(self):
         for table in (self.pruners, self.adapters):
             for module in table.values():
@@ -510,6 +524,7 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
     repair = repair if repair is not None else repair_layers(num_layers)
     pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim") if k in config}
     adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
+    config.setdefault("later_share", LATER_SHARE)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -555,9 +570,10 @@ def load_checkpoint(path: str) -> RcpModules:
     for key in tensors:
         kind, layer, _ = key.split(".", 2)
         layers[kind].add(int(layer))
+    config = {"later_share": LEGACY_LATER_SHARE, **json.loads(meta["config"])}
     modules = build_modules(int(meta["hidden_size"]), int(meta["num_layers"]),
                             tuple(sorted(layers["pruner"])), tuple(sorted(layers["adapter"])),
-                            **json.loads(meta["config"]))
+                            **config)
     modules.info = json.loads(meta.get("info", "{}"))
     for kind, table in (("pruner", modules.pruners), ("adapter", modules.adapters)):
         for layer, module in table.items():
@@ -624,7 +640,7 @@ class RequestState:
     cumulative over the pruning layers, and the adapters' context from what was pruned.
 
     The budget is a ceiling on the layer-averaged visual count: a pruning layer keeps at
-    most its :func:`planned_counts` tokens, the highest logits first; what the threshold
+    most its planned count (:meth:`RcpModules.plan`), the highest logits first; what the threshold
     drops stays dropped, so trained modules may keep fewer. Question tokens are the prompt's
     text tokens after the last image (all text tokens when none follow); a_i is their
     attention to the live visual tokens, averaged over heads and questions (Eq. 4).
@@ -634,8 +650,7 @@ class RequestState:
         self.modules = modules
         self.spans = list(image_spans)
         self.total = sum(e - s for s, e in self.spans)
-        self.counts = planned_counts(modules.num_layers, modules.pruning_layers, self.total,
-                                     min(budget, self.total))
+        self.counts = modules.plan(self.total, min(budget, self.total))
         # on the CPU until the first decision says where the decoder runs (_bind)
         self.keep = torch.ones(self.total, dtype=torch.bool, device="cpu")
         self.pruned_sum = torch.zeros(modules.hidden_size, device="cpu")
