@@ -397,7 +397,8 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
         biases = calibrate_biases(forward, modules, [encode(reference, samples[i]) for i in
                                                      range(min(16, len(samples)))], budget)
         log(f"calibrated pruner biases: {biases}")
-    opt = torch.optim.AdamW(list(modules.parameters()), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=0.0)
     history = []
     modules.train(True)
     started = time.time()
@@ -506,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the paper's start: biases 0, r* annealed from 1")
     p.add_argument("--repair-weight", type=float, default=REPAIR_WEIGHT,
                    help="Eq. 22's lambda_repair (the paper's 40)")
+    p.add_argument("--freeze-pruners", action="store_true",
+                   help="train the repair adapters only (the pruners as --init left them)")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu",
@@ -528,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     if modules.info.get("serving_biases"):
         raise SystemExit(f"--init {args.init}: calibrated for serving already; resume from "
                          "the chunk's checkpoint before --serve-budget")
+    if args.freeze_pruners:
+        for pruner in modules.pruners.values():
+            pruner.requires_grad_(False)
     started = time.time()
     history = train(reference, modules, samples, steps=args.steps, batch=args.batch,
                     lr=args.lr, budget=args.budget, seed=args.seed,
@@ -542,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                     "resumed_from": resumed,
                     "data": args.data or f"shapes_vqa {args.split} training split",
                     "batch": args.batch, "lr": args.lr, "repair_weight": args.repair_weight,
+                    "trained": "adapters" if args.freeze_pruners else "pruners and adapters",
                     "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
                              else "fixed count (gumbel top-k)", "split": args.split}
     if args.serve_budget:
