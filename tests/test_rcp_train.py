@@ -273,3 +273,12 @@ def test_chunked_command_line_run_resumes_and_calibrates_for_serving(tmp_path):
     assert [h["step"] for h in report["history"]] == [1]
     with pytest.raises(SystemExit, match="calibrated for serving"):
         rcp_train.main(common + ["--steps", "1", "--init", second, "--out", first])
+    # calibration alone trains nothing: the info keeps the checkpoint's training settings
+    third = str(tmp_path / "c3.safetensors")
+    assert rcp_train.main(common + ["--steps", "0", "--init", first, "--out", third,
+                                    "--serve-budget", "128", "--lr", "0.5",
+                                    "--freeze-pruners"]) == 0
+    info = rcp.load_checkpoint(third).info
+    first_info = rcp.load_checkpoint(first).info
+    assert info["steps"] == 1 and "serving_biases" in info
+    assert (info["lr"], info["trained"]) == (first_info["lr"], "pruners and adapters") != (0.5, "adapters")

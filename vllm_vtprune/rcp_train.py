@@ -545,15 +545,17 @@ def main(argv: list[str] | None = None) -> int:
                     warmup=args.no_calibrate and not args.init, first_step=previous,
                     total_steps=args.total_steps, fixed_count=not args.threshold_masks,
                     repair_weight=args.repair_weight)
+    settings = {"data": args.data or f"shapes_vqa {args.split} training split",
+                "batch": args.batch, "lr": args.lr, "repair_weight": args.repair_weight,
+                "trained": "adapters" if args.freeze_pruners else "pruners and adapters",
+                "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
+                         else "fixed count (gumbel top-k)", "split": args.split}
+    if resumed and not args.steps:  # calibration only: the checkpoint's training settings
+        settings = {k: resumed[k] for k in settings if k in resumed}
     modules.info = {"model": os.path.abspath(path), "budget": args.budget,
                     "steps": previous + args.steps, "seed": args.seed, "init": args.init,
                     "total_steps": args.total_steps or previous + args.steps,
-                    "resumed_from": resumed,
-                    "data": args.data or f"shapes_vqa {args.split} training split",
-                    "batch": args.batch, "lr": args.lr, "repair_weight": args.repair_weight,
-                    "trained": "adapters" if args.freeze_pruners else "pruners and adapters",
-                    "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
-                             else "fixed count (gumbel top-k)", "split": args.split}
+                    "resumed_from": resumed, **settings}
     if args.serve_budget:
         trained = {l: float(p.bias.detach()) for l, p in modules.pruners.items()}
         served = calibrate_for_serving(reference, modules, samples[:32], args.serve_budget,
