@@ -223,13 +223,18 @@ def decision_margins(method: str):
             return original(scores, k, *args, **kwargs)
         return wrapped
 
-    def cut_gap(original):  # RCP: Eq. 8's threshold, then the plan's count
+    def cut_gap(original):  # RCP: the top min(cap, over threshold) logits, at least one
         def wrapped(logits, cap, *args, **kwargs):
-            stay = torch.sort(logits[logits > 0], descending=True).values
-            if 0 < cap < len(stay) - 1:  # the cap decides; a flip at 0 cannot reach it
-                margins.append(float(stay[cap - 1] - stay[cap]))
-            else:  # the threshold decides
-                margins.append(float(logits.abs().min()))
+            ranked = torch.sort(logits.float(), descending=True).values
+            over = int((ranked > 0).sum())
+            k = max(1, min(cap, over))
+            if k < len(ranked):
+                # the kept set changes if the last kept and first dropped swap, or, where
+                # the threshold sets the count, if either crosses it
+                gap = float(ranked[k - 1] - ranked[k])
+                if 0 < over < cap:
+                    gap = min(gap, float(ranked[k - 1].abs()), float(ranked[k].abs()))
+                margins.append(gap)
             return original(logits, cap, *args, **kwargs)
         return wrapped
 

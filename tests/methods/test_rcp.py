@@ -375,3 +375,29 @@ def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
     old = rcp.load_checkpoint(legacy)
     assert old.later_share == rcp.LEGACY_LATER_SHARE == 0.95
     assert old.plan(576, 64) == _slow_plan(list(old.pruning_layers), 576, 64, 0.95)
+
+
+def _slow_served_choice(logits: list[float], cap: int) -> list[int]:
+    """Eq. 8 token by token: those with sigmoid(logit) > 0.5, highest first (lower index
+    on ties), at most cap; none over the threshold: the single highest logit."""
+    over = [i for i, x in enumerate(logits) if 1 / (1 + math.exp(-x)) > 0.5]
+    ranked = sorted(over, key=lambda i: (-logits[i], i))[:cap]
+    return ranked or [max(range(len(logits)), key=lambda i: (logits[i], -i))]
+
+
+@pytest.mark.parametrize("logits,cap", [
+    ([0.5, -1.0, 2.0, 0.25, -3.0], 2),       # the cap decides
+    ([0.5, -1.0, 2.0, 0.25, -3.0], 9),       # the threshold decides
+    ([-0.5, -0.1, -2.0, -0.3], 3),           # none over it: the highest, not index 0
+    ([1.0, 1.0, -1.0, 1.0], 2),              # ties go to the lower index
+])
+def test_served_choice_is_eq8_capped(logits, cap):
+    got = rcp.served_choice(torch.tensor(logits), cap).tolist()
+    assert got == _slow_served_choice(logits, cap)
+
+
+def test_served_choice_on_random_logits_matches_the_slow_rule():
+    g = torch.Generator().manual_seed(5)
+    for n, cap in ((7, 3), (50, 10), (50, 60), (1, 1)):
+        logits = torch.randn(n, generator=g) - 0.5
+        assert rcp.served_choice(logits, cap).tolist() == _slow_served_choice(logits.tolist(), cap)

@@ -161,11 +161,3 @@ def average_schedule(num_tokens: int, budget: int, layers: tuple[int, ...],
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if average(mid) < k else (lo, mid)
     return counts(lo)
-
-
-def layer_average_ceiling(num_layers: int, layer: int, before: list[int], budget: int) -> int:
-    """Most tokens layer ``layer`` (and, at most, every later one) may keep so that the
-    count averaged over all ``num_layers`` layers stays within ``budget``, given the
-    counts of the layers before it (``before``, one per layer); at least 1."""
-    room = budget * num_layers - sum(before[:layer])
-    return max(1, room // (num_layers - layer))

@@ -212,11 +212,11 @@ def inference_mask(logits: Tensor, tau: float = 1.0) -> Tensor:
 def served_choice(logits: Tensor, cap: int) -> Tensor:
     """Indices of the tokens a pruning layer keeps when served: those Eq. 8's threshold
     keeps, at most ``cap`` of them, the highest logits first (ties to the lower index);
-    at least one, so that an image never vanishes from the prompt."""
-    stay = inference_mask(logits).bool()
-    ranked = torch.argsort(logits.masked_fill(~stay, float("-inf")), descending=True,
-                           stable=True)
-    return ranked[:max(1, min(cap, int(stay.sum())))]
+    when the threshold keeps none, the highest logit, so that an image never vanishes
+    from the prompt. (The threshold is monotone in the logit: what it keeps is a prefix
+    of the ranking.)"""
+    ranked = torch.argsort(logits, descending=True, stable=True)
+    return ranked[:max(1, min(cap, int(inference_mask(logits).sum())))]
 
 
 def cumulative_mask(previous: Tensor | None, current: Tensor) -> Tensor:
