@@ -15,6 +15,9 @@ prunes before each pruning layer to the budget's planned count there
 * with ``--schedules``, FastV's rule on other plans at the pruning layers (``29``: a flat
   29 from the first; ``56/16/5``: one count per pruning layer), with their layer
   averages: what a plan's shape is worth apart from the pruners;
+* with ``--swaps``, which pruning layer loses: per combination such as ``rff``, the
+  learned pruner (``r``) or FastV's rule (``f``) before each pruning layer in turn, the
+  same planned counts, no repair adapters (their identity initialisation);
 * how often the first pruning layer's top-K tokens lie on object patches, over
   ``--images`` held-out images: the trained logits (Eq. 5), their intrinsic-attention
   term A alone (Eq. 4), their learned terms S_q + S_i alone (Eqs. 2-3), FastV's
@@ -167,6 +170,40 @@ def staged_fastv_accuracy(ref, pairs, counts: dict[int, int]) -> float:
         del ref.llm_plan
 
 
+def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str]) -> dict:
+    """Accuracy per combination of choosers at the pruning layers: ``r`` the learned pruner
+    (Eqs. 1-5, served as :func:`rcp.served_choice`), ``f`` FastV's rule, each keeping
+    ``rcp:budget``'s planned count there; the adapters left out (Delta h = 0, as at
+    their initialisation), so only the choices differ."""
+    from vllm_vtprune import llm_loop
+    from vllm_vtprune.methods import fastv, rcp
+
+    def plan_for(combo):
+        def llm_plan(ids, sizes, spec, num_layers, patches=None):
+            spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
+            state = rcp.RequestState(modules, spans, budget)
+            decisions = {}
+            for chooser, layer in zip(combo, modules.pruning_layers):
+                k = state.counts[layer]
+                decisions[layer] = (state.decide(layer) if chooser == "r" else
+                                    fastv.decision(spans, lambda n, k=k: min(k, n)))
+            return llm_loop.Plan(decisions)
+        return llm_plan
+
+    out = {}
+    for combo in combos:
+        if len(combo) != len(modules.pruning_layers) or set(combo) - {"r", "f"}:
+            raise SystemExit(f"--swaps {combo!r}: one r or f per pruning layer "
+                             f"{modules.pruning_layers}")
+        ref.llm_plan = plan_for(combo)  # this instance only, as in staged_fastv_accuracy
+        try:
+            out[combo] = _accuracy(ref, pairs, "fastv:1")
+        finally:
+            del ref.llm_plan
+        print(combo, out[combo], file=sys.stderr, flush=True)
+    return out
+
+
 def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
                         schedules: list[str]) -> dict:
     """FastV's rule on each ``K1/K2/...`` schedule at the pruning ``layers`` (fewer counts
@@ -204,6 +241,9 @@ def main() -> None:
     p.add_argument("--schedules", default=None,
                    help="FastV's rule on these plans at the pruning layers, e.g. "
                         "'29;56/16/5' (accuracy and layer average)")
+    p.add_argument("--swaps", default=None,
+                   help="learned pruner (r) or FastV's rule (f) per pruning layer, at the "
+                        "first budget, e.g. 'rrr;fff;rff;frf;ffr'")
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
     ckpt = args.ckpt or with_shipped_modules(parse("rcp:1"), ref.model.config).value("ckpt")
@@ -224,6 +264,11 @@ def main() -> None:
         result["fastv_rule_schedules"] = schedule_accuracies(
             ref, pairs, modules.pruning_layers, modules.num_layers, tokens,
             args.schedules.split(";"))
+    if args.swaps:
+        budget = int(args.budgets.split(",")[0])
+        result["swaps"] = {"budget": budget, "plan": schedule_name(plans[budget]),
+                           "accuracy": swap_accuracies(ref, pairs, modules, budget,
+                                                       args.swaps.split(";"))}
     if args.images:
         result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
     if args.gradients:

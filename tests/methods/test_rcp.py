@@ -8,14 +8,17 @@ import torch
 from vllm_vtprune.methods import rcp
 
 
-def _pruner(d=12):
+def _pruner(d=12, query_score="log"):
     torch.manual_seed(1)
-    return rcp.ResidualCrossAttentionPruner(d, num_queries=4, attn_dim=6, proj_dim=5)
+    return rcp.ResidualCrossAttentionPruner(d, num_queries=4, attn_dim=6, proj_dim=5,
+                                            query_score=query_score)
 
 
 def ref_logits(p, h_v, h_q, q_len, a, prev):
     """Eqs. 1-5 for one sample with explicit loops; the pruning queries' softmax runs
-    over the retained tokens (``prev`` > 0), as at inference where the others are gone."""
+    over the retained tokens (``prev`` > 0), as at inference where the others are gone.
+    With ``p.query_score == "log"`` each query's attention enters S_q as Eq. 4 treats a_i:
+    log minus its mean over the retained tokens (0 at the others)."""
     W = {k: v.double() for k, v in p.state_dict().items()}
     n, d = h_v.shape
     summary = [sum(h_q[t][c].item() for t in range(q_len)) / q_len for c in range(d)]
@@ -30,6 +33,11 @@ def ref_logits(p, h_v, h_q, q_len, a, prev):
         mx = max(logits[i] for i in range(n) if prev[i] > 0)
         e = [math.exp(l - mx) if prev[i] > 0 else 0.0 for i, l in enumerate(logits)]
         probs.append([x / sum(e) for x in e])
+    if p.query_score == "log":
+        kept = [i for i in range(n) if prev[i] > 0]
+        for j, pj in enumerate(probs):
+            mean = sum(math.log(pj[i]) for i in kept) / len(kept)
+            probs[j] = [math.log(pj[i]) - mean if prev[i] > 0 else 0.0 for i in range(n)]
     for i in range(n):
         S_q.append(sum(agg[j].item() * probs[j][i] for j in range(q.shape[0])))
     proj = h_v.double() @ W["proj.weight"].T + W["proj.bias"]
@@ -41,8 +49,9 @@ def ref_logits(p, h_v, h_q, q_len, a, prev):
     return torch.tensor([logs[i] - mean + S_q[i] + S_i[i].item() + W["bias"].item() for i in range(n)], dtype=torch.float64)
 
 
-def test_pruner_logits_match_reference_with_padding():
-    p = _pruner().eval()
+@pytest.mark.parametrize("query_score", rcp.QUERY_SCORES)
+def test_pruner_logits_match_reference_with_padding(query_score):
+    p = _pruner(query_score=query_score).eval()
     h_v, h_q = torch.randn(2, 7, 12), torch.randn(2, 5, 12)
     q_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     a = torch.softmax(torch.randn(2, 7), -1)
@@ -52,6 +61,32 @@ def test_pruner_logits_match_reference_with_padding():
     for b, q_len in enumerate((3, 5)):
         ref = ref_logits(p, h_v[b], h_q[b], q_len, a[b], prev[b])
         assert torch.allclose(logits[b].double(), ref, atol=1e-5)
+
+
+def test_log_query_score_is_on_the_intrinsic_attentions_scale():
+    """Why S_q is taken in Eq. 4's logit space: on the same attention over 56 tokens the
+    literal softmax aggregate spans a small fraction of what the log form does; the log
+    form is centred over the tokens, the softmax one sums to the number of queries."""
+    torch.manual_seed(3)
+    n = 56
+    h_v, h_q = torch.randn(1, n, 12) * 3, torch.randn(1, 4, 12) * 3
+    spans = {}
+    for mode in rcp.QUERY_SCORES:
+        p = _pruner(query_score=mode).eval()
+        with torch.no_grad():
+            p.aggregate.weight.fill_(1.0)  # each query counted once
+            s_q = p.cross_attention_score(h_v, h_q, None)[0]
+        spans[mode] = float(s_q.max() - s_q.min())
+        if mode == "log":
+            assert abs(float(s_q.mean())) < 1e-4
+        else:
+            assert float(s_q.min()) >= 0 and abs(float(s_q.sum()) - 4.0) < 1e-4
+    assert spans["log"] > 10 * spans["softmax"]
+
+
+def test_pruner_rejects_an_unknown_query_score():
+    with pytest.raises(ValueError, match="query_score='linear'; accepted: log, softmax"):
+        rcp.ResidualCrossAttentionPruner(8, query_score="linear")
 
 
 def test_inference_mask_threshold_and_cumulative():
@@ -375,6 +410,35 @@ def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
     old = rcp.load_checkpoint(legacy)
     assert old.later_share == rcp.LEGACY_LATER_SHARE == 0.95
     assert old.plan(576, 64) == _slow_plan(list(old.pruning_layers), 576, 64, 0.95)
+
+
+def test_checkpoints_carry_how_their_pruners_score_the_queries(tmp_path):
+    """Fresh pruners aggregate S_q in the log space and say so; a checkpoint without
+    query_score (trained before it) keeps the softmax aggregate, and its logits are the
+    literal Eq. 2's (the reference's)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    fresh = rcp.build_modules(16, 16, seed=0)
+    assert fresh.config["query_score"] == "log"
+    path = str(tmp_path / "fresh.safetensors")
+    rcp.save_checkpoint(fresh, path)
+    assert {p.query_score for p in rcp.load_checkpoint(path).pruners.values()} == {"log"}
+
+    config = {k: v for k, v in fresh.config.items() if k != "query_score"}
+    legacy = str(tmp_path / "legacy.safetensors")
+    save_file(fresh.tensors(), legacy, metadata={
+        "format": rcp.CHECKPOINT_FORMAT, "hidden_size": "16", "num_layers": "16",
+        "config": json.dumps(config), "info": "{}"})
+    old = rcp.load_checkpoint(legacy)
+    pruner = old.pruners[old.pruning_layers[0]]
+    assert pruner.query_score == rcp.LEGACY_QUERY_SCORE == "softmax"
+    h_v, h_q = torch.randn(1, 9, 16), torch.randn(1, 3, 16)
+    a, prev = torch.softmax(torch.randn(1, 9), -1), torch.ones(1, 9)
+    with torch.no_grad():
+        got = pruner.logits(h_v, h_q, a, None, prev)[0].double()
+    assert torch.allclose(got, ref_logits(pruner, h_v[0], h_q[0], 3, a[0], prev[0]), atol=1e-5)
 
 
 def _slow_served_choice(logits: list[float], cap: int) -> list[int]:

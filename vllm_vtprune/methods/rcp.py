@@ -20,6 +20,13 @@ Choices where the extracted text is ambiguous:
   question-conditioned queries Q_p (Eq. 1, in the hidden space) are projected into the
   same ``attn_dim`` space; the softmax runs over the N visual tokens; Aggregate is a
   learned linear map over the N_q queries (initialised to their mean);
+* S_q aggregates the queries' attention in the logit space of Eq. 4 (``query_score=
+  "log"``: log-softmax, centred over the retained tokens like A_i), so that the
+  learned cross-attention is a residual on A in A's units. Taken literally (``"softmax"``,
+  what checkpoints without the key were trained with), each query's weights sum to 1
+  over N tokens: on shapes-llava v2 S_q varied 0.016 across tokens (std) against 0.4
+  for A and 3-7 for S_i after 400 steps, so the only learned question-conditioned term
+  could not move a choice, and the pruners ranked by question-blind S_i;
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
   mask); tokens already pruned are forced to 0 in the cumulative mask anyway;
@@ -82,6 +89,11 @@ LATER_SHARE = 0.29
 #: what checkpoints without a ``later_share`` in their config were trained with (a flat
 #: plan: every later pruning layer 0.95 of the one before)
 LEGACY_LATER_SHARE = 0.95
+#: how S_q (Eq. 2) aggregates the queries' attention: in Eq. 4's logit space (log-softmax
+#: centred over the retained tokens) or as the softmax weights themselves, which
+#: checkpoints without a ``query_score`` in their config were trained with
+QUERY_SCORES = ("log", "softmax")
+LEGACY_QUERY_SCORE = "softmax"
 
 
 def intrinsic_attention(attn: Tensor) -> Tensor:
@@ -239,8 +251,12 @@ class ResidualCrossAttentionPruner(nn.Module):
         attn_dim: int = 256,
         proj_dim: int = 256,
         query_dropout: float = QUERY_DROPOUT,
+        query_score: str = "log",
     ) -> None:
         super().__init__()
+        if query_score not in QUERY_SCORES:
+            raise ValueError(f"rcp query_score={query_score!r}; accepted: {', '.join(QUERY_SCORES)}")
+        self.query_score = query_score
         self.num_queries = num_queries
         self.query_dropout = query_dropout
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_size) * hidden_size**-0.5)
@@ -263,20 +279,37 @@ class ResidualCrossAttentionPruner(nn.Module):
 
     def cross_attention_score(self, h_v: Tensor, h_q: Tensor, q_mask: Tensor | None,
                               keep: Tensor | None = None) -> Tensor:
-        """S_q (Eq. 2): aggregated softmax attention of the pruning queries, [B, N]; with
-        ``keep`` [B, N] bool, over the retained tokens only (as at inference, where the
-        pruned ones are gone)."""
+        """S_q (Eq. 2): the pruning queries' attention over the visual tokens, aggregated
+        over the queries, [B, N]; with ``keep`` [B, N] bool, over the retained tokens only
+        (as at inference, where the pruned ones are gone). ``query_score="log"`` takes each
+        query's attention into Eq. 4's logit space first (log-softmax minus its mean over
+        the retained tokens; 0 at pruned ones)."""
         q = self.q_proj(self.question_queries(h_q, q_mask))
         k = self.k_proj(h_v)
         scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
         if keep is not None:  # (a sample whose tokens are all pruned keeps them all here)
             keep = keep | ~keep.any(dim=-1, keepdim=True)
             scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if self.query_score == "log":
+            per_query = self._centred_log_attention(scores, keep)
+        else:
+            per_query = torch.softmax(scores, dim=-1)
         if self.training and self.query_dropout > 0:
-            keep = torch.ones(probs.shape[:2], device=probs.device, dtype=probs.dtype)
-            probs = probs * F.dropout(keep, self.query_dropout, training=True).unsqueeze(-1)
-        return self.aggregate(probs.transpose(1, 2)).squeeze(-1)
+            kept = torch.ones(per_query.shape[:2], device=per_query.device, dtype=per_query.dtype)
+            per_query = per_query * F.dropout(kept, self.query_dropout, training=True).unsqueeze(-1)
+        return self.aggregate(per_query.transpose(1, 2)).squeeze(-1)
+
+    @staticmethod
+    def _centred_log_attention(scores: Tensor, keep: Tensor | None) -> Tensor:
+        """log softmax(scores) minus its mean over the retained tokens (A_i's transform,
+        Eq. 4), [B, N_q, N]; 0 where ``keep`` is False."""
+        log_p = torch.log_softmax(scores, dim=-1)
+        if keep is None:
+            return log_p - log_p.mean(dim=-1, keepdim=True)
+        w = keep[:, None, :]
+        log_p = log_p.masked_fill(~w, 0.0)
+        mean = log_p.sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
+        return (log_p - mean).masked_fill(~w, 0.0)
 
     def token_score(self, h_v: Tensor) -> Tensor:
         """S_i (Eq. 3) = MLP(proj(h_v)), [B, N]."""
@@ -522,7 +555,9 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
     pruning = check_layers(pruning or scale_layers(REFERENCE_PRUNING_LAYERS, num_layers),
                            num_layers, "rcp pruning")
     repair = repair if repair is not None else repair_layers(num_layers)
-    pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim") if k in config}
+    config.setdefault("query_score", "log")
+    pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim", "query_score")
+                  if k in config}
     adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
     config.setdefault("later_share", LATER_SHARE)
     generator_state = torch.random.get_rng_state()
@@ -570,7 +605,8 @@ def load_checkpoint(path: str) -> RcpModules:
     for key in tensors:
         kind, layer, _ = key.split(".", 2)
         layers[kind].add(int(layer))
-    config = {"later_share": LEGACY_LATER_SHARE, **json.loads(meta["config"])}
+    config = {"later_share": LEGACY_LATER_SHARE, "query_score": LEGACY_QUERY_SCORE,
+              **json.loads(meta["config"])}
     modules = build_modules(int(meta["hidden_size"]), int(meta["num_layers"]),
                             tuple(sorted(layers["pruner"])), tuple(sorted(layers["adapter"])),
                             **config)
