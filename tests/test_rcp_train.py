@@ -259,14 +259,17 @@ def test_fixed_count_training_masks_keep_the_served_counts(reference, modules):
 def test_chunked_command_line_run_resumes_and_calibrates_for_serving(tmp_path):
     """`python -m vllm_vtprune.rcp_train` in two chunks: the second continues the step
     count and records the first; --serve-budget stores the trained and the serving
-    biases, and a calibrated checkpoint is refused as a chunk to resume."""
+    biases, and a calibrated checkpoint is refused as a chunk to resume; the first chunk's
+    --query-score holds in the second."""
     common = ["--model", model_path(SMALL_MODEL), "--split", "standard", "--budget", "64",
               "--batch", "1", "--samples", "4", "--eval", "0", "--total-steps", "2"]
     first, second = str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")
-    assert rcp_train.main(common + ["--steps", "1", "--out", first]) == 0
+    assert rcp_train.main(common + ["--steps", "1", "--out", first, "--query-score", "log"]) == 0
     assert rcp_train.main(common + ["--steps", "1", "--init", first, "--out", second,
                                     "--serve-budget", "128"]) == 0
-    info = rcp.load_checkpoint(second).info
+    resumed = rcp.load_checkpoint(second)
+    assert {p.query_score for p in resumed.pruners.values()} == {"log"}  # the checkpoint's
+    info = resumed.info
     assert info["steps"] == 2 and info["resumed_from"]["steps"] == 1
     assert set(info["serving_biases"]) == {str(l) for l in info["trained_biases"]}
     report = json.loads(open(second + ".json").read())

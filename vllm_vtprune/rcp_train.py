@@ -31,7 +31,9 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   then the target from the first step (the paper anneals it from 1 over early training,
   which here first taught the pruners to keep everything; ``--no-calibrate`` restores
   the paper's start); ``--init`` resumes from a checkpoint, at the target;
-* 16 pruning queries, query dropout 0.2 (the module defaults).
+* 16 pruning queries, query dropout 0.2 (the module defaults); ``--query-score log``
+  aggregates S_q in Eq. 4's logit space instead of Eq. 2's softmax weights (measured not
+  to help here, see ``vllm_vtprune.methods.rcp``).
 
 ``--device cuda`` trains on a GPU (the model in float32 there too; the checkpoint's
 tensors are written from the CPU, and the report's held-out accuracy is measured on the
@@ -510,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the paper's start: biases 0, r* annealed from 1")
     p.add_argument("--repair-weight", type=float, default=REPAIR_WEIGHT,
                    help="Eq. 22's lambda_repair (the paper's 40)")
+    p.add_argument("--query-score", default="softmax", choices=rcp.QUERY_SCORES,
+                   help="how fresh pruners aggregate S_q (Eq. 2): the softmax weights as "
+                        "written, or in Eq. 4's logit space (see vllm_vtprune.methods.rcp); "
+                        "with --init the checkpoint's")
     p.add_argument("--freeze-pruners", action="store_true",
                    help="train the repair adapters only (the pruners as --init left them)")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
@@ -525,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         modules = rcp.load_checkpoint(args.init)
         rcp.check_fits(modules, text.num_hidden_layers, text.hidden_size, args.init)
     else:
-        modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed)
+        modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed,
+                                    query_score=args.query_score)
     modules = modules.on(args.device)
     samples = (jsonl_samples(args.data) if args.data
                else shapes_samples(None, args.samples, split=args.split))

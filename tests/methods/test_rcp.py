@@ -8,10 +8,13 @@ import torch
 from vllm_vtprune.methods import rcp
 
 
-def _pruner(d=12, query_score="log"):
+def _pruner(d=12, query_score="softmax"):
     torch.manual_seed(1)
-    return rcp.ResidualCrossAttentionPruner(d, num_queries=4, attn_dim=6, proj_dim=5,
-                                            query_score=query_score)
+    p = rcp.ResidualCrossAttentionPruner(d, num_queries=4, attn_dim=6, proj_dim=5,
+                                         query_score=query_score)
+    with torch.no_grad():  # a trained aggregate (the log form's starts at zero)
+        p.aggregate.weight.normal_()
+    return p
 
 
 def ref_logits(p, h_v, h_q, q_len, a, prev):
@@ -84,8 +87,22 @@ def test_log_query_score_is_on_the_intrinsic_attentions_scale():
     assert spans["log"] > 10 * spans["softmax"]
 
 
+def test_log_query_score_starts_as_a_residual_at_zero():
+    """Fresh log-form pruners add nothing to A + S_i (S_q = 0) yet get a gradient into
+    their aggregate; the softmax form starts at the queries' mean."""
+    torch.manual_seed(4)
+    h_v, h_q = torch.randn(1, 7, 12), torch.randn(1, 3, 12)
+    log_form = rcp.ResidualCrossAttentionPruner(12, query_score="log").eval()
+    s_q = log_form.cross_attention_score(h_v, h_q, None)
+    assert torch.equal(s_q, torch.zeros_like(s_q))
+    (s_q * torch.randn_like(s_q)).sum().backward()
+    assert log_form.aggregate.weight.grad.abs().sum() > 0
+    plain = rcp.ResidualCrossAttentionPruner(12)
+    assert torch.all(plain.aggregate.weight == 1 / 16)
+
+
 def test_pruner_rejects_an_unknown_query_score():
-    with pytest.raises(ValueError, match="query_score='linear'; accepted: log, softmax"):
+    with pytest.raises(ValueError, match="query_score='linear'; accepted: softmax, log"):
         rcp.ResidualCrossAttentionPruner(8, query_score="linear")
 
 
@@ -413,27 +430,27 @@ def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
 
 
 def test_checkpoints_carry_how_their_pruners_score_the_queries(tmp_path):
-    """Fresh pruners aggregate S_q in the log space and say so; a checkpoint without
-    query_score (trained before it) keeps the softmax aggregate, and its logits are the
-    literal Eq. 2's (the reference's)."""
+    """Pruners built with query_score=log save it and load with it; a checkpoint without
+    the key (trained before it existed) aggregates Eq. 2's softmax weights, and its
+    logits are the literal equation's (the reference's)."""
     import json
 
     from safetensors.torch import save_file
 
-    fresh = rcp.build_modules(16, 16, seed=0)
-    assert fresh.config["query_score"] == "log"
-    path = str(tmp_path / "fresh.safetensors")
-    rcp.save_checkpoint(fresh, path)
+    assert rcp.build_modules(16, 16, seed=0).config["query_score"] == "softmax"
+    logged = rcp.build_modules(16, 16, seed=0, query_score="log")
+    path = str(tmp_path / "log.safetensors")
+    rcp.save_checkpoint(logged, path)
     assert {p.query_score for p in rcp.load_checkpoint(path).pruners.values()} == {"log"}
 
-    config = {k: v for k, v in fresh.config.items() if k != "query_score"}
+    config = {k: v for k, v in logged.config.items() if k != "query_score"}
     legacy = str(tmp_path / "legacy.safetensors")
-    save_file(fresh.tensors(), legacy, metadata={
+    save_file(logged.tensors(), legacy, metadata={
         "format": rcp.CHECKPOINT_FORMAT, "hidden_size": "16", "num_layers": "16",
         "config": json.dumps(config), "info": "{}"})
     old = rcp.load_checkpoint(legacy)
     pruner = old.pruners[old.pruning_layers[0]]
-    assert pruner.query_score == rcp.LEGACY_QUERY_SCORE == "softmax"
+    assert pruner.query_score == "softmax"
     h_v, h_q = torch.randn(1, 9, 16), torch.randn(1, 3, 16)
     a, prev = torch.softmax(torch.randn(1, 9), -1), torch.ones(1, 9)
     with torch.no_grad():

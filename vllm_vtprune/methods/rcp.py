@@ -20,13 +20,15 @@ Choices where the extracted text is ambiguous:
   question-conditioned queries Q_p (Eq. 1, in the hidden space) are projected into the
   same ``attn_dim`` space; the softmax runs over the N visual tokens; Aggregate is a
   learned linear map over the N_q queries (initialised to their mean);
-* S_q aggregates the queries' attention in the logit space of Eq. 4 (``query_score=
-  "log"``: log-softmax, centred over the retained tokens like A_i), so that the
-  learned cross-attention is a residual on A in A's units. Taken literally (``"softmax"``,
-  what checkpoints without the key were trained with), each query's weights sum to 1
-  over N tokens: on shapes-llava v2 S_q varied 0.016 across tokens (std) against 0.4
-  for A and 3-7 for S_i after 400 steps, so the only learned question-conditioned term
-  could not move a choice, and the pruners ranked by question-blind S_i;
+* S_q (Eq. 2) aggregates the queries' softmax weights as written (``query_score=
+  "softmax"``, the default). Each query's weights sum to 1 over N tokens, so S_q barely
+  moves a choice: on shapes-llava v2 after 400 training steps it varied 0.016 across
+  tokens (std) against 0.4 for A and 3-7 for S_i, and the pruners ranked by
+  question-blind S_i. ``query_score="log"`` takes each query's attention into Eq. 4's
+  logit space first (log-softmax centred over the retained tokens); trained 300 steps so
+  its S_q dominated (std 34 at the first pruning layer) and the pruners chose no better
+  (0.85 against 0.88 on 300 standard held-out questions,
+  ``bench/results/rcp-swaps-v2.json``), so it stays an option;
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
   mask); tokens already pruned are forced to 0 in the cumulative mask anyway;
@@ -89,11 +91,10 @@ LATER_SHARE = 0.29
 #: what checkpoints without a ``later_share`` in their config were trained with (a flat
 #: plan: every later pruning layer 0.95 of the one before)
 LEGACY_LATER_SHARE = 0.95
-#: how S_q (Eq. 2) aggregates the queries' attention: in Eq. 4's logit space (log-softmax
-#: centred over the retained tokens) or as the softmax weights themselves, which
-#: checkpoints without a ``query_score`` in their config were trained with
-QUERY_SCORES = ("log", "softmax")
-LEGACY_QUERY_SCORE = "softmax"
+#: how S_q (Eq. 2) aggregates the queries' attention: the softmax weights themselves (as
+#: written; checkpoints without a ``query_score`` in their config were trained so) or in
+#: Eq. 4's logit space (log-softmax centred over the retained tokens)
+QUERY_SCORES = ("softmax", "log")
 
 
 def intrinsic_attention(attn: Tensor) -> Tensor:
@@ -251,7 +252,7 @@ class ResidualCrossAttentionPruner(nn.Module):
         attn_dim: int = 256,
         proj_dim: int = 256,
         query_dropout: float = QUERY_DROPOUT,
-        query_score: str = "log",
+        query_score: str = "softmax",
     ) -> None:
         super().__init__()
         if query_score not in QUERY_SCORES:
@@ -263,7 +264,9 @@ class ResidualCrossAttentionPruner(nn.Module):
         self.q_proj = nn.Linear(hidden_size, attn_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, attn_dim, bias=False)
         self.aggregate = nn.Linear(num_queries, 1, bias=False)
-        nn.init.constant_(self.aggregate.weight, 1.0 / num_queries)
+        # the log form starts at zero, a residual on A + S_i (untrained queries' log
+        # attention is sharp noise that would otherwise outweigh both)
+        nn.init.constant_(self.aggregate.weight, 0.0 if query_score == "log" else 1.0 / num_queries)
         self.proj = nn.Linear(hidden_size, proj_dim)
         self.mlp = nn.Sequential(nn.Linear(proj_dim, proj_dim), nn.GELU(), nn.Linear(proj_dim, 1))
         self.bias = nn.Parameter(torch.zeros(()))
@@ -555,7 +558,7 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
     pruning = check_layers(pruning or scale_layers(REFERENCE_PRUNING_LAYERS, num_layers),
                            num_layers, "rcp pruning")
     repair = repair if repair is not None else repair_layers(num_layers)
-    config.setdefault("query_score", "log")
+    config.setdefault("query_score", "softmax")
     pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim", "query_score")
                   if k in config}
     adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
@@ -605,7 +608,7 @@ def load_checkpoint(path: str) -> RcpModules:
     for key in tensors:
         kind, layer, _ = key.split(".", 2)
         layers[kind].add(int(layer))
-    config = {"later_share": LEGACY_LATER_SHARE, "query_score": LEGACY_QUERY_SCORE,
+    config = {"later_share": LEGACY_LATER_SHARE, "query_score": "softmax",
               **json.loads(meta["config"])}
     modules = build_modules(int(meta["hidden_size"]), int(meta["num_layers"]),
                             tuple(sorted(layers["pruner"])), tuple(sorted(layers["adapter"])),
