@@ -404,13 +404,23 @@ def test_budget_at_the_token_count_keeps_everything(rcp_checkpoint, budget, prun
     assert bool(plan.decisions) is pruned and bool(plan.adapters) is pruned
 
 
-def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
-    """Fresh modules plan with LATER_SHARE and save it; a checkpoint written before the
-    plan decayed (no later_share in its config) serves the flat plan it trained with."""
+def _saved_without(modules, key: str, tmp_path) -> str:
+    """``modules`` saved as a checkpoint written before config ``key`` existed."""
     import json
 
     from safetensors.torch import save_file
 
+    config = {k: v for k, v in modules.config.items() if k != key}
+    path = str(tmp_path / f"without-{key}.safetensors")
+    save_file(modules.tensors(), path, metadata={
+        "format": rcp.CHECKPOINT_FORMAT, "hidden_size": str(modules.hidden_size),
+        "num_layers": str(modules.num_layers), "config": json.dumps(config), "info": "{}"})
+    return path
+
+
+def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
+    """Fresh modules plan with LATER_SHARE and save it; a checkpoint written before the
+    plan decayed (no later_share in its config) serves the flat plan it trained with."""
     fresh = rcp.build_modules(16, 16, seed=0)
     assert fresh.later_share == rcp.LATER_SHARE
     path = str(tmp_path / "fresh.safetensors")
@@ -419,12 +429,7 @@ def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
     assert loaded.later_share == rcp.LATER_SHARE
     assert loaded.plan(576, 64) == _slow_plan(list(loaded.pruning_layers), 576, 64, 0.29)
 
-    config = {k: v for k, v in fresh.config.items() if k != "later_share"}
-    legacy = str(tmp_path / "legacy.safetensors")
-    save_file(fresh.tensors(), legacy, metadata={
-        "format": rcp.CHECKPOINT_FORMAT, "hidden_size": "16", "num_layers": "16",
-        "config": json.dumps(config), "info": "{}"})
-    old = rcp.load_checkpoint(legacy)
+    old = rcp.load_checkpoint(_saved_without(fresh, "later_share", tmp_path))
     assert old.later_share == rcp.LEGACY_LATER_SHARE == 0.95
     assert old.plan(576, 64) == _slow_plan(list(old.pruning_layers), 576, 64, 0.95)
 
@@ -433,22 +438,13 @@ def test_checkpoints_carry_how_their_pruners_score_the_queries(tmp_path):
     """Pruners built with query_score=log save it and load with it; a checkpoint without
     the key (trained before it existed) aggregates Eq. 2's softmax weights, and its
     logits are the literal equation's (the reference's)."""
-    import json
-
-    from safetensors.torch import save_file
-
     assert rcp.build_modules(16, 16, seed=0).config["query_score"] == "softmax"
     logged = rcp.build_modules(16, 16, seed=0, query_score="log")
     path = str(tmp_path / "log.safetensors")
     rcp.save_checkpoint(logged, path)
     assert {p.query_score for p in rcp.load_checkpoint(path).pruners.values()} == {"log"}
 
-    config = {k: v for k, v in logged.config.items() if k != "query_score"}
-    legacy = str(tmp_path / "legacy.safetensors")
-    save_file(logged.tensors(), legacy, metadata={
-        "format": rcp.CHECKPOINT_FORMAT, "hidden_size": "16", "num_layers": "16",
-        "config": json.dumps(config), "info": "{}"})
-    old = rcp.load_checkpoint(legacy)
+    old = rcp.load_checkpoint(_saved_without(logged, "query_score", tmp_path))
     pruner = old.pruners[old.pruning_layers[0]]
     assert pruner.query_score == "softmax"
     h_v, h_q = torch.randn(1, 9, 16), torch.randn(1, 3, 16)
