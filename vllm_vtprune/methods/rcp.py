@@ -22,13 +22,15 @@ Choices where the extracted text is ambiguous:
   learned linear map over the N_q queries (initialised to their mean);
 * S_q (Eq. 2) aggregates the queries' softmax weights as written (``query_score=
   "softmax"``, the default). Each query's weights sum to 1 over N tokens, so S_q barely
-  moves a choice: on shapes-llava v2 after 400 training steps it varied 0.016 across
-  tokens (std) against 0.4 for A and 3-7 for S_i, and the pruners ranked by
-  question-blind S_i. ``query_score="log"`` takes each query's attention into Eq. 4's
-  logit space first (log-softmax centred over the retained tokens); trained 300 steps so
-  its S_q dominated (std 34 at the first pruning layer) and the pruners chose no better
-  (0.85 against 0.88 on 300 standard held-out questions,
-  ``bench/results/rcp-swaps-v2.json``), so it stays an option;
+  moves a choice: on shapes-llava v2 it varied 0.02 across tokens (std) against 0.4 for
+  A and 3-7 for S_i, and the pruners ranked by S_i, which cannot see the question (the
+  visual tokens precede it). ``query_score="log"`` takes each query's attention into
+  Eq. 4's logit space first (log-softmax centred over the retained tokens), its
+  aggregate starting at zero (a residual on A + S_i). Trained 300 steps, its S_q grew
+  where it helps (std 2.3 at the second pruning layer) and the pruners answered 0.88
+  standard / 0.72 hard on 300 held-out questions against 0.86 / 0.69 for the shipped
+  softmax ones (``bench/results/rcp-swaps-v2.json``): within noise so far, so it is an
+  option, not yet the default;
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
   mask); tokens already pruned are forced to 0 in the cumulative mask anyway;
