@@ -156,13 +156,24 @@ def staged_fastv_accuracy(ref, pairs, counts: dict[int, int]) -> float:
     head-averaged attention ranks the image's live tokens) applied before each layer of
     ``counts``, keeping that many there: FastV's choice on RCP's plan."""
     from vllm_vtprune import llm_loop
-    from vllm_vtprune.methods import fastv
 
     def llm_plan(ids, sizes, spec, num_layers, patches=None):
         spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
-        return llm_loop.Plan({layer: fastv.decision(spans, lambda n, k=k: min(k, n))
-                              for layer, k in counts.items()})
+        return llm_loop.Plan({layer: _fastv_keeping(spans, k) for layer, k in counts.items()})
 
+    return _accuracy_with_plan(ref, pairs, llm_plan)
+
+
+def _fastv_keeping(spans, k: int):
+    """FastV's decision keeping ``k`` tokens of each image (all when it has fewer)."""
+    from vllm_vtprune.methods import fastv
+
+    return fastv.decision(spans, lambda n: min(k, n))
+
+
+def _accuracy_with_plan(ref, pairs, llm_plan) -> float:
+    """Accuracy with ``llm_plan(ids, sizes, spec, num_layers, patches)`` in place of a
+    method's plan on the reference path."""
     ref.llm_plan = llm_plan  # this instance only: every other method keeps its own plan
     try:
         return _accuracy(ref, pairs, "fastv:1")
@@ -176,18 +187,16 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str]) -> dict
     ``rcp:budget``'s planned count there; the adapters left out (Delta h = 0, as at
     their initialisation), so only the choices differ."""
     from vllm_vtprune import llm_loop
-    from vllm_vtprune.methods import fastv, rcp
+    from vllm_vtprune.methods import rcp
 
     def plan_for(combo):
         def llm_plan(ids, sizes, spec, num_layers, patches=None):
             spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
             state = rcp.RequestState(modules, spans, budget)
-            decisions = {}
-            for chooser, layer in zip(combo, modules.pruning_layers):
-                k = state.counts[layer]
-                decisions[layer] = (state.decide(layer) if chooser == "r" else
-                                    fastv.decision(spans, lambda n, k=k: min(k, n)))
-            return llm_loop.Plan(decisions)
+            return llm_loop.Plan({
+                layer: (state.decide(layer) if chooser == "r"
+                        else _fastv_keeping(spans, state.counts[layer]))
+                for chooser, layer in zip(combo, modules.pruning_layers)})
         return llm_plan
 
     out = {}
@@ -195,11 +204,7 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str]) -> dict
         if len(combo) != len(modules.pruning_layers) or set(combo) - {"r", "f"}:
             raise SystemExit(f"--swaps {combo!r}: one r or f per pruning layer "
                              f"{modules.pruning_layers}")
-        ref.llm_plan = plan_for(combo)  # this instance only, as in staged_fastv_accuracy
-        try:
-            out[combo] = _accuracy(ref, pairs, "fastv:1")
-        finally:
-            del ref.llm_plan
+        out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo))
         print(combo, out[combo], file=sys.stderr, flush=True)
     return out
 

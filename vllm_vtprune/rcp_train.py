@@ -32,8 +32,8 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   which here first taught the pruners to keep everything; ``--no-calibrate`` restores
   the paper's start); ``--init`` resumes from a checkpoint, at the target;
 * 16 pruning queries, query dropout 0.2 (the module defaults); ``--query-score log``
-  aggregates S_q in Eq. 4's logit space instead of Eq. 2's softmax weights (measured not
-  to help here, see ``vllm_vtprune.methods.rcp``).
+  aggregates S_q in Eq. 4's logit space instead of Eq. 2's softmax weights (why, and
+  what it measured: ``vllm_vtprune.methods.rcp``).
 
 ``--device cuda`` trains on a GPU (the model in float32 there too; the checkpoint's
 tensors are written from the CPU, and the report's held-out accuracy is measured on the
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the paper's start: biases 0, r* annealed from 1")
     p.add_argument("--repair-weight", type=float, default=REPAIR_WEIGHT,
                    help="Eq. 22's lambda_repair (the paper's 40)")
-    p.add_argument("--query-score", default="softmax", choices=rcp.QUERY_SCORES,
+    p.add_argument("--query-score", default=rcp.QUERY_SCORE, choices=rcp.QUERY_SCORES,
                    help="how fresh pruners aggregate S_q (Eq. 2): the softmax weights as "
                         "written, or in Eq. 4's logit space (see vllm_vtprune.methods.rcp); "
                         "with --init the checkpoint's")

@@ -26,11 +26,11 @@ Choices where the extracted text is ambiguous:
   A and 3-7 for S_i, and the pruners ranked by S_i, which cannot see the question (the
   visual tokens precede it). ``query_score="log"`` takes each query's attention into
   Eq. 4's logit space first (log-softmax centred over the retained tokens), its
-  aggregate starting at zero (a residual on A + S_i). Trained 300 steps, its S_q grew
-  where it helps (std 2.3 at the second pruning layer) and the pruners answered 0.88
-  standard / 0.72 hard on 300 held-out questions against 0.86 / 0.69 for the shipped
-  softmax ones (``bench/results/rcp-swaps-v2.json``): within noise so far, so it is an
-  option, not yet the default;
+  aggregate starting at zero (a residual on A + S_i). Trained 500 steps, its S_q grew
+  where it helps (std 2.3 at the second pruning layer) and the pruners answered 0.90
+  standard / 0.73 hard on 300 held-out questions against 0.86 / 0.69 for the shipped
+  softmax ones (``bench/results/rcp-swaps-v2.json``); not measured through vLLM yet,
+  so it is an option, not yet the default;
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
   mask); tokens already pruned are forced to 0 in the cumulative mask anyway;
@@ -66,6 +66,7 @@ __all__ = [
     "QUERY_DROPOUT",
     "intrinsic_attention",
     "attention_logit",
+    "centred_log",
     "gumbel_sigmoid_mask",
     "gumbel_topk_mask",
     "planned_counts",
@@ -97,6 +98,8 @@ LEGACY_LATER_SHARE = 0.95
 #: written; checkpoints without a ``query_score`` in their config were trained so) or in
 #: Eq. 4's logit space (log-softmax centred over the retained tokens)
 QUERY_SCORES = ("softmax", "log")
+QUERY_SCORE = "softmax"  # fresh pruners' default
+LEGACY_QUERY_SCORE = "softmax"  # what checkpoints without the key were trained with
 
 
 def intrinsic_attention(attn: Tensor) -> Tensor:
@@ -113,12 +116,16 @@ def intrinsic_attention(attn: Tensor) -> Tensor:
 
 def attention_logit(a: Tensor, keep: Tensor | None = None) -> Tensor:
     """A_i = log(a_i) - masked mean over retained j of log(a_j) (Eq. 4); [B, N]."""
-    log_a = torch.log(a.float() + EPS)
-    if keep is None:
-        return log_a - log_a.mean(dim=-1, keepdim=True)
-    w = keep.float()
-    mean = (w * log_a).sum(-1, keepdim=True) / w.sum(-1, keepdim=True).clamp_min(1.0)
-    return log_a - mean
+    return centred_log(torch.log(a.float() + EPS), None if keep is None else keep.float())
+
+
+def centred_log(log_x: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Eq. 4's move into logit space: ``log_x`` minus its mean over the last dimension,
+    weighted by ``weights`` (the cumulative keep mask: the retained tokens' mean)."""
+    if weights is None:
+        return log_x - log_x.mean(dim=-1, keepdim=True)
+    mean = (weights * log_x).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp_min(1.0)
+    return log_x - mean
 
 
 def gumbel_sigmoid_mask(logits: Tensor, tau: float, generator: torch.Generator | None = None,
@@ -254,7 +261,7 @@ class ResidualCrossAttentionPruner(nn.Module):
         attn_dim: int = 256,
         proj_dim: int = 256,
         query_dropout: float = QUERY_DROPOUT,
-        query_score: str = "softmax",
+        query_score: str = QUERY_SCORE,
     ) -> None:
         super().__init__()
         if query_score not in QUERY_SCORES:
@@ -306,15 +313,14 @@ class ResidualCrossAttentionPruner(nn.Module):
 
     @staticmethod
     def _centred_log_attention(scores: Tensor, keep: Tensor | None) -> Tensor:
-        """log softmax(scores) minus its mean over the retained tokens (A_i's transform,
-        Eq. 4), [B, N_q, N]; 0 where ``keep`` is False."""
+        """log softmax(scores) in Eq. 4's logit space (:func:`centred_log` over the
+        retained tokens), [B, N_q, N]; 0 where ``keep`` is False."""
         log_p = torch.log_softmax(scores, dim=-1)
         if keep is None:
-            return log_p - log_p.mean(dim=-1, keepdim=True)
-        w = keep[:, None, :]
-        log_p = log_p.masked_fill(~w, 0.0)
-        mean = log_p.sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
-        return (log_p - mean).masked_fill(~w, 0.0)
+            return centred_log(log_p)
+        pruned = ~keep[:, None, :]
+        log_p = log_p.masked_fill(pruned, 0.0)  # -inf there; 0 * -inf would be nan
+        return centred_log(log_p, (~pruned).to(log_p.dtype)).masked_fill(pruned, 0.0)
 
     def token_score(self, h_v: Tensor) -> Tensor:
         """S_i (Eq. 3) = MLP(proj(h_v)), [B, N]."""
@@ -560,7 +566,7 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
     pruning = check_layers(pruning or scale_layers(REFERENCE_PRUNING_LAYERS, num_layers),
                            num_layers, "rcp pruning")
     repair = repair if repair is not None else repair_layers(num_layers)
-    config.setdefault("query_score", "softmax")
+    config.setdefault("query_score", QUERY_SCORE)
     pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim", "query_score")
                   if k in config}
     adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
@@ -610,7 +616,7 @@ def load_checkpoint(path: str) -> RcpModules:
     for key in tensors:
         kind, layer, _ = key.split(".", 2)
         layers[kind].add(int(layer))
-    config = {"later_share": LEGACY_LATER_SHARE, "query_score": "softmax",
+    config = {"later_share": LEGACY_LATER_SHARE, "query_score": LEGACY_QUERY_SCORE,
               **json.loads(meta["config"])}
     modules = build_modules(int(meta["hidden_size"]), int(meta["num_layers"]),
                             tuple(sorted(layers["pruner"])), tuple(sorted(layers["adapter"])),
