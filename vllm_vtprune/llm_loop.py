@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from vllm_vtprune.methods._common import layer_counts  # noqa: F401  (the plans' counts)
+
 MODES = ("remove", "mask")
 
 
@@ -81,16 +83,6 @@ class Plan:
     #: visual tokens each decoder layer processes (the plan's schedule; a learned
     #: threshold may keep fewer), for the figures ``usage.vtprune`` reports
     visual_counts: list[int] = dataclasses.field(default_factory=list)
-
-
-def layer_counts(num_layers: int, start: int, schedule: dict[int, int]) -> list[int]:
-    """Visual tokens per decoder layer: ``start`` until the first layer of ``schedule``
-    ({layer: count from that layer on}), then each count in turn."""
-    counts, current = [], start
-    for layer in range(num_layers):
-        current = schedule.get(layer, current)
-        counts.append(current)
-    return counts
 
 
 class PrunedDecoder:

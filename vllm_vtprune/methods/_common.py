@@ -22,6 +22,7 @@ __all__ = [
     "cosine_matrix",
     "stable_topk",
     "segment_mean",
+    "layer_counts",
 ]
 
 #: Added to norms and denominators; the papers' "epsilon" where they name one.
@@ -136,6 +137,16 @@ def check_layers(layers: tuple[int, ...], num_layers: int, what: str) -> tuple[i
     return layers
 
 
+def layer_counts(num_layers: int, start: int, schedule: dict[int, int]) -> list[int]:
+    """Visual tokens per decoder layer: ``start`` until the first layer of ``schedule``
+    ({layer: count from that layer on}), then each count in turn."""
+    counts, current = [], start
+    for layer in range(num_layers):
+        current = schedule.get(layer, current)
+        counts.append(current)
+    return counts
+
+
 def average_schedule(num_tokens: int, budget: int, layers: tuple[int, ...],
                      num_layers: int) -> list[int]:
     """Token counts after each pruning layer such that the count averaged over all
@@ -148,13 +159,11 @@ def average_schedule(num_tokens: int, budget: int, layers: tuple[int, ...],
         raise ValueError(f"layers must be increasing indices in [0, {num_layers}), got {layers}")
     if k >= n:
         return [n] * len(layers)
-    spans = [b - a for a, b in zip(layers, list(layers[1:]) + [num_layers])]
-
     def counts(r: float) -> list[int]:
         return [max(1, int(round(n * r ** (s + 1)))) for s in range(len(layers))]
 
     def average(r: float) -> float:
-        return (layers[0] * n + sum(c * w for c, w in zip(counts(r), spans))) / num_layers
+        return sum(layer_counts(num_layers, n, dict(zip(layers, counts(r))))) / num_layers
 
     lo, hi = 0.0, 1.0
     for _ in range(60):

@@ -56,10 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vllm_vtprune.llm_loop import layer_counts
 from vllm_vtprune.registry import Method, Option, Where, layer_list, path
 
-from ._common import EPS, check_finite, check_layers, scale_layers
+from ._common import EPS, check_finite, check_layers, layer_counts, scale_layers
 
 __all__ = [
     "NUM_QUERIES",
