@@ -264,11 +264,12 @@ def test_chunked_command_line_run_resumes_and_calibrates_for_serving(tmp_path):
     common = ["--model", model_path(SMALL_MODEL), "--split", "standard", "--budget", "64",
               "--batch", "1", "--samples", "4", "--eval", "0", "--total-steps", "2"]
     first, second = str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")
-    assert rcp_train.main(common + ["--steps", "1", "--out", first, "--query-score", "log"]) == 0
+    other = next(q for q in rcp.QUERY_SCORES if q != rcp.QUERY_SCORE)  # not the flag's default
+    assert rcp_train.main(common + ["--steps", "1", "--out", first, "--query-score", other]) == 0
     assert rcp_train.main(common + ["--steps", "1", "--init", first, "--out", second,
                                     "--serve-budget", "128"]) == 0
     resumed = rcp.load_checkpoint(second)
-    assert {p.query_score for p in resumed.pruners.values()} == {"log"}  # the checkpoint's
+    assert {p.query_score for p in resumed.pruners.values()} == {other}  # the checkpoint's
     info = resumed.info
     assert info["steps"] == 2 and info["resumed_from"]["steps"] == 1
     assert set(info["serving_biases"]) == {str(l) for l in info["trained_biases"]}

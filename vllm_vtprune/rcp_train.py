@@ -31,9 +31,10 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   then the target from the first step (the paper anneals it from 1 over early training,
   which here first taught the pruners to keep everything; ``--no-calibrate`` restores
   the paper's start); ``--init`` resumes from a checkpoint, at the target;
-* 16 pruning queries, query dropout 0.2 (the module defaults); ``--query-score log``
-  aggregates S_q in Eq. 4's logit space instead of Eq. 2's softmax weights (why, and
-  what it measured: ``vllm_vtprune.methods.rcp``).
+* 16 pruning queries, query dropout 0.2 (the module defaults); S_q aggregated in Eq.
+  4's logit space (``--query-score log``, the default) or as Eq. 2's softmax weights
+  (``softmax``; why the default departs from it, and what each measured:
+  ``vllm_vtprune.methods.rcp``).
 
 ``--device cuda`` trains on a GPU (the model in float32 there too; the checkpoint's
 tensors are written from the CPU, and the report's held-out accuracy is measured on the

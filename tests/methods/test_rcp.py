@@ -97,7 +97,7 @@ def test_log_query_score_starts_as_a_residual_at_zero():
     assert torch.equal(s_q, torch.zeros_like(s_q))
     (s_q * torch.randn_like(s_q)).sum().backward()
     assert log_form.aggregate.weight.grad.abs().sum() > 0
-    plain = rcp.ResidualCrossAttentionPruner(12)
+    plain = rcp.ResidualCrossAttentionPruner(12, query_score="softmax")
     assert torch.all(plain.aggregate.weight == 1 / 16)
 
 
@@ -435,14 +435,15 @@ def test_checkpoints_carry_the_plan_they_were_trained_for(tmp_path):
 
 
 def test_checkpoints_carry_how_their_pruners_score_the_queries(tmp_path):
-    """Pruners built with query_score=log save it and load with it; a checkpoint without
-    the key (trained before it existed) aggregates Eq. 2's softmax weights, and its
-    logits are the literal equation's (the reference's)."""
-    assert rcp.build_modules(16, 16, seed=0).config["query_score"] == "softmax"
+    """Pruners of either query_score save it and load with it (fresh ones: the log
+    form); a checkpoint without the key (trained before it existed) aggregates Eq. 2's
+    softmax weights, and its logits are the literal equation's (the reference's)."""
+    assert rcp.build_modules(16, 16, seed=0).config["query_score"] == rcp.QUERY_SCORE == "log"
+    for form in rcp.QUERY_SCORES:
+        path = str(tmp_path / f"{form}.safetensors")
+        rcp.save_checkpoint(rcp.build_modules(16, 16, seed=0, query_score=form), path)
+        assert {p.query_score for p in rcp.load_checkpoint(path).pruners.values()} == {form}
     logged = rcp.build_modules(16, 16, seed=0, query_score="log")
-    path = str(tmp_path / "log.safetensors")
-    rcp.save_checkpoint(logged, path)
-    assert {p.query_score for p in rcp.load_checkpoint(path).pruners.values()} == {"log"}
 
     old = rcp.load_checkpoint(_saved_without(logged, "query_score", tmp_path))
     pruner = old.pruners[old.pruning_layers[0]]

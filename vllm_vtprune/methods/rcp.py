@@ -19,18 +19,20 @@ Choices where the extracted text is ambiguous:
 * keys K_v of Eq. 2 are a learned projection of the visual hidden states, and the
   question-conditioned queries Q_p (Eq. 1, in the hidden space) are projected into the
   same ``attn_dim`` space; the softmax runs over the N visual tokens; Aggregate is a
-  learned linear map over the N_q queries (initialised to their mean);
-* S_q (Eq. 2) aggregates the queries' softmax weights as written (``query_score=
-  "softmax"``, the default). Each query's weights sum to 1 over N tokens, so S_q barely
-  moves a choice: on shapes-llava v2 it varied 0.02 across tokens (std) against 0.4 for
-  A and 3-7 for S_i, and the pruners ranked by S_i, which cannot see the question (the
-  visual tokens precede it). ``query_score="log"`` takes each query's attention into
-  Eq. 4's logit space first (log-softmax centred over the retained tokens), its
-  aggregate starting at zero (a residual on A + S_i). Trained 500 steps, its S_q grew
-  where it helps (std 2.3 at the second pruning layer) and the pruners answered 0.90
-  standard / 0.73 hard on 300 held-out questions against 0.86 / 0.69 for the shipped
-  softmax ones (``bench/results/rcp-swaps-v2.json``); not measured through vLLM yet,
-  so it is an option, not yet the default;
+  learned linear map over the N_q queries (initialised to their mean, or to
+  zero in the log form below);
+* S_q (Eq. 2) taken literally (``query_score="softmax"``) aggregates the queries'
+  softmax weights; each query's weights sum to 1 over N tokens, so S_q barely moves a
+  choice: on shapes-llava v2 it varied 0.02 across tokens (std) against 0.4 for A and
+  3-7 for S_i, and the pruners ranked by S_i, which cannot see the question (the
+  visual tokens precede it). ``query_score="log"`` (the default, and the shipped
+  modules' form) takes each query's attention into Eq. 4's logit space first
+  (log-softmax centred over the retained tokens), its aggregate starting at zero (a
+  residual on A + S_i): trained 500 steps, its S_q grew where the choice matters (std
+  2.3 at the second pruning layer), and through vLLM (400 held-out questions)
+  ``rcp:64`` answers 0.698 hard / 0.880 standard against 0.680 / 0.870 for softmax
+  modules trained on the same plan (``bench/results/accuracy-v2-*.json``,
+  ``bench/results/rcp-swaps-v2.json``);
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
   mask); tokens already pruned are forced to 0 in the cumulative mask anyway;
@@ -97,7 +99,7 @@ LEGACY_LATER_SHARE = 0.95
 #: written; checkpoints without a ``query_score`` in their config were trained so) or in
 #: Eq. 4's logit space (log-softmax centred over the retained tokens)
 QUERY_SCORES = ("softmax", "log")
-QUERY_SCORE = "softmax"  # fresh pruners' default
+QUERY_SCORE = "log"  # fresh pruners' default (the shipped modules' form)
 LEGACY_QUERY_SCORE = "softmax"  # what checkpoints without the key were trained with
 
 
