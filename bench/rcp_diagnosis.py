@@ -213,7 +213,7 @@ def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
                         schedules: list[str]) -> dict:
     """FastV's rule on each ``K1/K2/...`` schedule at the pruning ``layers`` (fewer counts
     than layers: the last one holds), with its layer average."""
-    from vllm_vtprune.llm_loop import layer_counts
+    from vllm_vtprune.methods._common import layer_counts
 
     out = {}
     for name in schedules:

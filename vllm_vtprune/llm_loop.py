@@ -26,8 +26,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from vllm_vtprune.methods._common import layer_counts  # noqa: F401  (the plans' counts)
-
 MODES = ("remove", "mask")
 
 

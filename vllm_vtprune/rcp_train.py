@@ -25,7 +25,7 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   sparsity (Eqs. 19-21): |layer-averaged retention - r*|, r* = budget / N;
   ``--repair-weight`` replaces the 40 (on shapes-llava v2 the repair term outweighs the
   task ~250-fold at 40 and drove the pruners to background tokens; the shipped modules
-  train the pruners at 0.2, then the adapters alone, ``--freeze-pruners``, at 40);
+  train pruners and adapters at 0.2; ``--freeze-pruners`` trains the adapters alone);
 * initialisation (threshold masks; not in the paper): the pruners' biases are calibrated on 16 samples
   so that their threshold masks start at the budget (:func:`calibrate_biases`); r* is
   then the target from the first step (the paper anneals it from 1 over early training,

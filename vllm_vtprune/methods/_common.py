@@ -159,6 +159,7 @@ def average_schedule(num_tokens: int, budget: int, layers: tuple[int, ...],
         raise ValueError(f"layers must be increasing indices in [0, {num_layers}), got {layers}")
     if k >= n:
         return [n] * len(layers)
+
     def counts(r: float) -> list[int]:
         return [max(1, int(round(n * r ** (s + 1)))) for s in range(len(layers))]
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from vllm_vtprune.registry import Method, Option, Where, int_ge
 
-from ._common import check_budget, check_finite, check_vector, scale_layers, stable_topk
+from ._common import (check_budget, check_finite, check_vector, layer_counts, scale_layers,
+                      stable_topk)
 
 __all__ = ["last_token_image_attention", "select"]
 
@@ -96,7 +97,7 @@ def decision(image_spans, budget_for):
 
 def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     """The :class:`vllm_vtprune.llm_loop.Plan` of one request: one decision layer."""
-    from vllm_vtprune.llm_loop import Plan, layer_counts
+    from vllm_vtprune.llm_loop import Plan
 
     layer = decision_layer(spec.value("layer"), num_layers)
     sizes = [end - start for start, end in image_spans]

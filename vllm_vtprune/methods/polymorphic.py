@@ -37,7 +37,7 @@ from torch import Tensor
 from vllm_vtprune.registry import Method, Option, Where, int_ge, layer_list
 
 from ._common import (average_schedule, check_budget, check_finite, check_layers, check_tokens,
-                      check_vector, scale_layers,
+                      check_vector, layer_counts, scale_layers,
                       segment_mean, stable_topk)
 
 __all__ = [
@@ -301,7 +301,7 @@ def llm_plan(spec, image_spans, num_layers: int, full_tokens: int):
     scaled layers 3, 7, 16 so that each image's visual token count averaged over all
     decoder layers (stage 1's 2x before the first) is the budget of its own patches
     (``full_tokens``: each image's unpruned patch count, or one for all)."""
-    from vllm_vtprune.llm_loop import Plan, layer_counts
+    from vllm_vtprune.llm_loop import Plan
 
     given = spec.value("layers")
     layers = (check_layers(tuple(int(x) for x in given.split("-")), num_layers,
