@@ -146,6 +146,9 @@ def test_schedule_anneals_temperature_and_target():
     rate, tau, target = rcp_train.schedule(99, 100, 1e-3, 0.2)
     assert abs(rate - 1e-4) < 1e-12 and abs(tau - 0.2) < 1e-12 and abs(target - 0.2) < 1e-12
     assert abs(rcp_train.schedule(15, 100, 1e-3, 0.2)[2] - 0.6) < 1e-9  # halfway to r*
+    # a tail past the end holds the last values (no cosine rising again, no tau below 0.2)
+    for step in (100, 150, 1000):
+        assert rcp_train.schedule(step, 100, 1e-3, 0.2) == (rate, tau, target)
 
 
 def test_noise_fades_out_before_the_end():
@@ -153,6 +156,7 @@ def test_noise_fades_out_before_the_end():
     assert scales[:61] == [1.0] * 61 and scales[90:] == [0.0] * 11
     assert abs(scales[75] - 0.5) < 1e-9
     assert all(a >= b for a, b in zip(scales, scales[1:]))
+    assert [rcp_train.noise_scale(step, 101) for step in (101, 140, 500)] == [0.0] * 3
 
 
 def test_chunks_follow_the_whole_runs_schedule(reference):

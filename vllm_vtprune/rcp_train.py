@@ -287,8 +287,9 @@ def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float
 def schedule(step: int, steps: int, lr: float, target: float,
              warmup: bool = True) -> tuple[float, float, float]:
     """(learning rate: cosine to 0.1x, Gumbel temperature: 1.5 -> 0.2, r*: 1 -> target
-    over the first 30 % of the steps, or the target throughout without ``warmup``)."""
-    frac = step / max(1, steps - 1)
+    over the first 30 % of the steps, or the target throughout without ``warmup``).
+    Steps past the schedule's end hold its last values (a tail, see :func:`train`)."""
+    frac = min(1.0, step / max(1, steps - 1))
     rate = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
     tau = TAU_START + (TAU_END - TAU_START) * frac
     warm = min(1.0, step / max(1.0, TARGET_WARMUP * steps)) if warmup else 1.0
@@ -301,9 +302,10 @@ def noise_scale(step: int, steps: int) -> float:
     Not in the paper: with the noise kept to the end, training sees masks that keep a
     token with probability sigmoid(logit) while inference keeps it iff logit > 0
     (Eq. 8), and modules trained so pruned far more at inference than they were trained
-    for. The noise-free last steps train the inference rule itself.
+    for. The noise-free last steps train the inference rule itself (and every step past
+    the schedule's end: a tail).
     """
-    frac = step / max(1, steps - 1)
+    frac = min(1.0, step / max(1, steps - 1))
     return min(1.0, max(0.0, (NOISE_END - frac) / (NOISE_END - NOISE_FLAT)))
 
 
@@ -386,7 +388,10 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     A run split into chunks passes each chunk's ``first_step`` and the whole run's
     ``total_steps``: the schedules (learning rate, temperature, noise, r*) and the
     sample order are those of step ``first_step + i`` of the whole run, so chunks
-    follow the one run's schedule (AdamW's moments restart with each chunk).
+    follow the one run's schedule (AdamW's moments restart with each chunk). A chunk
+    that goes past ``total_steps`` is a tail: its steps there hold the schedules' last
+    values (the temperature at its end, no noise: the inference rule), at ``lr`` times
+    the cosine's floor of 0.1.
 
     ``fixed_count`` (default): masks keep the served count (:func:`rcp.gumbel_topk_mask`,
     :meth:`rcp.RcpModules.plan`) and the sparsity term is reported, not optimised;
@@ -502,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="resume from this checkpoint (its step count continues the run)")
     p.add_argument("--total-steps", type=int, default=None,
                    help="the whole run's steps when it goes in chunks (default: this chunk "
-                        "ends it); schedules follow the whole run")
+                        "ends it); schedules follow the whole run, and steps past it hold "
+                        "the schedules' end (a noise-free tail)")
     p.add_argument("--serve-budget", type=int, default=None,
                    help="after training, calibrate the biases for serving rcp:K up to this "
                         "K (see calibrate_for_serving); default: none (a chunk to resume)")
