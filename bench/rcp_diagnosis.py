@@ -16,7 +16,9 @@ prunes before each pruning layer to the budget's planned count there
   29 from the first; ``56/16/5``: one count per pruning layer), with their layer
   averages: what a plan's shape is worth apart from the pruners;
 * with ``--swaps``, which pruning layer loses: per combination such as ``rff``, the
-  learned pruner (``r``) or FastV's rule (``f``) before each pruning layer in turn, the
+  learned pruner (``r``), FastV's rule (``f``) or a coverage oracle (``o``: the patches
+  nearest each asked-about object's centre first, from the scene itself; what the
+  planned counts allow any choice to recover) before each pruning layer in turn, the
   same planned counts, no repair adapters (their identity initialisation);
 * how often the first pruning layer's top-K tokens lie on object patches, over
   ``--images`` held-out images: the trained logits (Eq. 5), their intrinsic-attention
@@ -171,40 +173,111 @@ def _fastv_keeping(spans, k: int):
     return fastv.decision(spans, lambda n: min(k, n))
 
 
-def _accuracy_with_plan(ref, pairs, llm_plan) -> float:
+def _accuracy_with_plan(ref, pairs, llm_plan, before=None) -> float:
     """Accuracy with ``llm_plan(ids, sizes, spec, num_layers, patches)`` in place of a
-    method's plan on the reference path."""
+    method's plan on the reference path; ``before(i)`` runs before question ``i``."""
+    from vllm_vtprune.embedded.conversation import user_turn
+
     ref.llm_plan = llm_plan  # this instance only: every other method keeps its own plan
+    spec = parse_spec("fastv:1")
     try:
-        return _accuracy(ref, pairs, "fastv:1")
+        right = 0
+        for i, (image, qa) in enumerate(pairs):
+            if before is not None:
+                before(i)
+            right += ref.generate(user_turn(qa.question), [image], spec)[0].strip() == qa.answer
+        return right / len(pairs)
     finally:
         del ref.llm_plan
 
 
-def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str]) -> dict:
+def parse_spec(text: str):
+    from vllm_vtprune import spec
+
+    return spec.parse(text)
+
+
+def coverage_scores(objects, grid: int) -> torch.Tensor:
+    """An oracle's per-patch score from the scene itself: each asked-about object's patches
+    (:func:`shapes_vqa.object_patches`) ranked by their centres' distance to the object's
+    centre, scored minus that rank, so that keeping the top K covers every object's centre
+    before any object's second patch; background (and distractor) patches last.
+    Not a pruning method: the bound on what choosing K tokens can recover."""
+    from vllm_vtprune.data import shapes_vqa as sv
+
+    scores = torch.full((grid * grid,), -1e9)
+    centres = (torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid)
+    for obj in objects:
+        on = torch.from_numpy(sv.object_patches([obj]))
+        idx = torch.nonzero(on).flatten()
+        cx = (centres[0][idx].float() + 0.5) * sv.PATCH - obj.cx
+        cy = (centres[1][idx].float() + 0.5) * sv.PATCH - obj.cy
+        rank = torch.argsort(torch.argsort(cx * cx + cy * cy, stable=True), stable=True)
+        scores[idx] = torch.maximum(scores[idx], -rank.float())
+    return scores
+
+
+def _oracle_keeping(spans, k: int, scores_of):
+    """Each image keeps its ``k`` live tokens of highest :func:`coverage_scores`
+    (``scores_of()``: the current question's), ties to the lower position."""
+    from vllm_vtprune.llm_loop import Verdict
+
+    def decide(view):
+        rows = view.rows
+        keep = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+        for start, end in spans:
+            cols = torch.nonzero((rows >= start) & (rows < end)).flatten()
+            score = scores_of()[(rows[cols] - start).cpu()]
+            chosen = torch.argsort(-score, stable=True)[:min(k, cols.numel())]
+            keep[cols] = False
+            keep[cols[chosen.to(cols.device)]] = True
+        return Verdict(torch.nonzero(keep).flatten())
+
+    return decide
+
+
+CHOOSERS = {"r": "RCP's learned pruner", "f": "FastV's rule",
+            "o": "the coverage oracle (coverage_scores)"}
+
+
+def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
+                    objects: list | None = None) -> dict:
     """Accuracy per combination of choosers at the pruning layers: ``r`` the learned pruner
-    (Eqs. 1-5, served as :func:`rcp.served_choice`), ``f`` FastV's rule, each keeping
+    (Eqs. 1-5, served as :func:`rcp.served_choice`), ``f`` FastV's rule, ``o`` the
+    coverage oracle (needs ``objects``: each question's asked-about objects), each keeping
     ``rcp:budget``'s planned count there; the adapters left out (Delta h = 0, as at
     their initialisation), so only the choices differ."""
     from vllm_vtprune import llm_loop
     from vllm_vtprune.methods import rcp
 
+    grid = int(round(ref.tower.grid[0]))
+    current = {}
+
     def plan_for(combo):
+        def choose(chooser, layer, spans, state):
+            if chooser == "r":
+                return state.decide(layer)
+            if chooser == "f":
+                return _fastv_keeping(spans, state.counts[layer])
+            return _oracle_keeping(spans, state.counts[layer], lambda: current["scores"])
+
         def llm_plan(ids, sizes, spec, num_layers, patches=None):
             spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
             state = rcp.RequestState(modules, spans, budget)
-            return llm_loop.Plan({
-                layer: (state.decide(layer) if chooser == "r"
-                        else _fastv_keeping(spans, state.counts[layer]))
-                for chooser, layer in zip(combo, modules.pruning_layers)})
+            return llm_loop.Plan({layer: choose(chooser, layer, spans, state)
+                                  for chooser, layer in zip(combo, modules.pruning_layers)})
         return llm_plan
+
+    def before(i):
+        current["scores"] = coverage_scores(objects[i], grid) if objects else None
 
     out = {}
     for combo in combos:
-        if len(combo) != len(modules.pruning_layers) or set(combo) - {"r", "f"}:
-            raise SystemExit(f"--swaps {combo!r}: one r or f per pruning layer "
-                             f"{modules.pruning_layers}")
-        out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo))
+        if (len(combo) != len(modules.pruning_layers) or set(combo) - set(CHOOSERS)
+                or ("o" in combo and objects is None)):
+            raise SystemExit(f"--swaps {combo!r}: one of {', '.join(CHOOSERS)} per pruning "
+                             f"layer {modules.pruning_layers}")
+        out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo), before)
         print(combo, out[combo], file=sys.stderr, flush=True)
     return out
 
@@ -247,8 +320,8 @@ def main() -> None:
                    help="FastV's rule on these plans at the pruning layers, e.g. "
                         "'29;56/16/5' (accuracy and layer average)")
     p.add_argument("--swaps", default=None,
-                   help="learned pruner (r) or FastV's rule (f) per pruning layer, at the "
-                        "first budget, e.g. 'rrr;fff;rff;frf;ffr'")
+                   help="learned pruner (r), FastV's rule (f) or the coverage oracle (o) "
+                        "per pruning layer, at the first budget, e.g. 'rrr;fff;rff;ooo'")
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
     ckpt = args.ckpt or with_shipped_modules(parse("rcp:1"), ref.model.config).value("ckpt")
@@ -256,7 +329,9 @@ def main() -> None:
         raise SystemExit("no RCP modules ship for this model: give --ckpt")
     modules = rcp.load_checkpoint(ckpt)
     split = sv.split_of(args.split)
-    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
+    asked = list(sv.iter_sample_questions(split.heldout_seed, args.num, start=20_000,
+                                          split=split))
+    pairs = [(sample.image, qa) for sample, qa in asked]
     tokens = ref.tower.grid[0] * ref.tower.grid[1]
     first = modules.pruning_layers[0]
     plans = {int(b): modules.plan(tokens, int(b)) for b in args.budgets.split(",")}
@@ -272,8 +347,11 @@ def main() -> None:
     if args.swaps:
         budget = int(args.budgets.split(",")[0])
         result["swaps"] = {"budget": budget, "plan": schedule_name(plans[budget]),
+                           "full tokens": result["accuracy"].get("full tokens")
+                           or _accuracy(ref, pairs, None),
                            "accuracy": swap_accuracies(ref, pairs, modules, budget,
-                                                       args.swaps.split(";"))}
+                                                       args.swaps.split(";"),
+                                                       [s.objects for s, _ in asked])}
     if args.images:
         result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
     if args.gradients:

@@ -363,6 +363,13 @@ def iter_questions(seed: int, num: int, start: int = 0,
     Question ``i`` has type ``types[i % len(types)]``; images that cannot ask that type
     (no uniquely present shape, say) are skipped, so every image is used at most once.
     """
+    for sample, qa in iter_sample_questions(seed, num, start, split):
+        yield sample.image, qa
+
+
+def iter_sample_questions(seed: int, num: int, start: int = 0,
+                          split: str | Split = "standard") -> Iterator[tuple[Sample, QA]]:
+    """:func:`iter_questions` with each question's whole sample (its objects too)."""
     types = split_of(split).question_types
     index = start
     for i in range(num):
@@ -372,7 +379,7 @@ def iter_questions(seed: int, num: int, start: int = 0,
             index += 1
             qa = next((q for q in sample.qas if q.qtype == want), None)
             if qa is not None:
-                yield sample.image, qa
+                yield sample, qa
                 break
 
 
