@@ -12,9 +12,10 @@ prunes before each pruning layer to the budget's planned count there
   modules; the same pruners with identity repair adapters (Sec. III-C's
   initialisation: what the adapters add); FastV's rule on the same plan (the same
   counts at the same layers, chosen by last-token attention instead);
-* with ``--schedules``, FastV's rule on other plans at the pruning layers (``29``: a flat
-  29 from the first; ``56/16/5``: one count per pruning layer), with their layer
-  averages: what a plan's shape is worth apart from the pruners;
+* with ``--schedules``, FastV's rule (or with ``--schedule-chooser o`` the coverage
+  oracle below) on other plans at the pruning layers (``29``: a flat 29 from the first;
+  ``56/16/5``: one count per pruning layer), with their layer averages: what a plan's
+  shape is worth apart from the pruners;
 * with ``--swaps``, which pruning layer loses: per combination such as ``rff``, the
   learned pruner (``r``), FastV's rule (``f``) or a coverage oracle (``o``: the patches
   nearest each asked-about object's centre first, from the scene itself; what the
@@ -153,17 +154,28 @@ def schedule_name(counts: dict[int, int]) -> str:
     return ", ".join(f"{k} from layer {l}" for l, k in sorted(counts.items()))
 
 
-def staged_fastv_accuracy(ref, pairs, counts: dict[int, int]) -> float:
+def staged_fastv_accuracy(ref, pairs, counts: dict[int, int], objects=None) -> float:
     """Accuracy with FastV's rule (Chen et al., arXiv 2403.06764: the last prompt token's
     head-averaged attention ranks the image's live tokens) applied before each layer of
-    ``counts``, keeping that many there: FastV's choice on RCP's plan."""
+    ``counts``, keeping that many there: FastV's choice on RCP's plan. With ``objects``
+    (each question's asked-about objects) the coverage oracle chooses instead."""
     from vllm_vtprune import llm_loop
+
+    grid = int(round(ref.tower.grid[0]))
+    current = {}
 
     def llm_plan(ids, sizes, spec, num_layers, patches=None):
         spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
-        return llm_loop.Plan({layer: _fastv_keeping(spans, k) for layer, k in counts.items()})
+        if objects is None:
+            return llm_loop.Plan({layer: _fastv_keeping(spans, k) for layer, k in counts.items()})
+        return llm_loop.Plan({layer: _oracle_keeping(spans, k, lambda: current["scores"])
+                              for layer, k in counts.items()})
 
-    return _accuracy_with_plan(ref, pairs, llm_plan)
+    def before(i):
+        if objects is not None:
+            current["scores"] = coverage_scores(objects[i], grid)
+
+    return _accuracy_with_plan(ref, pairs, llm_plan, before)
 
 
 def _fastv_keeping(spans, k: int):
@@ -283,9 +295,10 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
 
 
 def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
-                        schedules: list[str]) -> dict:
-    """FastV's rule on each ``K1/K2/...`` schedule at the pruning ``layers`` (fewer counts
-    than layers: the last one holds), with its layer average."""
+                        schedules: list[str], objects=None) -> dict:
+    """FastV's rule (or with ``objects`` the coverage oracle) on each ``K1/K2/...``
+    schedule at the pruning ``layers`` (fewer counts than layers: the last one holds),
+    with its layer average."""
     from vllm_vtprune.methods._common import layer_counts
 
     out = {}
@@ -293,7 +306,7 @@ def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
         counts = dict(zip(layers, (int(k) for k in name.split("/"))))
         average = sum(layer_counts(num_layers, tokens, counts)) / num_layers
         out[name] = {"layer_average": round(average, 2),
-                     "accuracy": staged_fastv_accuracy(ref, pairs, counts)}
+                     "accuracy": staged_fastv_accuracy(ref, pairs, counts, objects)}
         print(name, json.dumps(out[name]), file=sys.stderr, flush=True)
     return out
 
@@ -319,6 +332,9 @@ def main() -> None:
     p.add_argument("--schedules", default=None,
                    help="FastV's rule on these plans at the pruning layers, e.g. "
                         "'29;56/16/5' (accuracy and layer average)")
+    p.add_argument("--schedule-chooser", default="f", choices=("f", "o"),
+                   help="who chooses on --schedules: FastV's rule (f) or the coverage "
+                        "oracle (o)")
     p.add_argument("--swaps", default=None,
                    help="learned pruner (r), FastV's rule (f) or the coverage oracle (o) "
                         "per pruning layer, at the first budget, e.g. 'rrr;fff;rff;ooo'")
@@ -341,9 +357,10 @@ def main() -> None:
     if not args.no_accuracy:
         result["accuracy"] = accuracies(ref, pairs, ckpt, plans)
     if args.schedules:
-        result["fastv_rule_schedules"] = schedule_accuracies(
+        oracle = args.schedule_chooser == "o"
+        result["oracle_schedules" if oracle else "fastv_rule_schedules"] = schedule_accuracies(
             ref, pairs, modules.pruning_layers, modules.num_layers, tokens,
-            args.schedules.split(";"))
+            args.schedules.split(";"), [s.objects for s, _ in asked] if oracle else None)
     if args.swaps:
         budget = int(args.budgets.split(",")[0])
         result["swaps"] = {"budget": budget, "plan": schedule_name(plans[budget]),
