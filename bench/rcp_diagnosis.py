@@ -145,7 +145,7 @@ def accuracies(ref, pairs, ckpt: str, plans: dict[int, dict[int, int]]) -> dict:
             row = out[f"budget {budget} (kept {schedule_name(counts)})"] = {}
             row["rcp, trained modules"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={ckpt}")
             row["rcp, identity adapters"] = _accuracy(ref, pairs, f"rcp:{budget},ckpt={plain}")
-            row["fastv's rule, same plan"] = staged_fastv_accuracy(ref, pairs, counts)
+            row["fastv's rule, same plan"] = staged_accuracy(ref, pairs, counts)
             print(json.dumps(row), file=sys.stderr, flush=True)
     return out
 
@@ -154,28 +154,20 @@ def schedule_name(counts: dict[int, int]) -> str:
     return ", ".join(f"{k} from layer {l}" for l, k in sorted(counts.items()))
 
 
-def staged_fastv_accuracy(ref, pairs, counts: dict[int, int], objects=None) -> float:
+def staged_accuracy(ref, pairs, counts: dict[int, int], oracle=None) -> float:
     """Accuracy with FastV's rule (Chen et al., arXiv 2403.06764: the last prompt token's
     head-averaged attention ranks the image's live tokens) applied before each layer of
-    ``counts``, keeping that many there: FastV's choice on RCP's plan. With ``objects``
-    (each question's asked-about objects) the coverage oracle chooses instead."""
+    ``counts``, keeping that many there: FastV's choice on RCP's plan. With ``oracle``
+    (a :class:`SceneOracle`) the coverage oracle chooses instead."""
     from vllm_vtprune import llm_loop
 
-    grid = int(round(ref.tower.grid[0]))
-    current = {}
+    keeping = oracle.keeping if oracle else _fastv_keeping
 
     def llm_plan(ids, sizes, spec, num_layers, patches=None):
         spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
-        if objects is None:
-            return llm_loop.Plan({layer: _fastv_keeping(spans, k) for layer, k in counts.items()})
-        return llm_loop.Plan({layer: _oracle_keeping(spans, k, lambda: current["scores"])
-                              for layer, k in counts.items()})
+        return llm_loop.Plan({layer: keeping(spans, k) for layer, k in counts.items()})
 
-    def before(i):
-        if objects is not None:
-            current["scores"] = coverage_scores(objects[i], grid)
-
-    return _accuracy_with_plan(ref, pairs, llm_plan, before)
+    return _accuracy_with_plan(ref, pairs, llm_plan, oracle.before if oracle else None)
 
 
 def _fastv_keeping(spans, k: int):
@@ -190,8 +182,10 @@ def _accuracy_with_plan(ref, pairs, llm_plan, before=None) -> float:
     method's plan on the reference path; ``before(i)`` runs before question ``i``."""
     from vllm_vtprune.embedded.conversation import user_turn
 
+    from vllm_vtprune.spec import parse
+
     ref.llm_plan = llm_plan  # this instance only: every other method keeps its own plan
-    spec = parse_spec("fastv:1")
+    spec = parse("fastv:1")  # any in-LLM method: its plan is replaced
     try:
         right = 0
         for i, (image, qa) in enumerate(pairs):
@@ -201,12 +195,6 @@ def _accuracy_with_plan(ref, pairs, llm_plan, before=None) -> float:
         return right / len(pairs)
     finally:
         del ref.llm_plan
-
-
-def parse_spec(text: str):
-    from vllm_vtprune import spec
-
-    return spec.parse(text)
 
 
 def coverage_scores(objects, grid: int) -> torch.Tensor:
@@ -248,22 +236,33 @@ def _oracle_keeping(spans, k: int, scores_of):
     return decide
 
 
+class SceneOracle:
+    """The coverage oracle over a list of questions: :meth:`before` question ``i`` sets
+    its scene's :func:`coverage_scores`, which :meth:`keeping`'s decisions read."""
+
+    def __init__(self, objects: list, grid: int):
+        self.objects, self.grid, self.scores = objects, grid, None
+
+    def before(self, i: int) -> None:
+        self.scores = coverage_scores(self.objects[i], self.grid)
+
+    def keeping(self, spans, k: int):
+        return _oracle_keeping(spans, k, lambda: self.scores)
+
+
 CHOOSERS = {"r": "RCP's learned pruner", "f": "FastV's rule",
             "o": "the coverage oracle (coverage_scores)"}
 
 
 def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
-                    objects: list | None = None) -> dict:
+                    oracle: SceneOracle | None = None) -> dict:
     """Accuracy per combination of choosers at the pruning layers: ``r`` the learned pruner
     (Eqs. 1-5, served as :func:`rcp.served_choice`), ``f`` FastV's rule, ``o`` the
-    coverage oracle (needs ``objects``: each question's asked-about objects), each keeping
+    coverage oracle (needs ``oracle``, over ``pairs``' scenes), each keeping
     ``rcp:budget``'s planned count there; the adapters left out (Delta h = 0, as at
     their initialisation), so only the choices differ."""
     from vllm_vtprune import llm_loop
     from vllm_vtprune.methods import rcp
-
-    grid = int(round(ref.tower.grid[0]))
-    current = {}
 
     def plan_for(combo):
         def choose(chooser, layer, spans, state):
@@ -271,7 +270,7 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
                 return state.decide(layer)
             if chooser == "f":
                 return _fastv_keeping(spans, state.counts[layer])
-            return _oracle_keeping(spans, state.counts[layer], lambda: current["scores"])
+            return oracle.keeping(spans, state.counts[layer])
 
         def llm_plan(ids, sizes, spec, num_layers, patches=None):
             spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
@@ -280,23 +279,21 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
                                   for chooser, layer in zip(combo, modules.pruning_layers)})
         return llm_plan
 
-    def before(i):
-        current["scores"] = coverage_scores(objects[i], grid) if objects else None
-
     out = {}
     for combo in combos:
         if (len(combo) != len(modules.pruning_layers) or set(combo) - set(CHOOSERS)
-                or ("o" in combo and objects is None)):
+                or ("o" in combo and oracle is None)):
             raise SystemExit(f"--swaps {combo!r}: one of {', '.join(CHOOSERS)} per pruning "
                              f"layer {modules.pruning_layers}")
-        out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo), before)
+        out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo),
+                                         oracle.before if oracle else None)
         print(combo, out[combo], file=sys.stderr, flush=True)
     return out
 
 
 def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
-                        schedules: list[str], objects=None) -> dict:
-    """FastV's rule (or with ``objects`` the coverage oracle) on each ``K1/K2/...``
+                        schedules: list[str], oracle=None) -> dict:
+    """FastV's rule (or with ``oracle`` the coverage oracle) on each ``K1/K2/...``
     schedule at the pruning ``layers`` (fewer counts than layers: the last one holds),
     with its layer average."""
     from vllm_vtprune.methods._common import layer_counts
@@ -306,7 +303,7 @@ def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
         counts = dict(zip(layers, (int(k) for k in name.split("/"))))
         average = sum(layer_counts(num_layers, tokens, counts)) / num_layers
         out[name] = {"layer_average": round(average, 2),
-                     "accuracy": staged_fastv_accuracy(ref, pairs, counts, objects)}
+                     "accuracy": staged_accuracy(ref, pairs, counts, oracle)}
         print(name, json.dumps(out[name]), file=sys.stderr, flush=True)
     return out
 
@@ -348,6 +345,7 @@ def main() -> None:
     asked = list(sv.iter_sample_questions(split.heldout_seed, args.num, start=20_000,
                                           split=split))
     pairs = [(sample.image, qa) for sample, qa in asked]
+    oracle = SceneOracle([sample.objects for sample, _ in asked], ref.tower.grid[0])
     tokens = ref.tower.grid[0] * ref.tower.grid[1]
     first = modules.pruning_layers[0]
     plans = {int(b): modules.plan(tokens, int(b)) for b in args.budgets.split(",")}
@@ -357,18 +355,17 @@ def main() -> None:
     if not args.no_accuracy:
         result["accuracy"] = accuracies(ref, pairs, ckpt, plans)
     if args.schedules:
-        oracle = args.schedule_chooser == "o"
-        result["oracle_schedules" if oracle else "fastv_rule_schedules"] = schedule_accuracies(
+        by_oracle = args.schedule_chooser == "o"
+        result["oracle_schedules" if by_oracle else "fastv_rule_schedules"] = schedule_accuracies(
             ref, pairs, modules.pruning_layers, modules.num_layers, tokens,
-            args.schedules.split(";"), [s.objects for s, _ in asked] if oracle else None)
+            args.schedules.split(";"), oracle if by_oracle else None)
     if args.swaps:
         budget = int(args.budgets.split(",")[0])
         result["swaps"] = {"budget": budget, "plan": schedule_name(plans[budget]),
                            "full tokens": result["accuracy"].get("full tokens")
                            or _accuracy(ref, pairs, None),
                            "accuracy": swap_accuracies(ref, pairs, modules, budget,
-                                                       args.swaps.split(";"),
-                                                       [s.objects for s, _ in asked])}
+                                                       args.swaps.split(";"), oracle)}
     if args.images:
         result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
     if args.gradients:
