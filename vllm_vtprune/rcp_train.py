@@ -227,10 +227,12 @@ class MaskedForward:
     counts: dict[int, int] | None = None
 
     @staticmethod
-    def intrinsic(probs: Tensor, enc: Encoded) -> Tensor:
+    def intrinsic(probs: Tensor, enc: Encoded, rows: str = "mean") -> Tensor:
         """a_i (Eq. 4) from the previous layer's attention ``probs`` [H, T, T]: the
-        question rows' attention to each visual token, averaged over heads and rows."""
-        return rcp.intrinsic_attention(probs[:, enc.question][:, :, enc.visual][None].detach())[0]
+        question rows' attention to each visual token, averaged over heads and over the
+        rows (or taken at the last, ``rows="last"``)."""
+        return rcp.intrinsic_attention(probs[:, enc.question][:, :, enc.visual][None].detach(),
+                                       rows)[0]
 
     @classmethod
     def pruner_logits(cls, pruner, x: Tensor, probs: Tensor, enc: Encoded,
@@ -239,7 +241,7 @@ class MaskedForward:
         pruning layer), ``mask`` the cumulative keep mask so far."""
         h = x.float()
         return pruner.logits(h[enc.visual][None], h[enc.question][None],
-                             cls.intrinsic(probs, enc)[None],
+                             cls.intrinsic(probs, enc, pruner.intrinsic_rows)[None],
                              prev_mask=None if mask is None else mask[None])[0]
 
     def _prune(self, pruner, x, probs, enc, mask, tau, hard, noise):
@@ -523,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="how fresh pruners aggregate S_q (Eq. 2): the softmax weights as "
                         "written, or in Eq. 4's logit space (see vllm_vtprune.methods.rcp); "
                         "with --init the checkpoint's")
+    p.add_argument("--intrinsic-rows", default="mean", choices=rcp.INTRINSIC_ROWS,
+                   help="which question rows fresh pruners' a_i (Eq. 4) reads: their mean, "
+                        "or the last (FastV's row); with --init the checkpoint's")
     p.add_argument("--freeze-pruners", action="store_true",
                    help="train the repair adapters only (the pruners as --init left them)")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
@@ -539,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         rcp.check_fits(modules, text.num_hidden_layers, text.hidden_size, args.init)
     else:
         modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed,
-                                    query_score=args.query_score)
+                                    query_score=args.query_score,
+                                    intrinsic_rows=args.intrinsic_rows)
     modules = modules.on(args.device)
     samples = (jsonl_samples(args.data) if args.data
                else shapes_samples(None, args.samples, split=args.split))

@@ -287,6 +287,20 @@ def test_attention_logit_and_intrinsic_attention():
         rcp.intrinsic_attention(torch.full((1, 1, 1, 2), float("nan")))
 
 
+def test_intrinsic_attention_at_the_last_question_row():
+    """rows="last": the last question row (the prompt's last token, FastV's) averaged
+    over heads only, element by element."""
+    attn = torch.softmax(torch.randn(2, 3, 4, 5), -1)
+    a = rcp.intrinsic_attention(attn, "last")
+    ref = [[sum(attn[b, h, 3, i].item() for h in range(3)) / 3 for i in range(5)] for b in range(2)]
+    assert torch.allclose(a, torch.tensor(ref), atol=1e-6)
+    assert not torch.allclose(a, rcp.intrinsic_attention(attn), atol=1e-3)
+    with pytest.raises(ValueError, match="intrinsic_rows='first'; accepted: mean, last"):
+        rcp.intrinsic_attention(attn, "first")
+    with pytest.raises(ValueError, match="intrinsic_rows='max'; accepted: mean, last"):
+        rcp.ResidualCrossAttentionPruner(8, intrinsic_rows="max")
+
+
 def test_pruner_rejects_non_finite():
     p = _pruner().eval()
     h_v = torch.randn(1, 4, 12)
@@ -443,7 +457,12 @@ def test_checkpoints_carry_how_their_pruners_score_the_queries(tmp_path):
         path = str(tmp_path / f"{form}.safetensors")
         rcp.save_checkpoint(rcp.build_modules(16, 16, seed=0, query_score=form), path)
         assert {p.query_score for p in rcp.load_checkpoint(path).pruners.values()} == {form}
+    for rows in rcp.INTRINSIC_ROWS:
+        path = str(tmp_path / f"rows-{rows}.safetensors")
+        rcp.save_checkpoint(rcp.build_modules(16, 16, seed=0, intrinsic_rows=rows), path)
+        assert {p.intrinsic_rows for p in rcp.load_checkpoint(path).pruners.values()} == {rows}
     logged = rcp.build_modules(16, 16, seed=0, query_score="log")
+    assert {p.intrinsic_rows for p in logged.pruners.values()} == {"mean"}  # the default
 
     old = rcp.load_checkpoint(_saved_without(logged, "query_score", tmp_path))
     pruner = old.pruners[old.pruning_layers[0]]
