@@ -35,7 +35,10 @@ Choices where the extracted text is ambiguous:
   ``bench/results/rcp-swaps-v2.json``);
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
-  mask); tokens already pruned are forced to 0 in the cumulative mask anyway;
+  mask); tokens already pruned are forced to 0 in the cumulative mask anyway; a_i
+  aggregates the question rows by their mean (``intrinsic_rows="mean"``, the default
+  and the shipped modules') or takes the last one (``"last"``, the row FastV ranks by),
+  the paper saying only "aggregating over ... question-token positions";
 * the DRA's conditioning lives in its bottleneck space (``bottleneck``, default 512):
   with the hidden size as conditioning width the projections alone would exceed the
   ~10M parameters per adapter the paper reports for LLaVA-7B;
