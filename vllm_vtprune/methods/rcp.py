@@ -107,7 +107,9 @@ LEGACY_QUERY_SCORE = "softmax"  # what checkpoints without the key were trained 
 #: which question rows a_i (Eq. 4) aggregates, the paper saying only "over question-token
 #: positions": their mean (the default; checkpoints without the key) or the last one (the
 #: prompt's last token, whose attention FastV ranks by: on shapes-llava v2 it puts 69-76 %
-#: of its top tokens on object patches at layer 1, the mean 22 %, base rate 14 %)
+#: of its top tokens on object patches at layer 1, the mean 22 %, base rate 14 %); yet
+#: pruners trained 300 steps on "last" answered 0.42 of 200 held-out questions where those
+#: on the mean answered 0.82 (README, "What 64 allows")
 INTRINSIC_ROWS = ("mean", "last")
 
 
