@@ -21,13 +21,19 @@ import json
 import torch
 
 
-def _accuracy(ref, pairs, spec) -> float:
+def _accuracy(ref, pairs, spec, before=None) -> float:
+    """Share of ``pairs`` answered right under ``spec``; ``before(i)`` runs before
+    question ``i`` (what a per-question plan needs to know)."""
     from vllm_vtprune import spec as spec_mod
     from vllm_vtprune.embedded.conversation import user_turn
 
     parsed = spec_mod.parse(spec) if spec else None
-    return sum(ref.generate(user_turn(qa.question), [image], parsed)[0].strip() == qa.answer
-               for image, qa in pairs) / len(pairs)
+    right = 0
+    for i, (image, qa) in enumerate(pairs):
+        if before is not None:
+            before(i)
+        right += ref.generate(user_turn(qa.question), [image], parsed)[0].strip() == qa.answer
+    return right / len(pairs)
 
 
 def stage_accuracies(ref, pairs, budget: int) -> dict[str, float]:

@@ -180,19 +180,9 @@ def _fastv_keeping(spans, k: int):
 def _accuracy_with_plan(ref, pairs, llm_plan, before=None) -> float:
     """Accuracy with ``llm_plan(ids, sizes, spec, num_layers, patches)`` in place of a
     method's plan on the reference path; ``before(i)`` runs before question ``i``."""
-    from vllm_vtprune.embedded.conversation import user_turn
-
-    from vllm_vtprune.spec import parse
-
     ref.llm_plan = llm_plan  # this instance only: every other method keeps its own plan
-    spec = parse("fastv:1")  # any in-LLM method: its plan is replaced
     try:
-        right = 0
-        for i, (image, qa) in enumerate(pairs):
-            if before is not None:
-                before(i)
-            right += ref.generate(user_turn(qa.question), [image], spec)[0].strip() == qa.answer
-        return right / len(pairs)
+        return _accuracy(ref, pairs, "fastv:1", before)  # any in-LLM spec: its plan replaced
     finally:
         del ref.llm_plan
 
@@ -206,12 +196,11 @@ def coverage_scores(objects, grid: int) -> torch.Tensor:
     from vllm_vtprune.data import shapes_vqa as sv
 
     scores = torch.full((grid * grid,), -1e9)
-    centres = (torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid)
+    col, row = torch.arange(grid * grid) % grid, torch.arange(grid * grid) // grid
     for obj in objects:
-        on = torch.from_numpy(sv.object_patches([obj]))
-        idx = torch.nonzero(on).flatten()
-        cx = (centres[0][idx].float() + 0.5) * sv.PATCH - obj.cx
-        cy = (centres[1][idx].float() + 0.5) * sv.PATCH - obj.cy
+        idx = torch.nonzero(torch.from_numpy(sv.object_patches([obj]))).flatten()
+        cx = (col[idx].float() + 0.5) * sv.PATCH - obj.cx  # patch centre minus object centre
+        cy = (row[idx].float() + 0.5) * sv.PATCH - obj.cy
         rank = torch.argsort(torch.argsort(cx * cx + cy * cy, stable=True), stable=True)
         scores[idx] = torch.maximum(scores[idx], -rank.float())
     return scores
@@ -286,7 +275,7 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
             raise SystemExit(f"--swaps {combo!r}: one of {', '.join(CHOOSERS)} per pruning "
                              f"layer {modules.pruning_layers}")
         out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo),
-                                         oracle.before if oracle else None)
+                                         oracle.before if "o" in combo else None)
         print(combo, out[combo], file=sys.stderr, flush=True)
     return out
 

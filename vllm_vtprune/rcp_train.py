@@ -227,7 +227,7 @@ class MaskedForward:
     counts: dict[int, int] | None = None
 
     @staticmethod
-    def intrinsic(probs: Tensor, enc: Encoded, rows: str = "mean") -> Tensor:
+    def intrinsic(probs: Tensor, enc: Encoded, rows: str = rcp.INTRINSIC_ROW) -> Tensor:
         """a_i (Eq. 4) from the previous layer's attention ``probs`` [H, T, T]: the
         question rows' attention to each visual token, averaged over heads and over the
         rows (or taken at the last, ``rows="last"``)."""
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how fresh pruners aggregate S_q (Eq. 2): the softmax weights as "
                         "written, or in Eq. 4's logit space (see vllm_vtprune.methods.rcp); "
                         "with --init the checkpoint's")
-    p.add_argument("--intrinsic-rows", default="mean", choices=rcp.INTRINSIC_ROWS,
+    p.add_argument("--intrinsic-rows", default=rcp.INTRINSIC_ROW, choices=rcp.INTRINSIC_ROWS,
                    help="which question rows fresh pruners' a_i (Eq. 4) reads: their mean, "
                         "or the last (FastV's row); with --init the checkpoint's")
     p.add_argument("--freeze-pruners", action="store_true",

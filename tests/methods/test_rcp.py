@@ -462,7 +462,9 @@ def test_checkpoints_carry_how_their_pruners_score_the_queries(tmp_path):
         rcp.save_checkpoint(rcp.build_modules(16, 16, seed=0, intrinsic_rows=rows), path)
         assert {p.intrinsic_rows for p in rcp.load_checkpoint(path).pruners.values()} == {rows}
     logged = rcp.build_modules(16, 16, seed=0, query_score="log")
-    assert {p.intrinsic_rows for p in logged.pruners.values()} == {"mean"}  # the default
+    assert {p.intrinsic_rows for p in logged.pruners.values()} == {rcp.INTRINSIC_ROW}
+    without = rcp.load_checkpoint(_saved_without(logged, "intrinsic_rows", tmp_path))
+    assert {p.intrinsic_rows for p in without.pruners.values()} == {"mean"}  # legacy
 
     old = rcp.load_checkpoint(_saved_without(logged, "query_score", tmp_path))
     pruner = old.pruners[old.pruning_layers[0]]

@@ -111,9 +111,11 @@ LEGACY_QUERY_SCORE = "softmax"  # what checkpoints without the key were trained 
 #: pruners trained 300 steps on "last" answered 0.42 of 200 held-out questions where those
 #: on the mean answered 0.82 (README, "What 64 allows")
 INTRINSIC_ROWS = ("mean", "last")
+INTRINSIC_ROW = "mean"  # fresh pruners' default (the shipped modules' form)
+LEGACY_INTRINSIC_ROW = "mean"  # what checkpoints without the key were trained with
 
 
-def intrinsic_attention(attn: Tensor, rows: str = "mean") -> Tensor:
+def intrinsic_attention(attn: Tensor, rows: str = INTRINSIC_ROW) -> Tensor:
     """a_i (Sec. III-B): question-to-vision attention averaged over heads and over the
     question rows (``rows="mean"``) or taken at the last one (``"last"``,
     :data:`INTRINSIC_ROWS`).
@@ -123,12 +125,23 @@ def intrinsic_attention(attn: Tensor, rows: str = "mean") -> Tensor:
     """
     if attn.dim() != 4:
         raise ValueError(f"attn must be [B, H, L_q, N], got shape {tuple(attn.shape)}")
-    if rows not in INTRINSIC_ROWS:
-        raise ValueError(f"rcp intrinsic_rows={rows!r}; accepted: {', '.join(INTRINSIC_ROWS)}")
+    check_intrinsic_rows(rows)
     check_finite(attn, "attn")
+    return question_attention(attn, rows)
+
+
+def question_attention(attn: Tensor, rows: str) -> Tensor:
+    """:func:`intrinsic_attention` without its checks (the served decision's path: its
+    attention comes from the model, and a check would copy it and sync the device)."""
     if rows == "last":
         attn = attn[:, :, -1:]
     return attn.float().mean(dim=(1, 2))
+
+
+def check_intrinsic_rows(rows: str) -> str:
+    if rows not in INTRINSIC_ROWS:
+        raise ValueError(f"rcp intrinsic_rows={rows!r}; accepted: {', '.join(INTRINSIC_ROWS)}")
+    return rows
 
 
 def attention_logit(a: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -279,16 +292,13 @@ class ResidualCrossAttentionPruner(nn.Module):
         proj_dim: int = 256,
         query_dropout: float = QUERY_DROPOUT,
         query_score: str = QUERY_SCORE,
-        intrinsic_rows: str = "mean",
+        intrinsic_rows: str = INTRINSIC_ROW,
     ) -> None:
         super().__init__()
         if query_score not in QUERY_SCORES:
             raise ValueError(f"rcp query_score={query_score!r}; accepted: {', '.join(QUERY_SCORES)}")
-        if intrinsic_rows not in INTRINSIC_ROWS:
-            raise ValueError(f"rcp intrinsic_rows={intrinsic_rows!r}; accepted: "
-                             f"{', '.join(INTRINSIC_ROWS)}")
         self.query_score = query_score
-        self.intrinsic_rows = intrinsic_rows
+        self.intrinsic_rows = check_intrinsic_rows(intrinsic_rows)
         self.num_queries = num_queries
         self.query_dropout = query_dropout
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_size) * hidden_size**-0.5)
@@ -589,6 +599,7 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
                            num_layers, "rcp pruning")
     repair = repair if repair is not None else repair_layers(num_layers)
     config.setdefault("query_score", QUERY_SCORE)
+    config.setdefault("intrinsic_rows", INTRINSIC_ROW)
     pruner_cfg = {k: config[k] for k in ("num_queries", "attn_dim", "proj_dim", "query_score",
                                          "intrinsic_rows") if k in config}
     adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
@@ -639,6 +650,7 @@ def load_checkpoint(path: str) -> RcpModules:
         kind, layer, _ = key.split(".", 2)
         layers[kind].add(int(layer))
     config = {"later_share": LEGACY_LATER_SHARE, "query_score": LEGACY_QUERY_SCORE,
+              "intrinsic_rows": LEGACY_INTRINSIC_ROW,
               **json.loads(meta["config"])}
     modules = build_modules(int(meta["hidden_size"]), int(meta["num_layers"]),
                             tuple(sorted(layers["pruner"])), tuple(sorted(layers["adapter"])),
@@ -758,8 +770,8 @@ class RequestState:
                 return Verdict(torch.arange(len(view.rows), device=view.rows.device))
             h = view.hidden.float()
             pruner = self.modules.pruners[layer]
-            a = intrinsic_attention(view.probs[:, text][:, :, cols][None],
-                                    pruner.intrinsic_rows)[0]
+            a = question_attention(view.probs[:, text][:, :, cols][None],
+                                   pruner.intrinsic_rows)[0]
             with torch.no_grad():
                 logits = pruner.logits(h[cols][None], h[text][None], a[None])[0]
             chosen = served_choice(logits, self.counts[layer])
