@@ -228,10 +228,10 @@ def test_serving_calibration_leaves_the_count_to_the_plan(reference):
     # quantile interpolation may put one logit on the wrong side per layer
     assert abs(kept - rcp_train.SERVING_MARGIN * first * len(samples)) <= 1
     assert sum(len(x) for x in first_logits) == len(samples) * n
-    for layer in layers[1:]:
+    for layer, share in zip(layers[1:], modules.later_shares):
         live = forward.record[layer]
         assert all(len(x) == forward.counts[max(l for l in layers if l < layer)] for x in live)
-        want = rcp_train.SERVING_MARGIN * modules.later_share * sum(len(x) for x in live)
+        want = rcp_train.SERVING_MARGIN * share * sum(len(x) for x in live)
         assert abs(sum(int((x > 0).sum()) for x in live) - want) <= 1
 
 
@@ -292,3 +292,68 @@ def test_chunked_command_line_run_resumes_and_calibrates_for_serving(tmp_path):
     first_info = rcp.load_checkpoint(first).info
     assert info["steps"] == 1 and "serving_biases" in info
     assert (info["lr"], info["trained"]) == (first_info["lr"], "pruners and adapters") != (0.5, "adapters")
+
+
+def _distill64(logits, live, target):
+    """-sum_i p_i log softmax(z)_i over the live tokens, p the target renormalised there,
+    by loops in float64."""
+    idx = [i for i in range(len(logits)) if bool(live[i])]
+    z = [float(logits[i]) for i in idx]
+    t = [float(target[i]) for i in idx]
+    top = max(z)
+    log_norm = top + math.log(sum(math.exp(v - top) for v in z))
+    return -sum(ti / sum(t) * (zi - log_norm) for ti, zi in zip(t, z))
+
+
+def test_distillation_term_is_the_cross_entropy_to_the_teachers_answer_attention(reference,
+                                                                                    modules):
+    """The teacher's answer row's head-mean attention per layer, averaged from layer l-1
+    on for the pruner at l, and the pruners' softmax over the live tokens against it
+    renormalised there (by loops in float64), mean over pruning layers, at its weight in
+    the total; only the pruners get its gradient."""
+    image, qa = next(iter(sv.iter_questions(sv.TRAIN_SEED, 1, start=13)))
+    enc = rcp_train.encode(reference, rcp_train.Sample(image, qa.question, qa.answer))
+    forward = rcp_train.MaskedForward(reference)
+    forward.repair_layers = tuple(sorted(modules.adapters))
+    forward.counts = modules.plan(len(enc.visual), 64)
+    forward.attention = []
+    with torch.no_grad():
+        _, teacher, _ = forward(enc, None, 1.0)
+        lm = reference.model.model.language_model
+        out = lm(inputs_embeds=enc.embeds[None], output_attentions=True,
+                 attn_implementation="eager")
+    per_layer, forward.attention = forward.attention, None
+    row, vis = int(enc.answer[0]), enc.visual.tolist()
+    assert len(per_layer) == modules.num_layers
+    for got, attn in zip(per_layer, out.attentions):  # transformers' own attention
+        want = [sum(float(attn[0, h, row, c]) for h in range(attn.shape[1])) / attn.shape[1]
+                for c in vis]
+        assert max(abs(a - b) for a, b in zip(got.tolist(), want)) < 1e-5
+    targets = rcp_train.attention_targets(per_layer, modules.pruning_layers)
+    for layer, t in targets.items():
+        slow = [sum(float(per_layer[j][c]) for j in range(layer - 1, modules.num_layers))
+                / (modules.num_layers - layer + 1) for c in range(len(vis))]
+        assert max(abs(a - b) for a, b in zip(t.tolist(), slow)) < 1e-6
+    forward.scored = {}
+    torch.manual_seed(0)
+    student = forward(enc, modules, 1.0, noise=0.0)
+    scored, forward.scored = forward.scored, None
+    assert sorted(scored) == list(modules.pruning_layers)
+    assert int(scored[modules.pruning_layers[-1]][1].sum()) < len(vis)  # later: live only
+    terms = rcp_train.losses(student, teacher, enc, modules.num_layers, 0.1, sparse_weight=0.0,
+                             repair_weight=0.2, distill=(scored, targets), distill_weight=3.0)
+    slow = sum(_distill64(z.detach(), live, targets[l]) for l, (z, live) in scored.items())
+    slow /= len(scored)
+    assert abs(float(terms["distill"].detach()) - slow) < 1e-4 * max(1.0, slow)
+    want = 1.5 * terms["task"] + 0.2 * terms["repair"] + 3.0 * terms["distill"]
+    assert torch.allclose(terms["total"], want, rtol=1e-5)
+    for p in modules.parameters():
+        p.grad = None
+    terms["distill"].backward()
+    try:
+        assert any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                   for m in modules.pruners.values() for p in m.parameters())
+        assert all(p.grad is None for m in modules.adapters.values() for p in m.parameters())
+    finally:
+        for p in modules.parameters():
+            p.grad = None

@@ -187,7 +187,9 @@ class MaskedForward:
     def __call__(self, enc: Encoded, modules: rcp.RcpModules | None, tau: float,
                  hard: bool = False, noise: float = 1.0):
         """Logits at the answer rows, the answer rows' hidden states after each repair
-        layer, and the cumulative keep mask of each pruning layer."""
+        layer, and the cumulative keep mask of each pruning layer. With ``attention`` a
+        list, each layer's :func:`answer_attention` is appended to it; with ``scored`` a
+        dict, each pruner's logits and the live tokens it scored go there."""
         self._modules = modules
         x = enc.embeds
         t = x.shape[0]
@@ -209,6 +211,8 @@ class MaskedForward:
                 mask = masks[i] = new
                 keep = torch.ones(t, device=dev).index_put((enc.visual,), mask)
             x, probs = self.layer(i, x, positions, keep)
+            if self.attention is not None:
+                self.attention.append(answer_attention(probs, enc))
             if modules is not None and i in modules.adapters:
                 x = self._repair(modules, i, x, enc, mask, pruned_sum, pruned_count)
             if modules is not None and i in modules.adapters or (
@@ -225,6 +229,12 @@ class MaskedForward:
     #: tokens kept after each pruning layer (rcp.RcpModules.plan), or None: Eq. 6-7's
     #: threshold masks
     counts: dict[int, int] | None = None
+
+    #: when a list, each layer's answer_attention (the teacher's, for the distillation term)
+    attention: list | None = None
+
+    #: when a dict, {pruning layer: (logits [N], live [N] bool)} of the last forward
+    scored: dict | None = None
 
     @staticmethod
     def intrinsic(probs: Tensor, enc: Encoded, rows: str = rcp.INTRINSIC_ROW) -> Tensor:
@@ -246,6 +256,8 @@ class MaskedForward:
 
     def _prune(self, pruner, x, probs, enc, mask, tau, hard, noise):
         logits = self.pruner_logits(pruner, x, probs, enc, mask)
+        if self.scored is not None:
+            self.scored[layer_of(self._modules, pruner)] = (logits, mask.detach() > 0.5)
         if self.record is not None:
             self.record.setdefault(layer_of(self._modules, pruner), []).append(
                 logits[mask > 0.5].detach())
@@ -273,17 +285,55 @@ def layer_of(modules: rcp.RcpModules, pruner) -> int:
 
 
 # ------------------------------------------------------------------ losses
+def answer_attention(probs: Tensor, enc: Encoded) -> Tensor:
+    """The last prompt row's attention to each visual token (the row that reads the
+    image for the answer's first token), averaged over heads: [N] of [H, T, T]."""
+    return probs[:, enc.answer[0], enc.visual].float().mean(0)
+
+
+def attention_targets(per_layer: list[Tensor], pruning_layers) -> dict[int, Tensor]:
+    """Each pruning layer l's distillation target: the full-token teacher's
+    :func:`answer_attention` averaged over layers l-1 (the one a_i reads) to the last,
+    the tokens the answer reads from there on."""
+    return {l: torch.stack(per_layer[l - 1:]).mean(0) for l in pruning_layers}
+
+
+def distill_loss(logits: Tensor, live: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of the pruner's softmax over the live tokens against the teacher's
+    attention renormalised over them: -sum_i p_i log softmax(z)_i, p = t / sum_live t.
+
+    Not in the paper, whose pruners learn only through the masks' straight-through
+    gradient (Eqs. 6-7, 22): on shapes-llava v2 that gradient raised the masks of kept
+    background tokens (README, "Where the flat-plan RCP modules lost"), and pruners
+    started at FastV's row (``intrinsic_rows="last"``) fell from FastV's accuracy to 0.42.
+    This term tells each pruner which live tokens the full-token model's answer reads
+    (:func:`attention_targets`); ranked so, choosing 56/16/5 tokens answers 0.72 of 400
+    held-out hard questions (FastV's rule 0.71)."""
+    p = target[live].float()
+    p = p / p.sum().clamp_min(1e-30)
+    return -(p * torch.log_softmax(logits[live].float(), dim=-1)).sum()
+
+
 def losses(student, teacher_hidden, enc: Encoded, num_layers: int, target: float,
-           sparse_weight: float = SPARSE_WEIGHT, repair_weight: float = REPAIR_WEIGHT) -> dict:
+           sparse_weight: float = SPARSE_WEIGHT, repair_weight: float = REPAIR_WEIGHT,
+           distill: tuple[dict, dict] | None = None, distill_weight: float = 0.0) -> dict:
     """Eq. 22's terms for one sequence (``sparse_weight`` 0 with fixed-count masks,
-    whose retention the sparsity term cannot move)."""
+    whose retention the sparsity term cannot move); with ``distill`` (the student's
+    ``MaskedForward.scored`` and :func:`attention_targets`) the mean over pruning layers
+    of :func:`distill_loss`, added at ``distill_weight``."""
     logits, hidden, masks = student
     task = F.cross_entropy(logits.float(), enc.targets)
     repair = rcp.repair_loss([hidden[l] for l in sorted(hidden)],
                              [teacher_hidden[l] for l in sorted(hidden)])
     sparse = rcp.sparsity_loss(masks, num_layers, len(enc.visual), target)
     total = TASK_WEIGHT * task + repair_weight * repair + sparse_weight * sparse
-    return {"task": task, "repair": repair, "sparse": sparse, "total": total}
+    out = {"task": task, "repair": repair, "sparse": sparse}
+    if distill is not None:
+        scored, targets = distill
+        out["distill"] = torch.stack([distill_loss(*scored[l], targets[l])
+                                      for l in sorted(scored)]).mean()
+        total = total + distill_weight * out["distill"]
+    return out | {"total": total}
 
 
 def schedule(step: int, steps: int, lr: float, target: float,
@@ -319,7 +369,7 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
     """Set each pruner's bias so that, on ``encoded``, its threshold mask (Eq. 8) keeps
     ``margin`` times the budget's planned count at the first pruning layer
     (:meth:`rcp.RcpModules.plan`) and ``margin`` times the modules' later share of the live
-    tokens at the later ones, layer after layer.
+    tokens at each later one (:attr:`rcp.RcpModules.later_shares`), layer after layer.
     The later layers' live tokens are those the thresholds leave, or with ``live_budget``
     those the fixed-count masks of that budget leave (:meth:`rcp.RcpModules.plan`, no
     noise).
@@ -344,7 +394,7 @@ def calibrate_biases(forward: MaskedForward, modules: rcp.RcpModules, encoded: l
             else:
                 forward(enc, modules, 1.0, hard=True)
         logits = torch.cat(forward.record[layer])
-        keep = min(1.0, margin * (first / n if s == 0 else modules.later_share))
+        keep = min(1.0, margin * (first / n if s == 0 else modules.later_shares[s - 1]))
         pruner = modules.pruners[layer]
         shift = -float(torch.quantile(logits - pruner.bias, 1.0 - keep))
         pruner.bias.fill_(shift)
@@ -384,7 +434,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
           batch: int, lr: float, budget: int, seed: int, log=print,
           calibrate: bool = True, warmup: bool | None = None, first_step: int = 0,
           total_steps: int | None = None, fixed_count: bool = True,
-          repair_weight: float = REPAIR_WEIGHT) -> list[dict]:
+          repair_weight: float = REPAIR_WEIGHT, distill_weight: float = 0.0) -> list[dict]:
     """Optimise ``modules`` in place for ``steps`` steps; returns the per-step mean losses.
 
     A run split into chunks passes each chunk's ``first_step`` and the whole run's
@@ -398,6 +448,7 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     ``fixed_count`` (default): masks keep the served count (:func:`rcp.gumbel_topk_mask`,
     :meth:`rcp.RcpModules.plan`) and the sparsity term is reported, not optimised;
     False: the paper's threshold masks (Eqs. 6-7) with the sparsity loss.
+    ``distill_weight`` above 0 adds :func:`distill_loss` (not in the paper) at that weight.
     """
     total_steps = total_steps or first_step + steps
     for p in reference.model.parameters():
@@ -428,12 +479,20 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
         for _ in range(batch):
             enc = encode(reference, samples[order.randrange(len(samples))])
             forward.counts = modules.plan(len(enc.visual), budget) if fixed_count else None
+            forward.attention = [] if distill_weight else None
             with torch.no_grad():
                 _, teacher, _ = forward(enc, None, tau)
-            terms = losses(forward(enc, modules, tau, noise=noise), teacher, enc,
-                           modules.num_layers, target,
+            distill = None
+            if distill_weight:
+                targets = attention_targets(forward.attention, modules.pruning_layers)
+                forward.attention, forward.scored = None, {}
+                distill = (forward.scored, targets)
+            student = forward(enc, modules, tau, noise=noise)
+            forward.scored = None
+            terms = losses(student, teacher, enc, modules.num_layers, target,
                            sparse_weight=0.0 if fixed_count else SPARSE_WEIGHT,
-                           repair_weight=repair_weight)
+                           repair_weight=repair_weight, distill=distill,
+                           distill_weight=distill_weight)
             (terms["total"] / batch).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / batch
@@ -442,7 +501,8 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
                         "target": round(target, 4), **sums})
         if step % 10 == 0 or step == first_step + steps - 1:
             log(f"step {step + 1}/{total_steps} total {sums['total']:.4f} task {sums['task']:.4f} "
-                f"repair {sums['repair']:.5f} sparse {sums['sparse']:.4f} tau {tau:.2f} "
+                f"repair {sums['repair']:.5f} sparse {sums['sparse']:.4f} "
+                f"distill {sums.get('distill', 0.0):.4f} tau {tau:.2f} "
                 f"noise {noise:.2f} "
                 f"({time.time() - started:.0f} s)")
     modules.train(False)
@@ -528,6 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--intrinsic-rows", default=rcp.INTRINSIC_ROW, choices=rcp.INTRINSIC_ROWS,
                    help="which question rows fresh pruners' a_i (Eq. 4) reads: their mean, "
                         "or the last (FastV's row); with --init the checkpoint's")
+    p.add_argument("--distill-weight", type=float, default=0.0,
+                   help="weight of the attention-distillation term (distill_loss; not in "
+                        "the paper, 0: none)")
+    p.add_argument("--later-shares", default=None,
+                   help="fresh modules' plan: each later pruning layer's share of the one "
+                        "before, comma-separated (default %s for each; with --init the "
+                        "checkpoint's)" % rcp.LATER_SHARE)
     p.add_argument("--freeze-pruners", action="store_true",
                    help="train the repair adapters only (the pruners as --init left them)")
     p.add_argument("--eval", type=int, default=200, help="held-out questions (0: none)")
@@ -543,9 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         modules = rcp.load_checkpoint(args.init)
         rcp.check_fits(modules, text.num_hidden_layers, text.hidden_size, args.init)
     else:
+        shares = ({"later_share": [float(x) for x in args.later_shares.split(",")]}
+                  if args.later_shares else {})
         modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed,
                                     query_score=args.query_score,
-                                    intrinsic_rows=args.intrinsic_rows)
+                                    intrinsic_rows=args.intrinsic_rows, **shares)
     modules = modules.on(args.device)
     samples = (jsonl_samples(args.data) if args.data
                else shapes_samples(None, args.samples, split=args.split))
@@ -564,9 +633,10 @@ def main(argv: list[str] | None = None) -> int:
                     calibrate=not args.init and not args.no_calibrate,
                     warmup=args.no_calibrate and not args.init, first_step=previous,
                     total_steps=args.total_steps, fixed_count=not args.threshold_masks,
-                    repair_weight=args.repair_weight)
+                    repair_weight=args.repair_weight, distill_weight=args.distill_weight)
     settings = {"data": args.data or f"shapes_vqa {args.split} training split",
                 "batch": args.batch, "lr": args.lr, "repair_weight": args.repair_weight,
+                "distill_weight": args.distill_weight,
                 "trained": "adapters" if args.freeze_pruners else "pruners and adapters",
                 "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
                          else "fixed count (gumbel top-k)", "split": args.split}
@@ -586,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     last = history[-min(20, len(history)):]
     report = {**modules.info, "seconds": round(time.time() - started, 1),
               "losses_last_steps": {k: sum(h[k] for h in last) / len(last)
-                                    for k in ("total", "task", "repair", "sparse")}
+                                    for k in ("total", "task", "repair", "sparse", "distill")
+                                    if k in last[0]}
                                    if last else None,
               "history": history[::max(1, len(history) // 50)]}
     if args.eval:

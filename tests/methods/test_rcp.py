@@ -221,11 +221,13 @@ def _layer_average(num_layers: int, n: int, counts: dict[int, int]) -> float:
 
 def _slow_plan(layers, n, budget, share, num_layers=16):
     """Every first count from n down: the largest whose decay (each later layer ``share``
-    of the one before, rounded, at least 1) averages within the budget."""
+    of the one before, or with a list its own share, rounded, at least 1) averages within
+    the budget."""
+    shares = share if isinstance(share, list) else [share] * (len(layers) - 1)
     for first in range(n, 0, -1):
         counts = {layers[0]: first}
-        for prev, layer in zip(layers, layers[1:]):
-            counts[layer] = max(1, round(share * counts[prev]))
+        for prev, layer, x in zip(layers, layers[1:], shares):
+            counts[layer] = max(1, round(x * counts[prev]))
         if _layer_average(num_layers, n, counts) <= budget:
             return counts
     return counts
@@ -244,6 +246,25 @@ def test_planned_counts_decay_as_table_vi_and_fill_the_layer_average_budget():
         assert budget - 1 < _layer_average(16, n, counts) <= budget or counts[layers[-1]] == 1
     # e.g. rcp:64 on 576 tokens at layers 1/7/13 of 16: 56, 16, 5 tokens (average 63.9)
     assert rcp.planned_counts(16, (1, 7, 13), 576, 64) == _slow_plan((1, 7, 13), 576, 64, 0.29)
+
+
+def test_planned_counts_with_a_share_per_later_layer():
+    """A list gives each later pruning layer its own share of the one before: a heavier
+    last stage (e.g. 52, 16 and 13 tokens at 64), found here by trying every count; a
+    list of the wrong length or a share outside (0, 1] is refused by name."""
+    shares = [0.31, 0.81]
+    for n, budget in ((576, 64), (576, 128), (576, 192), (577, 100), (2880, 640)):
+        counts = rcp.planned_counts(16, (1, 7, 13), n, budget, shares)
+        assert counts == _slow_plan((1, 7, 13), n, budget, shares), (n, budget)
+        assert budget - 1 < _layer_average(16, n, counts) <= budget
+    assert rcp.planned_counts(16, (1, 7, 13), 576, 64, shares) == {1: 52, 7: 16, 13: 13}
+    assert (rcp.planned_counts(16, (1, 7, 13), 576, 64, [0.29, 0.29])
+            == rcp.planned_counts(16, (1, 7, 13), 576, 64, 0.29))
+    for bad in ([0.3], [0.3, 0.3, 0.3], [0.3, 0.0], [1.2, 0.5]):
+        with pytest.raises(ValueError, match="later_share"):
+            rcp.planned_counts(16, (1, 7, 13), 576, 64, bad)
+    near = rcp.planned_counts(16, (1, 7, 13), 576, 500, shares)
+    assert near[1] == 576 and 499 <= _layer_average(16, 576, near) <= 500
 
 
 def test_planned_counts_below_the_first_layers_floor_keep_one_token():

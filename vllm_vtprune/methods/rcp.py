@@ -209,50 +209,76 @@ def gumbel_topk_mask(logits: Tensor, live: Tensor, k: int, tau: float,
 
 
 def planned_counts(num_layers: int, pruning_layers: Sequence[int], num_tokens: int,
-                   budget: int, later_share: float = LATER_SHARE) -> dict[int, int]:
+                   budget: int, later_share: float | Sequence[float] = LATER_SHARE
+                   ) -> dict[int, int]:
     """Visual tokens kept from each pruning layer on, in training (the counts of
     :func:`gumbel_topk_mask`) and at most when served (:class:`RequestState`): each later
-    pruning layer ``later_share`` of the one before (Table VI's decay), the first as many
-    as keep the count averaged over all ``num_layers`` layers (Eq. 20's r_bar times N)
-    within ``budget`` (at least 1 everywhere). A budget so large that the first layer
-    keeps every token raises the later share instead, so the average still comes near
-    the budget."""
+    pruning layer ``later_share`` of the one before (Table VI's decay; a sequence gives
+    each later layer its own share), the first as many as keep the count averaged over
+    all ``num_layers`` layers (Eq. 20's r_bar times N) within ``budget`` (at least 1
+    everywhere). A budget so large that the first layer keeps every token raises the
+    later shares instead (each the same part of the way to 1), so the average still
+    comes near the budget."""
     layers = sorted(pruning_layers)
+    shares = later_shares(later_share, len(layers))
     room = budget * num_layers - num_tokens * layers[0]
     span = (layers[1] if len(layers) > 1 else num_layers) - layers[0]
     top = max(1, min(num_tokens, room // span))  # no larger first count can fit
     if top == num_tokens and _fits(num_layers, num_tokens,
-                                   _decayed(layers, num_tokens, later_share), budget):
-        share = _largest_share(num_layers, layers, num_tokens, budget, later_share)
-        return _decayed(layers, num_tokens, share)
+                                   _decayed(layers, num_tokens, shares), budget):
+        raised = _largest_raise(num_layers, layers, num_tokens, budget, shares)
+        return _decayed(layers, num_tokens, _raised(shares, raised))
     for first in range(top, 0, -1):  # rounding makes the fit not monotone: try each
-        counts = _decayed(layers, first, later_share)
+        counts = _decayed(layers, first, shares)
         if _fits(num_layers, num_tokens, counts, budget):
             return counts
     return counts
+
+
+def later_shares(later_share: float | Sequence[float], num_pruning: int) -> tuple[float, ...]:
+    """One share per pruning layer after the first: ``later_share`` repeated, or as
+    given (then exactly one per later layer, each in (0, 1])."""
+    if isinstance(later_share, (int, float)):
+        shares = (float(later_share),) * (num_pruning - 1)
+    else:
+        shares = tuple(float(x) for x in later_share)
+        if len(shares) != num_pruning - 1:
+            raise ValueError(f"rcp later_share={list(shares)}: one share per pruning layer "
+                             f"after the first ({num_pruning - 1}) accepted, or one number")
+    if not all(0.0 < x <= 1.0 for x in shares):
+        raise ValueError(f"rcp later_share={later_share}: shares in (0, 1] accepted")
+    return shares
 
 
 def _fits(num_layers: int, num_tokens: int, counts: dict[int, int], budget: int) -> bool:
     return sum(layer_counts(num_layers, num_tokens, counts)) <= budget * num_layers
 
 
-def _largest_share(num_layers: int, layers: list[int], num_tokens: int, budget: int,
-                   low: float) -> float:
-    """The largest later share in [low, 1] whose decay from all ``num_tokens`` fits."""
-    high = 1.0
-    if _fits(num_layers, num_tokens, _decayed(layers, num_tokens, high), budget):
+def _raised(shares: tuple[float, ...], t: float) -> tuple[float, ...]:
+    return tuple(x + t * (1.0 - x) for x in shares)
+
+
+def _largest_raise(num_layers: int, layers: list[int], num_tokens: int, budget: int,
+                   shares: tuple[float, ...]) -> float:
+    """The largest t in [0, 1] whose shares raised t of the way to 1 (:func:`_raised`)
+    still fit when the first layer keeps all ``num_tokens``."""
+    def fits(t):
+        return _fits(num_layers, num_tokens, _decayed(layers, num_tokens, _raised(shares, t)),
+                     budget)
+
+    low, high = 0.0, 1.0
+    if fits(high):
         return high
     for _ in range(40):
         mid = (low + high) / 2
-        fits = _fits(num_layers, num_tokens, _decayed(layers, num_tokens, mid), budget)
-        low, high = (mid, high) if fits else (low, mid)
+        low, high = (mid, high) if fits(mid) else (low, mid)
     return low
 
 
-def _decayed(layers: list[int], first: int, later_share: float) -> dict[int, int]:
+def _decayed(layers: list[int], first: int, shares: tuple[float, ...]) -> dict[int, int]:
     counts = {layers[0]: first}
-    for previous, layer in zip(layers, layers[1:]):
-        counts[layer] = max(1, round(later_share * counts[previous]))
+    for previous, layer, share in zip(layers, layers[1:], shares):
+        counts[layer] = max(1, round(share * counts[previous]))
     return counts
 
 
@@ -539,9 +565,15 @@ class RcpModules:
         return tuple(sorted(self.pruners))
 
     @property
-    def later_share(self) -> float:
-        """The plan's decay these modules were trained with (:func:`planned_counts`)."""
-        return float(self.config.get("later_share", LATER_SHARE))
+    def later_share(self) -> float | list[float]:
+        """The plan's decay these modules were trained with (:func:`planned_counts`): one
+        share for every later pruning layer, or one each."""
+        return self.config.get("later_share", LATER_SHARE)
+
+    @property
+    def later_shares(self) -> tuple[float, ...]:
+        """The share of each pruning layer after the first (:func:`later_shares`)."""
+        return later_shares(self.later_share, len(self.pruners))
 
     def plan(self, num_tokens: int, budget: int) -> dict[int, int]:
         """Tokens kept from each pruning layer on at ``budget`` (:func:`planned_counts`
@@ -604,6 +636,7 @@ def build_modules(hidden_size: int, num_layers: int, pruning: tuple[int, ...] | 
                                          "intrinsic_rows") if k in config}
     adapter_cfg = {k: config[k] for k in ("bottleneck",) if k in config}
     config.setdefault("later_share", LATER_SHARE)
+    later_shares(config["later_share"], len(pruning))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
