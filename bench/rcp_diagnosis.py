@@ -17,10 +17,12 @@ prunes before each pruning layer to the budget's planned count there
   ``56/16/5``: one count per pruning layer), with their layer averages: what a plan's
   shape is worth apart from the pruners;
 * with ``--swaps``, which pruning layer loses: per combination such as ``rff``, the
-  learned pruner (``r``), FastV's rule (``f``) or a coverage oracle (``o``: the patches
+  learned pruner (``r``), FastV's rule (``f``), a coverage oracle (``o``: the patches
   nearest each asked-about object's centre first, from the scene itself; what the
-  planned counts allow any choice to recover) before each pruning layer in turn, the
-  same planned counts, no repair adapters (their identity initialisation);
+  planned counts allow any choice to recover) or the full-token model's answer
+  attention (``t``: what RCP training's distillation term aims at) before each pruning
+  layer in turn, the same planned counts, no repair adapters (their identity
+  initialisation);
 * how often the first pruning layer's top-K tokens lie on object patches, over
   ``--images`` held-out images: the trained logits (Eq. 5), their intrinsic-attention
   term A alone (Eq. 4), their learned terms S_q + S_i alone (Eqs. 2-3), FastV's
@@ -158,14 +160,15 @@ def staged_accuracy(ref, pairs, counts: dict[int, int], oracle=None) -> float:
     """Accuracy with FastV's rule (Chen et al., arXiv 2403.06764: the last prompt token's
     head-averaged attention ranks the image's live tokens) applied before each layer of
     ``counts``, keeping that many there: FastV's choice on RCP's plan. With ``oracle``
-    (a :class:`SceneOracle`) the coverage oracle chooses instead."""
+    (a :class:`SceneOracle` or :class:`AnswerAttention`) it chooses instead."""
     from vllm_vtprune import llm_loop
 
-    keeping = oracle.keeping if oracle else _fastv_keeping
+    def keeping(spans, k, layer):
+        return oracle.keeping(spans, k, layer) if oracle else _fastv_keeping(spans, k)
 
     def llm_plan(ids, sizes, spec, num_layers, patches=None):
         spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
-        return llm_loop.Plan({layer: keeping(spans, k) for layer, k in counts.items()})
+        return llm_loop.Plan({layer: keeping(spans, k, layer) for layer, k in counts.items()})
 
     return _accuracy_with_plan(ref, pairs, llm_plan, oracle.before if oracle else None)
 
@@ -235,21 +238,55 @@ class SceneOracle:
     def before(self, i: int) -> None:
         self.scores = coverage_scores(self.objects[i], self.grid)
 
-    def keeping(self, spans, k: int):
+    def keeping(self, spans, k: int, layer: int):
         return _oracle_keeping(spans, k, lambda: self.scores)
 
 
+class AnswerAttention:
+    """The full-token model's choice over a list of questions: :meth:`before` question
+    ``i`` runs it unpruned and keeps, per pruning layer l, its answer row's attention
+    from layer l-1 to the last (``rcp_train.attention_targets``, the target of RCP
+    training's distillation term); :meth:`keeping` ranks the live tokens by it. Not a
+    pruning method (it needs the full forward first): what the distilled pruners aim at."""
+
+    def __init__(self, ref, pairs, layers):
+        from vllm_vtprune import rcp_train
+
+        self.ref, self.pairs, self.layers = ref, pairs, tuple(layers)
+        self.forward = rcp_train.MaskedForward(ref)
+        self.targets = None
+
+    @torch.no_grad()
+    def before(self, i: int) -> None:
+        from vllm_vtprune import rcp_train
+
+        image, qa = self.pairs[i]
+        enc = rcp_train.encode(self.ref, rcp_train.Sample(image, qa.question, qa.answer))
+        self.forward.attention = []
+        try:
+            self.forward(enc, None, 1.0)
+            self.targets = rcp_train.attention_targets(self.forward.attention, self.layers)
+        finally:
+            self.forward.attention = None
+
+    def keeping(self, spans, k: int, layer: int):
+        return _oracle_keeping(spans, k, lambda: self.targets[layer].cpu())
+
+
 CHOOSERS = {"r": "RCP's learned pruner", "f": "FastV's rule",
-            "o": "the coverage oracle (coverage_scores)"}
+            "o": "the coverage oracle (coverage_scores)",
+            "t": "the full-token model's answer attention (AnswerAttention)"}
 
 
 def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
-                    oracle: SceneOracle | None = None) -> dict:
+                    oracle: SceneOracle | None = None,
+                    teacher: AnswerAttention | None = None) -> dict:
     """Accuracy per combination of choosers at the pruning layers: ``r`` the learned pruner
     (Eqs. 1-5, served as :func:`rcp.served_choice`), ``f`` FastV's rule, ``o`` the
-    coverage oracle (needs ``oracle``, over ``pairs``' scenes), each keeping
-    ``rcp:budget``'s planned count there; the adapters left out (Delta h = 0, as at
-    their initialisation), so only the choices differ."""
+    coverage oracle (needs ``oracle``, over ``pairs``' scenes), ``t`` the full-token
+    model's answer attention (needs ``teacher``), each keeping ``rcp:budget``'s planned
+    count there; the adapters left out (Delta h = 0, as at their initialisation), so only
+    the choices differ."""
     from vllm_vtprune import llm_loop
     from vllm_vtprune.methods import rcp
 
@@ -259,7 +296,8 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
                 return state.decide(layer)
             if chooser == "f":
                 return _fastv_keeping(spans, state.counts[layer])
-            return oracle.keeping(spans, state.counts[layer])
+            return (oracle if chooser == "o" else teacher).keeping(spans, state.counts[layer],
+                                                                   layer)
 
         def llm_plan(ids, sizes, spec, num_layers, patches=None):
             spans = llm_loop.spans_of(torch.tensor(ids) == ref.image_token_id, sizes)
@@ -271,20 +309,21 @@ def swap_accuracies(ref, pairs, modules, budget: int, combos: list[str],
     out = {}
     for combo in combos:
         if (len(combo) != len(modules.pruning_layers) or set(combo) - set(CHOOSERS)
-                or ("o" in combo and oracle is None)):
+                or ("o" in combo and oracle is None) or ("t" in combo and teacher is None)):
             raise SystemExit(f"--swaps {combo!r}: one of {', '.join(CHOOSERS)} per pruning "
                              f"layer {modules.pruning_layers}")
+        hooks = [c.before for name, c in (("o", oracle), ("t", teacher)) if name in combo]
         out[combo] = _accuracy_with_plan(ref, pairs, plan_for(combo),
-                                         oracle.before if "o" in combo else None)
+                                         lambda i: [hook(i) for hook in hooks])
         print(combo, out[combo], file=sys.stderr, flush=True)
     return out
 
 
 def schedule_accuracies(ref, pairs, layers, num_layers: int, tokens: int,
                         schedules: list[str], oracle=None) -> dict:
-    """FastV's rule (or with ``oracle`` the coverage oracle) on each ``K1/K2/...``
-    schedule at the pruning ``layers`` (fewer counts than layers: the last one holds),
-    with its layer average."""
+    """FastV's rule (or ``oracle``: a :class:`SceneOracle` or :class:`AnswerAttention`) on
+    each ``K1/K2/...`` schedule at the pruning ``layers`` (fewer counts than layers: the
+    last one holds), with its layer average."""
     from vllm_vtprune.methods._common import layer_counts
 
     out = {}
@@ -318,12 +357,13 @@ def main() -> None:
     p.add_argument("--schedules", default=None,
                    help="FastV's rule on these plans at the pruning layers, e.g. "
                         "'29;56/16/5' (accuracy and layer average)")
-    p.add_argument("--schedule-chooser", default="f", choices=("f", "o"),
-                   help="who chooses on --schedules: FastV's rule (f) or the coverage "
-                        "oracle (o)")
+    p.add_argument("--schedule-chooser", default="f", choices=("f", "o", "t"),
+                   help="who chooses on --schedules: FastV's rule (f), the coverage "
+                        "oracle (o) or the full-token model's answer attention (t)")
     p.add_argument("--swaps", default=None,
-                   help="learned pruner (r), FastV's rule (f) or the coverage oracle (o) "
-                        "per pruning layer, at the first budget, e.g. 'rrr;fff;rff;ooo'")
+                   help="learned pruner (r), FastV's rule (f), the coverage oracle (o) or "
+                        "the full-token model's answer attention (t) per pruning layer, at "
+                        "the first budget, e.g. 'rrr;fff;rff;ooo;ttt'")
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
     ckpt = args.ckpt or with_shipped_modules(parse("rcp:1"), ref.model.config).value("ckpt")
@@ -335,6 +375,7 @@ def main() -> None:
                                           split=split))
     pairs = [(sample.image, qa) for sample, qa in asked]
     oracle = SceneOracle([sample.objects for sample, _ in asked], ref.tower.grid[0])
+    teacher = AnswerAttention(ref, pairs, modules.pruning_layers)
     tokens = ref.tower.grid[0] * ref.tower.grid[1]
     first = modules.pruning_layers[0]
     plans = {int(b): modules.plan(tokens, int(b)) for b in args.budgets.split(",")}
@@ -344,17 +385,18 @@ def main() -> None:
     if not args.no_accuracy:
         result["accuracy"] = accuracies(ref, pairs, ckpt, plans)
     if args.schedules:
-        by_oracle = args.schedule_chooser == "o"
-        result["oracle_schedules" if by_oracle else "fastv_rule_schedules"] = schedule_accuracies(
-            ref, pairs, modules.pruning_layers, modules.num_layers, tokens,
-            args.schedules.split(";"), oracle if by_oracle else None)
+        chooser, key = {"f": (None, "fastv_rule_schedules"), "o": (oracle, "oracle_schedules"),
+                        "t": (teacher, "answer_attention_schedules")}[args.schedule_chooser]
+        result[key] = schedule_accuracies(ref, pairs, modules.pruning_layers, modules.num_layers,
+                                          tokens, args.schedules.split(";"), chooser)
     if args.swaps:
         budget = int(args.budgets.split(",")[0])
         result["swaps"] = {"budget": budget, "plan": schedule_name(plans[budget]),
                            "full tokens": result["accuracy"].get("full tokens")
                            or _accuracy(ref, pairs, None),
                            "accuracy": swap_accuracies(ref, pairs, modules, budget,
-                                                       args.swaps.split(";"), oracle)}
+                                                       args.swaps.split(";"), oracle,
+                                                       teacher)}
     if args.images:
         result["object_share_of_top"] = object_shares(ref, modules, split, args.images, counts)
     if args.gradients:

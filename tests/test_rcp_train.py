@@ -357,3 +357,38 @@ def test_distillation_term_is_the_cross_entropy_to_the_teachers_answer_attention
     finally:
         for p in modules.parameters():
             p.grad = None
+
+
+def test_distill_only_cuts_the_masks_straight_through_gradient(reference, modules):
+    """With cut masks the task and repair terms reach the adapters but not the pruners,
+    whose only gradient is then the distillation term's."""
+    image, qa = next(iter(sv.iter_questions(sv.TRAIN_SEED, 1, start=14)))
+    enc = rcp_train.encode(reference, rcp_train.Sample(image, qa.question, qa.answer))
+    forward = rcp_train.MaskedForward(reference)
+    forward.repair_layers = tuple(sorted(modules.adapters))
+    forward.counts = modules.plan(len(enc.visual), 64)
+    with torch.no_grad():
+        _, teacher, _ = forward(enc, None, 1.0)
+
+    def pruner_grads(cut: bool) -> bool:
+        forward.cut_masks = cut
+        for p in modules.parameters():
+            p.grad = None
+        try:
+            student = forward(enc, modules, 1.0, noise=0.0)
+            terms = rcp_train.losses(student, teacher, enc, modules.num_layers, 0.1,
+                                     sparse_weight=0.0, repair_weight=40.0)
+            terms["total"].backward()
+            assert any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                       for m in modules.adapters.values() for p in m.parameters())
+            return any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                       for m in modules.pruners.values() for p in m.parameters())
+        finally:
+            forward.cut_masks = False
+            for p in modules.parameters():
+                p.grad = None
+
+    assert pruner_grads(False) and not pruner_grads(True)
+    with pytest.raises(ValueError, match="distill_weight"):
+        rcp_train.train(reference, modules, [], steps=1, batch=1, lr=1e-3, budget=64, seed=0,
+                        distill_only=True)

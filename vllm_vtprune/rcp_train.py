@@ -236,6 +236,10 @@ class MaskedForward:
     #: when a dict, {pruning layer: (logits [N], live [N] bool)} of the last forward
     scored: dict | None = None
 
+    #: masks from detached logits: the pruners get no straight-through gradient (they
+    #: learn from the distillation term alone)
+    cut_masks: bool = False
+
     @staticmethod
     def intrinsic(probs: Tensor, enc: Encoded, rows: str = rcp.INTRINSIC_ROW) -> Tensor:
         """a_i (Eq. 4) from the previous layer's attention ``probs`` [H, T, T]: the
@@ -261,6 +265,8 @@ class MaskedForward:
         if self.record is not None:
             self.record.setdefault(layer_of(self._modules, pruner), []).append(
                 logits[mask > 0.5].detach())
+        if self.cut_masks:
+            logits = logits.detach()
         if hard:
             m = rcp.inference_mask(logits, 1.0)
         elif self.counts is not None:
@@ -434,7 +440,8 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
           batch: int, lr: float, budget: int, seed: int, log=print,
           calibrate: bool = True, warmup: bool | None = None, first_step: int = 0,
           total_steps: int | None = None, fixed_count: bool = True,
-          repair_weight: float = REPAIR_WEIGHT, distill_weight: float = 0.0) -> list[dict]:
+          repair_weight: float = REPAIR_WEIGHT, distill_weight: float = 0.0,
+          distill_only: bool = False) -> list[dict]:
     """Optimise ``modules`` in place for ``steps`` steps; returns the per-step mean losses.
 
     A run split into chunks passes each chunk's ``first_step`` and the whole run's
@@ -448,13 +455,18 @@ def train(reference, modules: rcp.RcpModules, samples: list[Sample], *, steps: i
     ``fixed_count`` (default): masks keep the served count (:func:`rcp.gumbel_topk_mask`,
     :meth:`rcp.RcpModules.plan`) and the sparsity term is reported, not optimised;
     False: the paper's threshold masks (Eqs. 6-7) with the sparsity loss.
-    ``distill_weight`` above 0 adds :func:`distill_loss` (not in the paper) at that weight.
+    ``distill_weight`` above 0 adds :func:`distill_loss` (not in the paper) at that weight;
+    ``distill_only`` makes it the pruners' only teacher (their masks pass no
+    straight-through gradient; the adapters still learn from the task and repair terms).
     """
+    if distill_only and not distill_weight:
+        raise ValueError("distill_only needs a distill_weight above 0")
     total_steps = total_steps or first_step + steps
     for p in reference.model.parameters():
         p.requires_grad_(False)
     forward = MaskedForward(reference)
     forward.repair_layers = tuple(sorted(modules.adapters))
+    forward.cut_masks = distill_only
     torch.manual_seed(seed + first_step)
     order = random.Random(f"{seed}:{first_step}")
     if calibrate and not fixed_count:  # a bias does not move a top-k
@@ -591,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-weight", type=float, default=0.0,
                    help="weight of the attention-distillation term (distill_loss; not in "
                         "the paper, 0: none)")
+    p.add_argument("--distill-only", action="store_true",
+                   help="the pruners learn from the distillation term alone (their masks "
+                        "pass no straight-through gradient); the adapters from Eq. 22's")
     p.add_argument("--later-shares", default=None,
                    help="fresh modules' plan: each later pruning layer's share of the one "
                         "before, comma-separated (default %s for each; with --init the "
@@ -633,10 +648,11 @@ def main(argv: list[str] | None = None) -> int:
                     calibrate=not args.init and not args.no_calibrate,
                     warmup=args.no_calibrate and not args.init, first_step=previous,
                     total_steps=args.total_steps, fixed_count=not args.threshold_masks,
-                    repair_weight=args.repair_weight, distill_weight=args.distill_weight)
+                    repair_weight=args.repair_weight, distill_weight=args.distill_weight,
+                    distill_only=args.distill_only)
     settings = {"data": args.data or f"shapes_vqa {args.split} training split",
                 "batch": args.batch, "lr": args.lr, "repair_weight": args.repair_weight,
-                "distill_weight": args.distill_weight,
+                "distill_weight": args.distill_weight, "distill_only": args.distill_only,
                 "trained": "adapters" if args.freeze_pruners else "pruners and adapters",
                 "masks": "threshold (Eqs. 6-7)" if args.threshold_masks
                          else "fixed count (gumbel top-k)", "split": args.split}
