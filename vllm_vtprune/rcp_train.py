@@ -31,6 +31,11 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   then the target from the first step (the paper anneals it from 1 over early training,
   which here first taught the pruners to keep everything; ``--no-calibrate`` restores
   the paper's start); ``--init`` resumes from a checkpoint, at the target;
+* distillation (``--distill-weight``, not in the paper): each pruner's softmax over the
+  live tokens against the full-token teacher's answer-row attention from its layer on
+  (:func:`distill_loss`); ``--distill-only`` makes it the pruners' only gradient (the
+  adapters keep Eq. 22's terms). The shipped modules for shapes-llava v2 train so, with
+  ``--intrinsic-rows last`` and ``--later-shares 0.31,0.81`` (README);
 * 16 pruning queries, query dropout 0.2 (the module defaults); S_q aggregated in Eq.
   4's logit space (``--query-score log``, the default) or as Eq. 2's softmax weights
   (``softmax``; why the default departs from it, and what each measured:
