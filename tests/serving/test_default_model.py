@@ -89,6 +89,7 @@ def test_rcp_serves_the_modules_shipped_for_the_default_model():
                                use_tqdm=False)
             correct = sum(o.outputs[0].text.strip() == qa.answer
                           for o, (_, qa) in zip(got, pairs))
+            print(f"rcp:64 {split}: {correct}/{len(pairs)}")  # the measured figure (-rP)
             assert correct / len(pairs) >= floor, f"rcp:64 {split}: {correct}/{len(pairs)}"
     finally:
         shutdown(llm)
