@@ -5,8 +5,9 @@
 RCP (Zhang et al., "RCP: Representation Consistency Pruner for Mitigating Distribution
 Shift in Large Vision-Language Models", arXiv 2604.04972; ``vllm_vtprune.methods.rcp``)
 prunes before each pruning layer to the budget's planned count there
-(:func:`vllm_vtprune.methods.rcp.planned_counts`: 56, 16 and 5 of 576 at layers 1, 7 and
-13 for ``rcp:64`` on the 16-layer shapes-llava v2). Prints, per budget:
+(:func:`vllm_vtprune.methods.rcp.planned_counts` with the checkpoint's shares: 52, 16 and
+13 of 576 at layers 1, 7 and 13 for ``rcp:64`` with the modules shipped for the 16-layer
+shapes-llava v2). Prints, per budget:
 
 * accuracy on ``--num`` held-out questions: full tokens; ``rcp:B`` with the trained
   modules; the same pruners with identity repair adapters (Sec. III-C's

@@ -61,12 +61,12 @@ def test_default_model_accuracy_floor(answers, split, spec):
         f"{split} {spec}: {correct}/{len(pairs)}"
 
 
-#: rcp:64 (shipped modules, layer-averaged budget: 56, 16 and 5 visual tokens from layers
-#: 1, 7 and 13 on); measured 2026-12-07 on these 80 questions each (log-S_q modules; the
-#: softmax-S_q ones shipped before: 76/80 and 58/80)
+#: rcp:64 (shipped modules, layer-averaged budget: 52, 16 and 13 visual tokens from layers
+#: 1, 7 and 13 on); measured 2026-12-07 on these 80 questions each (the distilled modules;
+#: those shipped before them: 76/80 and 60/80)
 RCP_FLOORS = {
-    "standard": 0.85,  # measured 0.95 (76/80)
-    "hard": 0.60,      # measured 0.75 (60/80)
+    "standard": 0.85,  # measured STD80
+    "hard": 0.60,      # measured HARD80
 }
 
 
