@@ -317,14 +317,18 @@ def test_distillation_term_is_the_cross_entropy_to_the_teachers_answer_attention
     forward.repair_layers = tuple(sorted(modules.adapters))
     forward.counts = modules.plan(len(enc.visual), 64)
     forward.attention = []
-    with torch.no_grad():
-        _, teacher, _ = forward(enc, None, 1.0)
-        lm = reference.model.model.language_model
-        out = lm(inputs_embeds=enc.embeds[None], output_attentions=True,
-                 attn_implementation="eager")
+    lm = reference.model.model.language_model
+    implementation = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")  # sdpa returns no attention weights
+    try:
+        with torch.no_grad():
+            _, teacher, _ = forward(enc, None, 1.0)
+            out = lm(inputs_embeds=enc.embeds[None], output_attentions=True)
+    finally:
+        lm.set_attn_implementation(implementation)
     per_layer, forward.attention = forward.attention, None
     row, vis = int(enc.answer[0]), enc.visual.tolist()
-    assert len(per_layer) == modules.num_layers
+    assert len(per_layer) == len(out.attentions) == modules.num_layers
     for got, attn in zip(per_layer, out.attentions):  # transformers' own attention
         want = [sum(float(attn[0, h, row, c]) for h in range(attn.shape[1])) / attn.shape[1]
                 for c in vis]
