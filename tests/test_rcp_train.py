@@ -264,18 +264,22 @@ def test_chunked_command_line_run_resumes_and_calibrates_for_serving(tmp_path):
     """`python -m vllm_vtprune.rcp_train` in two chunks: the second continues the step
     count and records the first; --serve-budget stores the trained and the serving
     biases, and a calibrated checkpoint is refused as a chunk to resume; the first chunk's
-    --query-score and --intrinsic-rows hold in the second."""
+    --query-score, --intrinsic-rows and --later-shares hold in the second; a malformed
+    --later-shares is refused."""
     common = ["--model", model_path(SMALL_MODEL), "--split", "standard", "--budget", "64",
               "--batch", "1", "--samples", "4", "--eval", "0", "--total-steps", "2"]
     first, second = str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")
     other = next(q for q in rcp.QUERY_SCORES if q != rcp.QUERY_SCORE)  # not the flag's default
+    with pytest.raises(SystemExit):  # argparse names the flag and what it accepts
+        rcp_train.main(common + ["--steps", "1", "--out", first, "--later-shares", "0.3,x"])
     assert rcp_train.main(common + ["--steps", "1", "--out", first, "--query-score", other,
-                                    "--intrinsic-rows", "last"]) == 0
+                                    "--intrinsic-rows", "last", "--later-shares", "0.5,0.9"]) == 0
     assert rcp_train.main(common + ["--steps", "1", "--init", first, "--out", second,
                                     "--serve-budget", "128"]) == 0
     resumed = rcp.load_checkpoint(second)
     assert {p.query_score for p in resumed.pruners.values()} == {other}  # the checkpoint's
     assert {p.intrinsic_rows for p in resumed.pruners.values()} == {"last"}
+    assert resumed.later_shares == (0.5, 0.9)  # saved in the first chunk, held by --init
     info = resumed.info
     assert info["steps"] == 2 and info["resumed_from"]["steps"] == 1
     assert set(info["serving_biases"]) == {str(l) for l in info["trained_biases"]}

@@ -24,8 +24,8 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
   region's hidden states after each repair layer against the full-token teacher's;
   sparsity (Eqs. 19-21): |layer-averaged retention - r*|, r* = budget / N;
   ``--repair-weight`` replaces the 40 (on shapes-llava v2 the repair term outweighs the
-  task ~250-fold at 40 and drove the pruners to background tokens; the shipped modules
-  train pruners and adapters at 0.2; ``--freeze-pruners`` trains the adapters alone);
+  task ~250-fold at 40 and drove the pruners to background tokens; ``--freeze-pruners``
+  trains the adapters alone);
 * initialisation (threshold masks; not in the paper): the pruners' biases are calibrated on 16 samples
   so that their threshold masks start at the budget (:func:`calibrate_biases`); r* is
   then the target from the first step (the paper anneals it from 1 over early training,
@@ -34,8 +34,8 @@ Sec. III-D, on the transformers model (every backbone weight frozen):
 * distillation (``--distill-weight``, not in the paper): each pruner's softmax over the
   live tokens against the full-token teacher's answer-row attention from its layer on
   (:func:`distill_loss`); ``--distill-only`` makes it the pruners' only gradient (the
-  adapters keep Eq. 22's terms). The shipped modules for shapes-llava v2 train so, with
-  ``--intrinsic-rows last`` and ``--later-shares 0.31,0.81`` (README);
+  adapters keep Eq. 22's terms). A checkpoint's report (``<out>.json``) records the
+  settings it trained with; the README gives the embedded model's recipe;
 * 16 pruning queries, query dropout 0.2 (the module defaults); S_q aggregated in Eq.
   4's logit space (``--query-score log``, the default) or as Eq. 2's softmax weights
   (``softmax``; why the default departs from it, and what each measured:
@@ -298,8 +298,11 @@ def layer_of(modules: rcp.RcpModules, pruner) -> int:
 # ------------------------------------------------------------------ losses
 def answer_attention(probs: Tensor, enc: Encoded) -> Tensor:
     """The last prompt row's attention to each visual token (the row that reads the
-    image for the answer's first token), averaged over heads: [N] of [H, T, T]."""
-    return probs[:, enc.answer[0], enc.visual].float().mean(0)
+    image for the answer's first token), averaged over heads: [N] of [H, T, T]. It is
+    a_i's ``"last"`` reading (:func:`rcp.question_attention`: the last question row is
+    the last prompt row), taken here from every layer of the full-token teacher."""
+    last = enc.question[-1:]
+    return rcp.question_attention(probs[:, last][:, :, enc.visual][None], "last")[0]
 
 
 def attention_targets(per_layer: list[Tensor], pruning_layers) -> dict[int, Tensor]:
@@ -566,6 +569,15 @@ def _kept_fractions(reference, prompt, image, spec) -> list[float]:
     return [(kv.keys.shape[1] - text) / n for kv in cache]
 
 
+def _shares_argument(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated numbers in (0, 1] accepted, one per pruning layer "
+            "after the first (e.g. 0.31,0.81)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from vllm_vtprune.embedded import model_path
     from vllm_vtprune.hf import HfReference
@@ -612,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-only", action="store_true",
                    help="the pruners learn from the distillation term alone (their masks "
                         "pass no straight-through gradient); the adapters from Eq. 22's")
-    p.add_argument("--later-shares", default=None,
+    p.add_argument("--later-shares", default=None, type=_shares_argument,
                    help="fresh modules' plan: each later pruning layer's share of the one "
                         "before, comma-separated (default %s for each; with --init the "
                         "checkpoint's)" % rcp.LATER_SHARE)
@@ -631,8 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         modules = rcp.load_checkpoint(args.init)
         rcp.check_fits(modules, text.num_hidden_layers, text.hidden_size, args.init)
     else:
-        shares = ({"later_share": [float(x) for x in args.later_shares.split(",")]}
-                  if args.later_shares else {})
+        shares = {"later_share": args.later_shares} if args.later_shares else {}
         modules = rcp.build_modules(text.hidden_size, text.num_hidden_layers, seed=args.seed,
                                     query_score=args.query_score,
                                     intrinsic_rows=args.intrinsic_rows, **shares)

@@ -25,8 +25,7 @@ Choices where the extracted text is ambiguous:
   softmax weights; each query's weights sum to 1 over N tokens, so S_q barely moves a
   choice: on shapes-llava v2 it varied 0.02 across tokens (std) against 0.4 for A and
   3-7 for S_i, and the pruners ranked by S_i, which cannot see the question (the
-  visual tokens precede it). ``query_score="log"`` (the default, and the shipped
-  modules' form) takes each query's attention into Eq. 4's logit space first
+  visual tokens precede it). ``query_score="log"`` (the default) takes each query's attention into Eq. 4's logit space first
   (log-softmax centred over the retained tokens), its aggregate starting at zero (a
   residual on A + S_i): trained 500 steps, its S_q grew where the choice matters (std
   2.3 at the second pruning layer), and through vLLM (400 held-out questions)
@@ -36,8 +35,8 @@ Choices where the extracted text is ambiguous:
 * query dropout zeroes whole queries before aggregation with inverted-dropout scaling;
 * A_i uses log(a_i + eps) and a masked mean over retained tokens (previous cumulative
   mask); tokens already pruned are forced to 0 in the cumulative mask anyway; a_i
-  aggregates the question rows by their mean (``intrinsic_rows="mean"``, the default
-  and the shipped modules') or takes the last one (``"last"``, the row FastV ranks by),
+  aggregates the question rows by their mean (``intrinsic_rows="mean"``, the default)
+  or takes the last one (``"last"``, the row FastV ranks by),
   the paper saying only "aggregating over ... question-token positions";
 * the DRA's conditioning lives in its bottleneck space (``bottleneck``, default 512):
   with the hidden size as conditioning width the projections alone would exceed the
@@ -94,8 +93,8 @@ QUERY_DROPOUT = 0.2
 #: before. Measured on shapes-llava v2 (FastV's rule at layers 1/7/13, 400 held-out
 #: questions): 56/16/5 tokens beat a flat 29 at the same layer average, 0.71 vs 0.68 on
 #: the hard split, 0.92 vs 0.85 on the standard one; a heavier last stage, 52/16/13
-#: (shares 0.31 and 0.81, a checkpoint's ``later_share`` list: the shipped modules'),
-#: answers 0.71 and 0.93.
+#: (shares 0.31 and 0.81, a checkpoint's ``later_share`` list), answers 0.71 and 0.93.
+#: What a checkpoint was trained with is in its config (:attr:`RcpModules.later_shares`).
 LATER_SHARE = 0.29
 #: what checkpoints without a ``later_share`` in their config were trained with (a flat
 #: plan: every later pruning layer 0.95 of the one before)
@@ -104,17 +103,17 @@ LEGACY_LATER_SHARE = 0.95
 #: written; checkpoints without a ``query_score`` in their config were trained so) or in
 #: Eq. 4's logit space (log-softmax centred over the retained tokens)
 QUERY_SCORES = ("softmax", "log")
-QUERY_SCORE = "log"  # fresh pruners' default (the shipped modules' form)
+QUERY_SCORE = "log"  # fresh pruners' default
 LEGACY_QUERY_SCORE = "softmax"  # what checkpoints without the key were trained with
 #: which question rows a_i (Eq. 4) aggregates, the paper saying only "over question-token
 #: positions": their mean (the default; checkpoints without the key) or the last one (the
 #: prompt's last token, whose attention FastV ranks by: on shapes-llava v2 it puts 69-76 %
 #: of its top tokens on object patches at layer 1, the mean 22 %, base rate 14 %). Trained
 #: through the masks alone, pruners on "last" answered 0.42 of 200 held-out questions where
-#: those on the mean answered 0.82 (README, "What 64 allows"); the shipped modules read
-#: "last" and learn from rcp_train's distillation term (softmax(A) starts at FastV's ranking)
+#: those on the mean answered 0.82 (README, "What 64 allows"); with rcp_train's
+#: distillation term "last" starts the pruners at FastV's ranking (softmax(A) is its row)
 INTRINSIC_ROWS = ("mean", "last")
-INTRINSIC_ROW = "mean"  # fresh pruners' default (the shipped modules' form)
+INTRINSIC_ROW = "mean"  # fresh pruners' default
 LEGACY_INTRINSIC_ROW = "mean"  # what checkpoints without the key were trained with
 
 
