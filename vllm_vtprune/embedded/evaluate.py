@@ -4,7 +4,7 @@
 (projector outputs, in their original order), e.g. a random 64, to show that the benchmark
 is sensitive to which tokens are kept.
 
-    python -m vllm_vtprune.embedded.evaluate --num 400 [--random-keep 64]
+    python -m vllm_vtprune.embedded.evaluate --num 400 [--random-keep 64] [--start 20000]
 """
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ def next_token_logits(model, tokenizer, questions: list[str], feats: list[torch.
 
 
 def evaluate(model, tokenizer, num: int = 400, seed: int = sv.HELDOUT_SEED,
-             keep: KeepFn | None = None, batch: int = 16, split: str = "standard") -> dict:
-    """Accuracy overall and per question type; greedy first token against the answer."""
-    pairs = list(sv.iter_questions(seed, num, split=split))
+             keep: KeepFn | None = None, batch: int = 16, split: str = "standard",
+             start: int = 0) -> dict:
+    """Accuracy overall and per question type on ``num`` held-out questions from image
+    ``start`` on; greedy first token against the answer."""
+    pairs = list(sv.iter_questions(seed, num, start=start, split=split))
     correct = collections.Counter()
     total = collections.Counter()
     for start in range(0, num, batch):
@@ -96,12 +98,15 @@ def main() -> None:
     p.add_argument("--num", type=int, default=400)
     p.add_argument("--random-keep", type=int, default=None)
     p.add_argument("--split", choices=sorted(sv.SPLITS), default="standard")
+    p.add_argument("--start", type=int, default=0,
+                   help="first held-out image (bench/accuracy.py asks from 20000)")
     args = p.parse_args()
     torch.manual_seed(0)
     model, tok = load_model(args.model or model_path())
     keep = random_keep(args.random_keep) if args.random_keep else None
     seed = sv.split_of(args.split).heldout_seed
-    print(json.dumps(evaluate(model, tok, args.num, seed, keep=keep, split=args.split), indent=2))
+    print(json.dumps(evaluate(model, tok, args.num, seed, keep=keep, split=args.split,
+                              start=args.start), indent=2))
 
 
 if __name__ == "__main__":
