@@ -279,7 +279,7 @@ def main() -> None:
         args.methods = ",".join(runs)
     saved = _resumed(args)
     answers = vllm_answers() if args.path == "vllm" else transformers_answers()
-    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
+    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=sv.BENCH_START, split=split))
     run(answers, pairs[:8], "none")  # warm-up
     full = saved["full"] if saved else run(answers, pairs, "none")
     results: dict[str, dict[str, dict]] = saved["methods"] if saved else {}

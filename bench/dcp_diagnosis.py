@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     drift: dict[int, float] = {}  # mean cosine of DCP's tokens to the same full-context ones
     growth: dict[int, float] = {}  # mean norm ratio of the same, at the feature layer
     share = {"objects": 0.0, **{f"layer {i}": 0.0 for i in stage_layers}}
-    started, n, index = time.perf_counter(), 0, 20_000
+    started, n, index = time.perf_counter(), 0, sv.BENCH_START
     while n < args.num:
         sample = sv.make_sample(split.heldout_seed, index, split=split)
         index += 1

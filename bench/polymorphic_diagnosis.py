@@ -71,7 +71,7 @@ def prompt_states(ref, forward, split, index: int, layers: int, seed: int | None
     from vllm_vtprune.data import shapes_vqa as sv
 
     if seed is None:
-        sample = sv.make_sample(split.heldout_seed, 20_000 + index, split=split)
+        sample = sv.make_sample(split.heldout_seed, sv.BENCH_START + index, split=split)
     else:
         sample = sv.make_sample(seed, 30_000 + index, split=split)
     qa = sample.qas[0]
@@ -119,7 +119,8 @@ def main() -> None:
     args = p.parse_args()
     ref = HfReference.load(args.model or model_path())
     split = sv.split_of(args.split)
-    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=20_000, split=split))
+    pairs = list(sv.iter_questions(split.heldout_seed, args.num, start=sv.BENCH_START,
+                                   split=split))
     result = {"accuracy": stage_accuracies(ref, pairs, args.budget),
               "object_share_of_top": ranking_object_shares(ref, split, args.images,
                                                            args.budget)}

@@ -372,7 +372,7 @@ def main() -> None:
         raise SystemExit("no RCP modules ship for this model: give --ckpt")
     modules = rcp.load_checkpoint(ckpt)
     split = sv.split_of(args.split)
-    asked = list(sv.iter_sample_questions(split.heldout_seed, args.num, start=20_000,
+    asked = list(sv.iter_sample_questions(split.heldout_seed, args.num, start=sv.BENCH_START,
                                           split=split))
     pairs = [(sample.image, qa) for sample, qa in asked]
     oracle = SceneOracle([sample.objects for sample, _ in asked], ref.tower.grid[0])

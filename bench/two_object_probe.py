@@ -3,8 +3,8 @@ questions some other way? (transformers reference path, all 576 tokens)
 
     python bench/two_object_probe.py --model vllm_vtprune/embedded/shapes-llava-v2 --num 600
 
-Over the first ``--num`` held-out hard questions from ``--start`` (bench/accuracy.py's
-20000 by default), prints
+Over the first ``--num`` held-out hard questions from ``--start`` (the benchmarks'
+first, ``shapes_vqa.BENCH_START``, by default), prints
 
 * ``compare``: accuracy as asked and with the relation word turned to its opposite
   (``left of`` <-> ``right of``, ``above`` <-> ``below``; the right answer flips), and the
@@ -29,7 +29,10 @@ import torch
 
 from vllm_vtprune.data import shapes_vqa as sv
 
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# Each relation word and the one on its axis with the other sign.
+OPPOSITE = {word: other for word, (axis, sign) in sv.RELATIONS.items()
+            for other, (other_axis, other_sign) in sv.RELATIONS.items()
+            if other_axis == axis and other_sign == -sign}
 
 
 def flipped(qa: sv.QA) -> sv.QA:
@@ -142,7 +145,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--num", type=int, default=600, help="held-out hard questions")
-    p.add_argument("--start", type=int, default=20_000, help="first held-out image")
+    p.add_argument("--start", type=int, default=sv.BENCH_START,
+                   help="first held-out image (default: the benchmarks' first)")
     p.add_argument("--images", type=int, default=300, help="images for the coordinate probe")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

@@ -22,7 +22,8 @@ HARD = sv.split_of("hard")
 
 
 def _held_out(qtype: str, num: int):
-    rows = sv.iter_sample_questions(HARD.heldout_seed, 6 * num, start=20_000, split=HARD)
+    rows = sv.iter_sample_questions(HARD.heldout_seed, 6 * num, start=sv.BENCH_START,
+                                  split=HARD)
     return [(s, qa) for s, qa in rows if qa.qtype == qtype][:num]
 
 

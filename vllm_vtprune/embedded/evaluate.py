@@ -66,12 +66,12 @@ def evaluate(model, tokenizer, num: int = 400, seed: int = sv.HELDOUT_SEED,
     pairs = list(sv.iter_questions(seed, num, start=start, split=split))
     correct = collections.Counter()
     total = collections.Counter()
-    for start in range(0, num, batch):
-        chunk = pairs[start:start + batch]
+    for first in range(0, num, batch):
+        chunk = pairs[first:first + batch]
         feats = image_features(model, pixel_values([im for im, _ in chunk]).to(model.device))
         kept = []
         for i, f in enumerate(feats):
-            idx = (keep(f, start + i) if keep is not None
+            idx = (keep(f, first + i) if keep is not None
                    else torch.arange(f.shape[0], device=f.device))
             kept.append(f[idx])
         logits = next_token_logits(model, tokenizer, [qa.question for _, qa in chunk], kept)
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--random-keep", type=int, default=None)
     p.add_argument("--split", choices=sorted(sv.SPLITS), default="standard")
     p.add_argument("--start", type=int, default=0,
-                   help="first held-out image (bench/accuracy.py asks from 20000)")
+                   help=f"first held-out image (the benchmarks ask from {sv.BENCH_START})")
     args = p.parse_args()
     torch.manual_seed(0)
     model, tok = load_model(args.model or model_path())
